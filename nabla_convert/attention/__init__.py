@@ -1,0 +1,71 @@
+"""NABLA attention core: tile order, block selection, block-sparse attention."""
+
+from __future__ import annotations
+
+import torch
+
+from nabla_convert.attention.flex import (
+    BACKENDS,
+    Backend,
+    RecompileLimitError,
+    block_sparse_attention,
+    dense_token_mask,
+    padded_dense_attention,
+    to_block_mask,
+)
+from nabla_convert.attention.mask import (
+    Window,
+    as_layout,
+    block_density,
+    nabla_block_mask,
+    select_by_mass,
+    sta_block_mask,
+    sta_tile_mask,
+)
+from nabla_convert.attention.tiling import TileLayout
+
+
+def nabla_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    grid: TileLayout | tuple[int, int, int],
+    threshold: float,
+    sta: Window | None = None,
+    q_block: int = 64,
+    kv_block: int = 64,
+    backend: Backend = "auto",
+    scale: float | None = None,
+) -> torch.Tensor:
+    """NABLA attention of q, k, v (B, H, S, D), post-RoPE and in tile order.
+
+    Selects key blocks per query block (`nabla_block_mask`) and attends only to them
+    (`block_sparse_attention`). Padding tokens of a padded TileLayout are never attended to.
+    """
+    layout = as_layout(grid, q_block, kv_block)
+    keep = nabla_block_mask(q, k, threshold=threshold, grid=layout, sta=sta, q_block=q_block, kv_block=kv_block)
+    valid = layout.indices(q.device).valid if layout.is_padded else None
+    return block_sparse_attention(
+        q, k, v, keep, q_block=q_block, kv_block=kv_block, valid=valid, backend=backend, scale=scale
+    )
+
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "RecompileLimitError",
+    "TileLayout",
+    "Window",
+    "as_layout",
+    "block_density",
+    "block_sparse_attention",
+    "dense_token_mask",
+    "nabla_attention",
+    "nabla_block_mask",
+    "padded_dense_attention",
+    "select_by_mass",
+    "sta_block_mask",
+    "sta_tile_mask",
+    "to_block_mask",
+]

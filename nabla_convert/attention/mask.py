@@ -1,0 +1,147 @@
+"""NABLA block selection: which key blocks each query block attends to.
+
+Composable pieces (each checked against a brute-force reference in tests/):
+`pool_blocks` -> `block_scores` -> `select_by_mass`, optionally OR `sta_block_mask`. The public
+entry point `nabla_block_mask` chains them exactly as DESIGN §1 and the public NABLA code do.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from nabla_convert.attention.tiling import TileLayout
+
+Window = tuple[int, int, int]
+
+
+def as_layout(grid: TileLayout | tuple[int, int, int], q_block: int, kv_block: int) -> TileLayout:
+    """A tile grid (T, H_tiles, W_tiles) means 8x8 tiles and no padding; a TileLayout is used as is."""
+    if isinstance(grid, TileLayout):
+        need = math.lcm(q_block, kv_block)
+        if grid.block % need:
+            raise ValueError(f"layout block {grid.block} is not a multiple of the q/kv blocks ({q_block}, {kv_block})")
+        return grid
+    T, Ht, Wt = grid
+    return TileLayout.for_blocks((T, Ht * 8, Wt * 8), (8, 8), q_block, kv_block)
+
+
+def pool_blocks(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of x (B, H, S, D) over consecutive blocks of `block` tokens, in float32.
+
+    With a token validity vector (S,), padding tokens are left out of the mean. Returns the pooled
+    (B, H, S/block, D) tensor and the number of real tokens per block (S/block,).
+    """
+    B, H, S, D = x.shape
+    if S % block:
+        raise ValueError(f"sequence length {S} is not a multiple of the block size {block}")
+    xb = x.float().reshape(B, H, S // block, block, D)
+    if valid is None:
+        return xb.mean(-2), torch.full((S // block,), block, device=x.device)
+    w = valid.to(torch.float32).view(1, 1, S // block, block, 1)
+    counts = valid.view(S // block, block).sum(-1)
+    return (xb * w).sum(-2) / counts.clamp(min=1).view(1, 1, -1, 1), counts
+
+
+def block_scores(
+    q: torch.Tensor, k: torch.Tensor, q_block: int, kv_block: int, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over key blocks of the pooled map Qa Ka^T / sqrt(D), float32 (B, H, nq, nk).
+
+    Key blocks made only of padding get probability 0. Also returns which key blocks hold real tokens.
+    """
+    qa, _ = pool_blocks(q, q_block, valid)
+    ka, kv_counts = pool_blocks(k, kv_block, valid)
+    logits = qa @ ka.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    kv_real = kv_counts > 0
+    logits = logits.masked_fill(~kv_real, float("-inf"))
+    return torch.softmax(logits, dim=-1), kv_real
+
+
+def select_by_mass(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per row, keep the smallest set of largest entries whose total mass reaches `threshold`.
+
+    Same selection as the reference (sort ascending, cumsum, keep cumsum >= 1 - threshold) with one
+    descending sort: an entry is kept when the mass of the entries above it is at most `threshold`.
+    Entries tied with the last kept value are kept too.
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if threshold >= 1.0:
+        return torch.ones_like(probs, dtype=torch.bool)
+    desc, _ = probs.sort(dim=-1, descending=True)
+    above = desc.cumsum(-1) - desc
+    count = (above <= threshold).sum(-1, keepdim=True)
+    cut = desc.gather(-1, count - 1)
+    return probs >= cut
+
+
+def sta_tile_mask(grid: tuple[int, int, int], window: Window, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Sliding-tile window over the tile grid: (n_tiles, n_tiles) bool, |dt|<=wT//2, |dh|<=wH//2, |dw|<=wW//2."""
+    return _sta_tile_mask(tuple(grid), tuple(window), torch.device(device))
+
+
+@functools.lru_cache(maxsize=32)
+def _sta_tile_mask(grid: tuple[int, int, int], window: Window, device: torch.device) -> torch.Tensor:
+    if len(window) != 3 or min(window) < 1:
+        raise ValueError(f"STA window must be three positive sizes (wT, wH, wW), got {window}")
+    coords = torch.stack(
+        torch.meshgrid(*(torch.arange(n, device=device) for n in grid), indexing="ij"), dim=-1
+    ).reshape(-1, 3)
+    half = torch.tensor([w // 2 for w in window], device=device)
+    return ((coords[:, None, :] - coords[None, :, :]).abs() <= half).all(-1)
+
+
+def sta_block_mask(layout: TileLayout, window: Window, q_block: int, kv_block: int, device: torch.device | str) -> torch.Tensor:
+    """STA window at block level (nq, nk): a block pair is in when any of their tile pairs is."""
+    tiles = sta_tile_mask(layout.grid, window, device)
+    per_q, per_kv = q_block // layout.tile_size, kv_block // layout.tile_size
+    n_tiles = layout.padded_len // layout.tile_size
+    pad = n_tiles - tiles.shape[0]
+    tiles = torch.nn.functional.pad(tiles, (0, pad, 0, pad))
+    nq, nk = n_tiles // per_q, n_tiles // per_kv
+    return tiles.view(nq, per_q, nk, per_kv).any(dim=3).any(dim=1)
+
+
+def nabla_block_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    threshold: float,
+    grid: TileLayout | tuple[int, int, int],
+    sta: Window | None = None,
+    q_block: int = 64,
+    kv_block: int = 64,
+) -> torch.Tensor:
+    """NABLA's adaptive block mask: (B, H, n_q_blocks, n_kv_blocks) bool.
+
+    q, k: (B, H, S, D) post-RoPE, in tile order. `grid` is the tile grid (T, H_tiles, W_tiles) of
+    8x8 tiles, or a TileLayout (which also describes padding). With q_block=128 and kv_block=64 a
+    query block is two consecutive tiles in tile order (neighbours along the tile row, or the row
+    wrap): Q is pooled over its 128 tokens and the selection is made once for the pair; the STA
+    window of the pair is the union of the windows of its two tiles.
+    """
+    layout = as_layout(grid, q_block, kv_block)
+    if q.shape[-2] != layout.padded_len or k.shape[-2] != layout.padded_len:
+        raise ValueError(
+            f"q/k have {q.shape[-2]}/{k.shape[-2]} tokens, the layout {layout.token_grid} needs {layout.padded_len}"
+        )
+    valid = layout.indices(q.device).valid if layout.is_padded else None
+    probs, kv_real = block_scores(q, k, q_block, kv_block, valid)
+    keep = select_by_mass(probs, threshold)
+    if sta is not None:
+        keep = keep | sta_block_mask(layout, sta, q_block, kv_block, q.device)
+    return keep & kv_real
+
+
+def block_density(keep: torch.Tensor, layout: TileLayout | None = None, q_block: int = 64, kv_block: int = 64) -> float:
+    """Fraction of (query block, key block) pairs computed, over blocks that hold real tokens."""
+    if layout is None or not layout.is_padded:
+        return keep.float().mean().item()
+    valid = layout.indices(keep.device).valid
+    q_real = valid.view(-1, q_block).any(-1)
+    kv_real = valid.view(-1, kv_block).any(-1)
+    pairs = q_real[:, None] & kv_real[None, :]
+    return (keep & pairs).sum().item() / (pairs.sum().item() * keep.shape[0] * keep.shape[1])

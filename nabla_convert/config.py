@@ -1,0 +1,182 @@
+"""NablaConfig: what a converted model does in each self-attention layer, as data.
+
+A config has model-level settings (tile, block sizes, dense steps, backend) and per-layer settings
+(threshold, STA window, or dense). It is stored inside the checkpoint (the transformer's
+config.json, key `_nabla`), so a converted folder describes itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from nabla_convert.attention.flex import BACKENDS
+
+SCHEMA_VERSION = 1
+CONFIG_KEY = "_nabla"
+
+
+class ConfigError(ValueError):
+    """A NABLA config or recipe that cannot be used, with a message that says why."""
+
+
+def parse_window(value: Any) -> tuple[int, int, int] | None:
+    """STA window from None, "11,3,3", "11-3-3" or a 3-sequence of positive ints."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        parts = value.replace("-", ",").replace("x", ",").split(",")
+    else:
+        parts = list(value)
+    try:
+        window = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ConfigError(f"STA window must be three integers like 11,3,3, got {value!r}") from None
+    if len(window) != 3 or min(window) < 1:
+        raise ConfigError(f"STA window must be three positive integers (wT, wH, wW), got {value!r}")
+    return window  # type: ignore[return-value]
+
+
+def check_threshold(value: Any, where: str = "threshold") -> float:
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be a number in (0, 1], got {value!r}") from None
+    if not 0.0 < threshold <= 1.0:
+        raise ConfigError(f"{where} must be in (0, 1], got {threshold}")
+    return threshold
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """One self-attention layer: dense, or NABLA at `threshold` (1.0 keeps every block) OR `sta`."""
+
+    threshold: float = 0.7
+    sta: tuple[int, int, int] | None = None
+    dense: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold", check_threshold(self.threshold))
+        object.__setattr__(self, "sta", parse_window(self.sta))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "sta": list(self.sta) if self.sta else None, "dense": self.dense}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "layer") -> LayerSettings:
+        unknown = set(data) - {"threshold", "sta", "dense"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        try:
+            return cls(**data)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+
+
+@dataclass(frozen=True)
+class NablaConfig:
+    """Model-level NABLA settings and per-layer overrides (layer index -> LayerSettings)."""
+
+    threshold: float = 0.7
+    sta: tuple[int, int, int] | None = None
+    tile: tuple[int, int] = (8, 8)
+    q_block: int = 64
+    kv_block: int = 64
+    dense_steps: int = 0
+    dense_layers: tuple[int, ...] = ()
+    layers: dict[int, LayerSettings] = field(default_factory=dict)
+    backend: str = "auto"
+    schema_version: int = SCHEMA_VERSION
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold", check_threshold(self.threshold))
+        object.__setattr__(self, "sta", parse_window(self.sta))
+        tile = tuple(int(t) for t in self.tile)
+        if len(tile) != 2 or min(tile) < 1:
+            raise ConfigError(f"tile must be two positive integers, got {self.tile!r}")
+        object.__setattr__(self, "tile", tile)
+        tile_size = tile[0] * tile[1]
+        for name in ("q_block", "kv_block"):
+            size = getattr(self, name)
+            if not isinstance(size, int) or size < tile_size or size % tile_size:
+                raise ConfigError(f"{name} must be a positive multiple of the tile size {tile_size}, got {size!r}")
+        if not isinstance(self.dense_steps, int) or self.dense_steps < 0:
+            raise ConfigError(f"dense_steps must be a non-negative integer, got {self.dense_steps!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.schema_version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"config schema {self.schema_version} is newer than this nabla-convert ({SCHEMA_VERSION}); upgrade it"
+            )
+        object.__setattr__(self, "dense_layers", tuple(sorted({int(i) for i in self.dense_layers})))
+        layers = {}
+        for index, settings in self.layers.items():
+            if not isinstance(settings, LayerSettings):
+                settings = LayerSettings.from_dict(dict(settings), where=f"layer {index}")
+            layers[int(index)] = settings
+        object.__setattr__(self, "layers", dict(sorted(layers.items())))
+
+    def layer(self, index: int) -> LayerSettings:
+        """Settings of self-attention layer `index` (overrides, then dense_layers, then the default)."""
+        if index in self.layers:
+            return self.layers[index]
+        return LayerSettings(self.threshold, self.sta, dense=index in self.dense_layers)
+
+    def check_num_layers(self, num_layers: int) -> None:
+        bad = [i for i in (*self.dense_layers, *self.layers) if not 0 <= i < num_layers]
+        if bad:
+            raise ConfigError(f"config names layers {sorted(set(bad))}, the model has {num_layers} (0..{num_layers - 1})")
+
+    def with_provenance(self, **entries: Any) -> NablaConfig:
+        return replace(self, provenance={**self.provenance, **entries})
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["sta"] = list(self.sta) if self.sta else None
+        data["tile"] = list(self.tile)
+        data["dense_layers"] = list(self.dense_layers)
+        data["layers"] = {str(i): s.to_dict() for i, s in self.layers.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NablaConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a NABLA config must be a JSON object, got {type(data).__name__}")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown NABLA config keys {sorted(unknown)}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write through a temporary file and rename, so an interrupted write leaves no half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, NablaConfig]:
+    """Read a NABLA config file: one config for every transformer, or {"transformer": ..., "transformer_2": ...}.
+
+    Returns a mapping from pipeline component name to config; the key "*" means "every transformer".
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if isinstance(data, dict) and data and all(k.startswith("transformer") for k in data):
+        return {name: NablaConfig.from_dict(sub) for name, sub in data.items()}
+    return {"*": NablaConfig.from_dict(data)}

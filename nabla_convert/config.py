@@ -129,7 +129,9 @@ class NablaConfig:
     def check_num_layers(self, num_layers: int) -> None:
         bad = [i for i in (*self.dense_layers, *self.layers) if not 0 <= i < num_layers]
         if bad:
-            raise ConfigError(f"config names layers {sorted(set(bad))}, the model has {num_layers} (0..{num_layers - 1})")
+            raise ConfigError(
+                f"config names layers {sorted(set(bad))}, the model has {num_layers} (0..{num_layers - 1})"
+            )
 
     def with_provenance(self, **entries: Any) -> NablaConfig:
         return replace(self, provenance={**self.provenance, **entries})

@@ -81,7 +81,9 @@ def to_block_mask(
     )
 
 
-def dense_token_mask(keep: torch.Tensor, q_block: int, kv_block: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+def dense_token_mask(
+    keep: torch.Tensor, q_block: int, kv_block: int, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Expand a (B, H, nq, nk) block selection to a (B, H, S, S) token mask."""
     mask = keep.repeat_interleave(q_block, dim=-2).repeat_interleave(kv_block, dim=-1)
     return mask if valid is None else mask & valid

@@ -94,7 +94,9 @@ def _sta_tile_mask(grid: tuple[int, int, int], window: Window, device: torch.dev
     return ((coords[:, None, :] - coords[None, :, :]).abs() <= half).all(-1)
 
 
-def sta_block_mask(layout: TileLayout, window: Window, q_block: int, kv_block: int, device: torch.device | str) -> torch.Tensor:
+def sta_block_mask(
+    layout: TileLayout, window: Window, q_block: int, kv_block: int, device: torch.device | str
+) -> torch.Tensor:
     """STA window at block level (nq, nk): a block pair is in when any of their tile pairs is."""
     tiles = sta_tile_mask(layout.grid, window, device)
     per_q, per_kv = q_block // layout.tile_size, kv_block // layout.tile_size

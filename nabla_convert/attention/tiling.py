@@ -107,12 +107,8 @@ def _tile_indices(layout: TileLayout, device: torch.device) -> TileIndices:
     T, Ht, Wt = layout.grid
     th, tw = layout.tile_h, layout.tile_w
     t = torch.arange(T).view(T, 1, 1, 1, 1)
-    row = (torch.arange(Ht).view(1, Ht, 1, 1, 1) * th + torch.arange(th).view(1, 1, 1, th, 1)).expand(
-        T, Ht, Wt, th, tw
-    )
-    col = (torch.arange(Wt).view(1, 1, Wt, 1, 1) * tw + torch.arange(tw).view(1, 1, 1, 1, tw)).expand(
-        T, Ht, Wt, th, tw
-    )
+    row = (torch.arange(Ht).view(1, Ht, 1, 1, 1) * th + torch.arange(th).view(1, 1, 1, th, 1)).expand(T, Ht, Wt, th, tw)
+    col = (torch.arange(Wt).view(1, 1, Wt, 1, 1) * tw + torch.arange(tw).view(1, 1, 1, 1, tw)).expand(T, Ht, Wt, th, tw)
     inside = (row < layout.height) & (col < layout.width)
     raster = (t * layout.height + row) * layout.width + col
     raster = torch.where(inside, raster, layout.num_tokens).flatten()

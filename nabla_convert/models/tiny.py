@@ -1,0 +1,96 @@
+"""Tiny Wan pipelines built fully offline, for tests, demos and `bench --arch` shapes.
+
+Every component is a stock diffusers/transformers class, so what works here works on real
+checkpoints: a WordLevel tokenizer, a small UMT5 text encoder, a small AutoencoderKLWan and a
+WanTransformer3DModel of about a million parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TINY_WORDS = (
+    "a red blue green yellow white black ball cube square circle triangle moves bounces rotates left right up down "
+    "over on the sky field water fast slow small big camera pans zooms in of and with"
+).split()
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(TINY_WORDS)}}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_text_encoder(vocab_size: int, d_model: int = 32):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+    )
+    return UMT5EncoderModel(config).eval()
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+
+
+def tiny_transformer(
+    num_layers: int = 2,
+    heads: int = 2,
+    head_dim: int = 24,
+    text_dim: int = 32,
+    in_channels: int = 16,
+    image_dim: int | None = None,
+    **overrides,
+):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=in_channels,
+        out_channels=16,
+        text_dim=text_dim,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=num_layers,
+        image_dim=image_dim,
+        added_kv_proj_dim=heads * head_dim if image_dim else None,
+        rope_max_seq_len=64,
+        **overrides,
+    )
+
+
+def tiny_wan_pipeline(seed: int = 0, *, two_transformers: bool = False, expand_timesteps: bool = False):
+    """A WanPipeline with random weights: T2V, Wan2.2-A14B style (two transformers) or TI2V style."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=tiny_text_encoder(len(tokenizer)),
+        vae=tiny_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=tiny_transformer(),
+        transformer_2=tiny_transformer() if two_transformers else None,
+        boundary_ratio=0.5 if two_transformers else None,
+        expand_timesteps=expand_timesteps,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -2,10 +2,82 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+
+from nabla_convert.config import ConfigError, NablaConfig, load_config_file, parse_window
+from nabla_convert.convert import ConvertError, convert
+from nabla_convert.recipes import load_recipe
+
+
+def default_model() -> str:
+    """The embedded reference pipeline, used when a command's MODEL is omitted."""
+    from nabla_convert.reference import REFERENCE_PIPELINE
+
+    if not (REFERENCE_PIPELINE / "model_index.json").is_file():
+        raise click.ClickException(
+            f"no MODEL given and the embedded reference model is missing at {REFERENCE_PIPELINE}"
+        )
+    return str(REFERENCE_PIPELINE)
+
+
+def _window(ctx: click.Context, param: click.Parameter, value: str | None):
+    try:
+        return parse_window(value)
+    except ConfigError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+def nabla_settings(
+    config: Path | None, recipe: str | None, threshold: float | None, sta, dense_steps: int | None
+) -> NablaConfig | dict[str, NablaConfig]:
+    """One source of NABLA settings: --config, --recipe, or --threshold [--sta] [--dense-steps]."""
+    given = [name for name, v in (("--config", config), ("--recipe", recipe), ("--threshold", threshold)) if v]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of --config FILE, --recipe FILE or --threshold T")
+    if (sta is not None or dense_steps is not None) and threshold is None:
+        raise click.UsageError("--sta and --dense-steps go with --threshold (recipes and configs carry their own)")
+    if config:
+        return load_config_file(config)
+    if recipe:
+        return load_recipe(recipe).nabla
+    return NablaConfig(threshold=threshold, sta=sta, dense_steps=dense_steps or 0)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nabla-convert")
 def main() -> None:
     """Turn a dense video DiT into a NABLA sparse-attention model: calibrate -> convert -> adapt -> push."""
+
+
+@main.command("convert")
+@click.argument("model", required=False)
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output folder (created).")
+@click.option(
+    "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="NABLA config JSON (from calibrate)."
+)
+@click.option("--recipe", help="Recipe YAML file, or the name of one in recipes/.")
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    help="One threshold for every layer: the share of pooled attention mass each query block keeps, in (0, 1].",
+)
+@click.option("--sta", callback=_window, help="Sliding-tile window wT,wH,wW in tiles, OR-ed with the NABLA mask.")
+@click.option("--dense-steps", type=click.IntRange(min=0), help="Run the first K denoising steps dense.")
+@click.option("--revision", help="Hub revision when MODEL is a Hub id.")
+@click.option("--token", envvar="HF_TOKEN", help="Hub token when MODEL is a private Hub id.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists and is not empty.")
+def convert_command(model, out, config, recipe, threshold, sta, dense_steps, revision, token, overwrite) -> None:
+    """Rewrite MODEL's self-attention into NABLA form and write a self-describing checkpoint to --out.
+
+    MODEL is a diffusers Wan pipeline folder, a transformer folder, or a Hub id; omitted, the
+    embedded reference model. The output loads with stock WanPipeline.from_pretrained(OUT) or
+    nabla_convert.load(OUT); weights are copied bit-exact.
+    """
+    settings = nabla_settings(config, recipe, threshold, sta, dense_steps)
+    try:
+        written = convert(model or default_model(), out, settings, revision=revision, token=token, overwrite=overwrite)
+    except (ConfigError, ConvertError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"wrote NABLA checkpoint to {written}")

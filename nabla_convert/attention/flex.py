@@ -154,4 +154,4 @@ def padded_dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None, scale: float | None = None
 ) -> torch.Tensor:
     """Dense attention in tile order; padding keys masked out when there are any."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=valid, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if valid is None else valid[None, :], scale=scale)

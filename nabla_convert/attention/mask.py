@@ -138,12 +138,12 @@ def nabla_block_mask(
     return keep & kv_real
 
 
-def block_density(keep: torch.Tensor, layout: TileLayout | None = None, q_block: int = 64, kv_block: int = 64) -> float:
-    """Fraction of (query block, key block) pairs computed, over blocks that hold real tokens."""
+def block_density(
+    keep: torch.Tensor, layout: TileLayout | None = None, q_block: int = 64, kv_block: int = 64
+) -> torch.Tensor:
+    """Fraction of (query block, key block) pairs computed, over blocks that hold real tokens (0-dim, no sync)."""
     if layout is None or not layout.is_padded:
-        return keep.float().mean().item()
+        return keep.float().mean()
     valid = layout.indices(keep.device).valid
-    q_real = valid.view(-1, q_block).any(-1)
-    kv_real = valid.view(-1, kv_block).any(-1)
-    pairs = q_real[:, None] & kv_real[None, :]
-    return (keep & pairs).sum().item() / (pairs.sum().item() * keep.shape[0] * keep.shape[1])
+    pairs = valid.view(-1, q_block).any(-1)[:, None] & valid.view(-1, kv_block).any(-1)[None, :]
+    return (keep & pairs).sum(dim=(-1, -2)).float().mean() / pairs.sum()

@@ -1,0 +1,290 @@
+"""NABLA for diffusers Wan transformers (Wan2.1 T2V/I2V, Wan2.2 A14B and TI2V).
+
+Tokens are put in tile order once per forward, at model level, through diffusers hooks at the
+same points Wan's context-parallel plan uses: `rope` (record the grid, gather cos/sin),
+`patch_embedding` (emit tile order), `condition_embedder` (gather per-token timestep embeddings
+of TI2V) and `proj_out` (back to raster order). Every self-attention (`attn1`) gets a
+NablaAttnProcessor with its own layer settings; cross-attention and the I2V image branch are
+untouched. Padding tokens (grids that are not multiples of the tile) ride along and are dropped
+at `proj_out`; they are never attended to as keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import WanTransformer3DModel
+from diffusers.configuration_utils import FrozenDict
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
+
+from nabla_convert.attention import (
+    TileLayout,
+    block_density,
+    block_sparse_attention,
+    nabla_block_mask,
+    padded_dense_attention,
+)
+from nabla_convert.config import CONFIG_KEY, ConfigError, LayerSettings, NablaConfig
+
+HOOK_NAMES = ("nabla_step", "nabla_rope", "nabla_patch", "nabla_condition", "nabla_unpatch")
+
+
+@dataclass
+class NablaState:
+    """Per-transformer state shared by its hooks and processors during one forward."""
+
+    config: NablaConfig
+    layout: TileLayout | None = None
+    step: int = 0
+    last_timestep: float | None = None
+    density_sum: dict[int, torch.Tensor] = field(default_factory=dict)
+    density_calls: dict[int, int] = field(default_factory=dict)
+
+    def observe_timestep(self, timestep: torch.Tensor) -> None:
+        """Count denoising steps inside a stock pipeline: timesteps fall within a run; a rise starts a new run.
+
+        CFG calls (cond and uncond at the same timestep) count as one step. For two-expert models
+        (Wan2.2 A14B) each transformer counts its own steps.
+        """
+        t = float(timestep.max())
+        if self.last_timestep is None or t > self.last_timestep:
+            self.step = 0
+        elif t < self.last_timestep:
+            self.step += 1
+        self.last_timestep = t
+
+    def record_density(self, layer: int, density: torch.Tensor) -> None:
+        self.density_sum[layer] = self.density_sum.get(layer, 0) + density.detach()
+        self.density_calls[layer] = self.density_calls.get(layer, 0) + 1
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved RoPE on (B, S, H, D) with cos/sin (1, S, 1, D)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+class NablaAttnProcessor:
+    """Self-attention of one Wan block with NABLA block-sparse attention on tile-order tokens."""
+
+    def __init__(self, layer: int, settings: LayerSettings, state: NablaState) -> None:
+        self.layer = layer
+        self.settings = settings
+        self.state = state
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("NablaAttnProcessor is for self-attention without an attention mask")
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        if rotary_emb is not None:
+            query, key = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        out = self.attend(q, k, v).transpose(1, 2).flatten(2).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def is_dense_now(self) -> bool:
+        s = self.settings
+        return s.dense or self.state.step < self.state.config.dense_steps or (s.threshold >= 1.0 and s.sta is None)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v (B, H, S, D) in tile order -> attention output in tile order."""
+        layout, config = self.state.layout, self.state.config
+        if layout is None:
+            raise RuntimeError("NABLA processor called outside a NABLA transformer forward (no token layout)")
+        valid = layout.indices(q.device).valid if layout.is_padded else None
+        if self.is_dense_now():
+            self.state.record_density(self.layer, q.new_ones((), dtype=torch.float32))
+            return padded_dense_attention(q, k, v, valid)
+        keep = nabla_block_mask(
+            q,
+            k,
+            threshold=self.settings.threshold,
+            grid=layout,
+            sta=self.settings.sta,
+            q_block=config.q_block,
+            kv_block=config.kv_block,
+        )
+        self.state.record_density(self.layer, block_density(keep, layout, config.q_block, config.kv_block))
+        return block_sparse_attention(
+            q, k, v, keep, q_block=config.q_block, kv_block=config.kv_block, valid=valid, backend=config.backend
+        )
+
+
+class _StepHook(ModelHook):
+    def __init__(self, state: NablaState) -> None:
+        super().__init__()
+        self.state = state
+
+    def pre_forward(self, module, *args, **kwargs):
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        self.state.observe_timestep(timestep)
+        return args, kwargs
+
+
+class _RopeHook(ModelHook):
+    """Records the token grid of this forward and returns cos/sin in tile order."""
+
+    def __init__(self, state: NablaState) -> None:
+        super().__init__()
+        self.state = state
+
+    def pre_forward(self, module, hidden_states, *args, **kwargs):
+        _, _, frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = module.patch_size
+        grid = (frames // p_t, height // p_h, width // p_w)
+        if max(grid) > module.max_seq_len:
+            raise ValueError(
+                f"latent token grid {grid} exceeds the model's rope_max_seq_len {module.max_seq_len}; "
+                "use a smaller resolution or frame count"
+            )
+        if min(grid) < 1:
+            raise ValueError(
+                f"latent of shape {tuple(hidden_states.shape)} is smaller than one patch {module.patch_size}"
+            )
+        config = self.state.config
+        self.state.layout = TileLayout.for_blocks(grid, config.tile, config.q_block, config.kv_block)
+        return (hidden_states, *args), kwargs
+
+    def post_forward(self, module, output):
+        cos, sin = output
+        layout = self.state.layout
+        return layout.to_tiles(cos), layout.to_tiles(sin)
+
+
+class _PatchHook(ModelHook):
+    """patch_embedding's (B, C, F, H, W) output -> (B, C, S_padded, 1, 1) in tile order.
+
+    The model then flattens and transposes it to (B, S_padded, C) as it would the raster grid.
+    """
+
+    def __init__(self, state: NablaState) -> None:
+        super().__init__()
+        self.state = state
+
+    def post_forward(self, module, output):
+        tokens = self.state.layout.to_tiles(output.flatten(2), dim=2)
+        return tokens[..., None, None]
+
+
+class _ConditionHook(ModelHook):
+    """Per-token timestep embeddings (Wan2.2 TI2V) follow the tokens into tile order."""
+
+    def __init__(self, state: NablaState) -> None:
+        super().__init__()
+        self.state = state
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.per_token = kwargs.get("timestep_seq_len") is not None
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        if not self.per_token:
+            return output
+        temb, timestep_proj, *rest = output
+        layout = self.state.layout
+        return (layout.to_tiles(temb), layout.to_tiles(timestep_proj), *rest)
+
+
+class _UnpatchHook(ModelHook):
+    """proj_out's output goes back to raster order, padding dropped, before the model unpatchifies."""
+
+    def __init__(self, state: NablaState) -> None:
+        super().__init__()
+        self.state = state
+
+    def post_forward(self, module, output):
+        return self.state.layout.to_raster(output)
+
+
+def _hook_points(transformer: WanTransformer3DModel) -> dict[str, tuple[torch.nn.Module, type[ModelHook]]]:
+    return {
+        "nabla_step": (transformer, _StepHook),
+        "nabla_rope": (transformer.rope, _RopeHook),
+        "nabla_patch": (transformer.patch_embedding, _PatchHook),
+        "nabla_condition": (transformer.condition_embedder, _ConditionHook),
+        "nabla_unpatch": (transformer.proj_out, _UnpatchHook),
+    }
+
+
+def apply_nabla(transformer: WanTransformer3DModel, config: NablaConfig) -> WanTransformer3DModel:
+    """Rewrite a Wan transformer in place to NABLA attention with `config`; returns it.
+
+    Applying again replaces the previous settings. The config is recorded in the model's config
+    (key `_nabla`), so save_pretrained writes a self-describing checkpoint.
+    """
+    if not isinstance(transformer, WanTransformer3DModel):
+        raise ConfigError(f"apply_nabla expects a WanTransformer3DModel, got {type(transformer).__name__}")
+    if not isinstance(config, NablaConfig):
+        raise ConfigError(f"apply_nabla expects a NablaConfig, got {type(config).__name__}")
+    config.check_num_layers(len(transformer.blocks))
+    remove_nabla(transformer)
+    state = NablaState(config)
+    for name, (module, hook_cls) in _hook_points(transformer).items():
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook_cls(state), name)
+    for index, block in enumerate(transformer.blocks):
+        block.attn1.set_processor(NablaAttnProcessor(index, config.layer(index), state))
+    transformer._nabla_state = state
+    transformer.register_to_config(**{CONFIG_KEY: config.to_dict()})
+    return transformer
+
+
+def remove_nabla(transformer: WanTransformer3DModel) -> WanTransformer3DModel:
+    """Undo apply_nabla: dense processors, no reordering hooks."""
+    if getattr(transformer, "_nabla_state", None) is None:
+        return transformer
+    for name, (module, _) in _hook_points(transformer).items():
+        HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
+    for block in transformer.blocks:
+        block.attn1.set_processor(WanAttnProcessor())
+    transformer._nabla_state = None
+    transformer._internal_dict = FrozenDict({k: v for k, v in transformer._internal_dict.items() if k != CONFIG_KEY})
+    return transformer
+
+
+def nabla_state(transformer: torch.nn.Module) -> NablaState:
+    state = getattr(transformer, "_nabla_state", None)
+    if state is None:
+        raise ValueError(f"{type(transformer).__name__} has no NABLA attention; run apply_nabla first")
+    return state
+
+
+class NablaWanTransformer3DModel(WanTransformer3DModel):
+    """A WanTransformer3DModel that applies the NABLA config found in its own config.json on load.
+
+    Stock `WanPipeline.from_pretrained` builds it when model_index.json names it; stock
+    `WanTransformer3DModel.from_pretrained` of the same folder still loads the dense model.
+    """
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        result = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        model = result[0] if return_unused_kwargs else result
+        settings = model.config.get(CONFIG_KEY)
+        if settings is not None:
+            apply_nabla(model, NablaConfig.from_dict(dict(settings)))
+        return result
+
+
+def layer_densities(transformer: torch.nn.Module) -> dict[int, float]:
+    """Mean block density of each self-attention layer since the last reset (1.0 for dense calls)."""
+    state = nabla_state(transformer)
+    return {layer: float(total) / state.density_calls[layer] for layer, total in sorted(state.density_sum.items())}
+
+
+def reset_densities(transformer: torch.nn.Module) -> None:
+    state = nabla_state(transformer)
+    state.density_sum.clear()
+    state.density_calls.clear()

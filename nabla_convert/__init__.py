@@ -11,6 +11,7 @@ from nabla_convert.models.wan import (
     NablaWanTransformer3DModel,
     apply_nabla,
     layer_densities,
+    nabla_disabled,
     remove_nabla,
     reset_densities,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "load_recipe",
     "nabla_attention",
     "nabla_block_mask",
+    "nabla_disabled",
     "remove_nabla",
     "reset_densities",
 ]

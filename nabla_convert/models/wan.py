@@ -11,6 +11,8 @@ at `proj_out`; they are never attended to as keys.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +42,7 @@ class NablaState:
     layout: TileLayout | None = None
     step: int = 0
     last_timestep: float | None = None
+    force_dense: bool = False
     density_sum: dict[int, torch.Tensor] = field(default_factory=dict)
     density_calls: dict[int, int] = field(default_factory=dict)
 
@@ -97,7 +100,7 @@ class NablaAttnProcessor:
 
     def is_dense_now(self) -> bool:
         s = self.settings
-        return s.dense or self.state.step < self.state.config.dense_steps or (s.threshold >= 1.0 and s.sta is None)
+        return s.dense or self.state.force_dense or self.state.step < self.state.config.dense_steps or (s.threshold >= 1.0 and s.sta is None)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v (B, H, S, D) in tile order -> attention output in tile order."""
@@ -288,3 +291,14 @@ def reset_densities(transformer: torch.nn.Module) -> None:
     state = nabla_state(transformer)
     state.density_sum.clear()
     state.density_calls.clear()
+
+
+@contextmanager
+def nabla_disabled(transformer: torch.nn.Module) -> Iterator[None]:
+    """Run a NABLA transformer with dense attention inside the block (e.g. as its own dense teacher)."""
+    state = nabla_state(transformer)
+    previous, state.force_dense = state.force_dense, True
+    try:
+        yield
+    finally:
+        state.force_dense = previous

@@ -4,6 +4,11 @@ The pipeline is calibrate -> convert -> adapt -> push; the attention core is in
 `nabla_convert.attention`, one adapter per model family in `nabla_convert.models`.
 """
 
+# diffusers' pipeline loader finds a component's load method by looking up base classes by name in the
+# component's library (model_index.json: ["nabla_convert", "NablaWanTransformer3DModel"]), so the package
+# exports ModelMixin for stock WanPipeline.from_pretrained to load converted checkpoints.
+from diffusers import ModelMixin
+
 from nabla_convert.attention import TileLayout, block_sparse_attention, nabla_attention, nabla_block_mask
 from nabla_convert.config import ConfigError, LayerSettings, NablaConfig
 from nabla_convert.convert import ConvertError, convert, load
@@ -21,6 +26,7 @@ __all__ = [
     "ConfigError",
     "ConvertError",
     "LayerSettings",
+    "ModelMixin",
     "NablaConfig",
     "NablaWanTransformer3DModel",
     "Recipe",

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from nabla_convert.config import ConfigError, NablaConfig, load_config_file, parse_window
-from nabla_convert.convert import ConvertError, convert
+from nabla_convert.config import ConfigError, NablaConfig, NablaError, load_config_file, parse_window
+from nabla_convert.convert import convert
 from nabla_convert.recipes import load_recipe
 
 
@@ -45,7 +45,17 @@ def nabla_settings(
     return NablaConfig(threshold=threshold, sta=sta, dense_steps=dense_steps or 0)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class NablaGroup(click.Group):
+    """Reports NablaError (bad input, missing files, corrupt checkpoints) as a one-line error, exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except NablaError as err:
+            raise click.ClickException(str(err)) from None
+
+
+@click.group(cls=NablaGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nabla-convert")
 def main() -> None:
     """Turn a dense video DiT into a NABLA sparse-attention model: calibrate -> convert -> adapt -> push."""
@@ -76,8 +86,5 @@ def convert_command(model, out, config, recipe, threshold, sta, dense_steps, rev
     nabla_convert.load(OUT); weights are copied bit-exact.
     """
     settings = nabla_settings(config, recipe, threshold, sta, dense_steps)
-    try:
-        written = convert(model or default_model(), out, settings, revision=revision, token=token, overwrite=overwrite)
-    except (ConfigError, ConvertError) as err:
-        raise click.ClickException(str(err)) from None
+    written = convert(model or default_model(), out, settings, revision=revision, token=token, overwrite=overwrite)
     click.echo(f"wrote NABLA checkpoint to {written}")

@@ -19,7 +19,11 @@ SCHEMA_VERSION = 1
 CONFIG_KEY = "_nabla"
 
 
-class ConfigError(ValueError):
+class NablaError(Exception):
+    """Base of the errors nabla-convert reports to users as one line (the CLI prints them, exit code 1)."""
+
+
+class ConfigError(NablaError, ValueError):
     """A NABLA config or recipe that cannot be used, with a message that says why."""
 
 

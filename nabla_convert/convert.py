@@ -18,14 +18,14 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig, atomic_write_text
+from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig, NablaError, atomic_write_text
 
 WAN_CLASSES = ("WanTransformer3DModel", "NablaWanTransformer3DModel")
 NABLA_CLASS = ["nabla_convert", "NablaWanTransformer3DModel"]
 TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
 
 
-class ConvertError(ValueError):
+class ConvertError(NablaError, ValueError):
     """A model that cannot be converted, or an output that cannot be written."""
 
 

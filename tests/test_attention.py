@@ -12,6 +12,7 @@ from nabla_convert.attention import (
     RecompileLimitError,
     TileLayout,
     block_sparse_attention,
+    flex,
     nabla_attention,
     nabla_block_mask,
 )
@@ -237,7 +238,7 @@ def test_compiled_flex_matches_reference_and_refuses_eager_fallback(monkeypatch)
         expected = reference_attention(q, k, v, token_mask_of(keep, layout))
         out = block_sparse_attention(q, k, v, keep, valid=valid, backend="flex")
         torch.testing.assert_close(out[..., valid, :], expected[..., valid, :], atol=2e-6, rtol=1e-5)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(flex, "FLEX_RECOMPILE_LIMIT", 1)
     _, q2, k2, v2, keep2 = random_case((2, 8, 24), 0.5)
     with pytest.raises(RecompileLimitError, match="refusing the eager fallback"):
         block_sparse_attention(q2, k2, v2, keep2, backend="flex")

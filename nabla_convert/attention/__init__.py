@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from nabla_convert.attention.fast import nabla_selection
 from nabla_convert.attention.flex import (
     BACKENDS,
     Backend,
+    BlockSelection,
     RecompileLimitError,
     block_sparse_attention,
     dense_token_mask,
@@ -15,7 +17,6 @@ from nabla_convert.attention.flex import (
 )
 from nabla_convert.attention.mask import (
     Window,
-    as_layout,
     block_density,
     nabla_block_mask,
     select_by_mass,
@@ -40,29 +41,26 @@ def nabla_attention(
 ) -> torch.Tensor:
     """NABLA attention of q, k, v (B, H, S, D), post-RoPE and in tile order.
 
-    Selects key blocks per query block (`nabla_block_mask`) and attends only to them
-    (`block_sparse_attention`). Padding tokens of a padded TileLayout are never attended to.
+    Selects key blocks per query block (`nabla_selection`: the selection of `nabla_block_mask`
+    without a sort, fused Triton kernels on CUDA) and attends only to them (`block_sparse_attention`). Padding tokens of a padded TileLayout are never attended to.
     """
-    layout = as_layout(grid, q_block, kv_block)
-    keep = nabla_block_mask(q, k, threshold=threshold, grid=layout, sta=sta, q_block=q_block, kv_block=kv_block)
-    valid = layout.indices(q.device).valid if layout.is_padded else None
-    return block_sparse_attention(
-        q, k, v, keep, q_block=q_block, kv_block=kv_block, valid=valid, backend=backend, scale=scale
-    )
+    selection = nabla_selection(q, k, threshold=threshold, grid=grid, sta=sta, q_block=q_block, kv_block=kv_block)
+    return block_sparse_attention(q, k, v, selection, backend=backend, scale=scale)
 
 
 __all__ = [
     "BACKENDS",
     "Backend",
+    "BlockSelection",
     "RecompileLimitError",
     "TileLayout",
     "Window",
-    "as_layout",
     "block_density",
     "block_sparse_attention",
     "dense_token_mask",
     "nabla_attention",
     "nabla_block_mask",
+    "nabla_selection",
     "padded_dense_attention",
     "select_by_mass",
     "sta_block_mask",

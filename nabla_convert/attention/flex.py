@@ -10,6 +10,9 @@ Facts this module is built around (DESIGN §2):
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -46,6 +49,55 @@ def keep_mask_mod(keep: torch.Tensor, q_block: int, kv_block: int, valid: torch.
     return mask_mod
 
 
+def kv_whole_blocks(valid: torch.Tensor | None, kv_block: int, n_kv: int, device: torch.device) -> torch.Tensor:
+    """Which key blocks hold no padding token (all of them for an unpadded layout)."""
+    if valid is None:
+        return torch.ones(n_kv, dtype=torch.bool, device=device)
+    return valid.view(-1, kv_block).all(-1)
+
+
+@dataclass(frozen=True)
+class BlockSelection:
+    """A block selection and the BlockMask index tensors built from it (no sort).
+
+    keep (B, H, nq, nk) bool; full_* index the kept key blocks without padding tokens (the
+    compiled kernel skips the mask_mod there), partial_* the kept blocks that hold padding keys
+    (the mask_mod drops them).
+    """
+
+    keep: torch.Tensor
+    full_count: torch.Tensor
+    full_indices: torch.Tensor
+    partial_count: torch.Tensor
+    partial_indices: torch.Tensor
+    q_block: int
+    kv_block: int
+    valid: torch.Tensor | None
+
+    @classmethod
+    def from_keep(
+        cls, keep: torch.Tensor, *, q_block: int = 64, kv_block: int = 64, valid: torch.Tensor | None = None
+    ) -> BlockSelection:
+        whole = kv_whole_blocks(valid, kv_block, keep.shape[-1], keep.device)
+        full_count, full_indices = compact_indices(keep & whole)
+        partial_count, partial_indices = compact_indices(keep & ~whole)
+        return cls(keep, full_count, full_indices, partial_count, partial_indices, q_block, kv_block, valid)
+
+    def block_mask(self, for_backward: bool = False) -> BlockMask:
+        """The FlexAttention BlockMask; `for_backward` adds the transposed indices (one sort, training only)."""
+        nq, nk = self.keep.shape[-2:]
+        return BlockMask.from_kv_blocks(
+            self.partial_count,
+            self.partial_indices,
+            self.full_count,
+            self.full_indices,
+            BLOCK_SIZE=(self.q_block, self.kv_block),
+            mask_mod=keep_mask_mod(self.keep, self.q_block, self.kv_block, self.valid),
+            seq_lengths=(nq * self.q_block, nk * self.kv_block),
+            compute_q_blocks=for_backward,
+        )
+
+
 def to_block_mask(
     keep: torch.Tensor,
     *,
@@ -54,31 +106,8 @@ def to_block_mask(
     valid: torch.Tensor | None = None,
     for_backward: bool = False,
 ) -> BlockMask:
-    """FlexAttention BlockMask from a (B, H, nq, nk) block selection.
-
-    Kept blocks without padding are full blocks (no mask_mod in compiled kernels); kept blocks that
-    hold padding keys are partial blocks, where the mask_mod drops the padding. `for_backward`
-    also builds the transposed (q-block) indices the backward kernel needs.
-    """
-    keep = keep.contiguous()
-    if valid is None:
-        full, partial = keep, torch.zeros_like(keep)
-    else:
-        kv_whole = valid.view(-1, kv_block).all(-1)
-        full, partial = keep & kv_whole, keep & ~kv_whole
-    full_count, full_indices = compact_indices(full)
-    partial_count, partial_indices = compact_indices(partial)
-    seq_len = keep.shape[-2] * q_block
-    return BlockMask.from_kv_blocks(
-        partial_count,
-        partial_indices,
-        full_count,
-        full_indices,
-        BLOCK_SIZE=(q_block, kv_block),
-        mask_mod=keep_mask_mod(keep, q_block, kv_block, valid),
-        seq_lengths=(seq_len, keep.shape[-1] * kv_block),
-        compute_q_blocks=for_backward,
-    )
+    """FlexAttention BlockMask from a (B, H, nq, nk) block selection."""
+    return BlockSelection.from_keep(keep, q_block=q_block, kv_block=kv_block, valid=valid).block_mask(for_backward)
 
 
 def dense_token_mask(
@@ -93,12 +122,46 @@ class RecompileLimitError(RuntimeError):
     pass
 
 
+# One process may honestly see several shapes and block sizes, forward and backward; past this
+# many compiles of flex_attention something is recompiling per call, and we stop instead.
+FLEX_RECOMPILE_LIMIT = 64
 _compiled_flex = None
+
+
+def kernel_options_for(q_block: int, kv_block: int) -> dict[str, int]:
+    """Forward flex kernel tiles that divide the mask blocks (H100 bf16 hd128 default (128, 64) where it fits).
+
+    A kernel tile must divide the mask block along its axis, so 64-token query blocks need
+    BLOCK_M = 64 (measured 2.2x slower than 128x64 on H100). Backward has no such override on
+    torch 2.11: its default tiles (64, 128, 128, 64) need 128x128 mask blocks, other sizes need
+    max-autotune (measured: "No choices" for 64x64 and 128x64 without it).
+    """
+    return {"fwd_BLOCK_M": min(128, q_block), "fwd_BLOCK_N": min(64, kv_block)}
+
+
+def enable_compile_cache(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Turn on inductor's persistent FX-graph and autograd caches in a directory that outlives /tmp.
+
+    A second process (or a later run) then loads compiled flex kernels instead of rebuilding them.
+    An existing TORCHINDUCTOR_CACHE_DIR wins over `cache_dir`.
+    """
+    default = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nabla-convert" / "inductor"
+    path = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default)))
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    import torch._functorch.config
+    import torch._inductor.config
+
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+    return path
 
 
 def _compiled():
     global _compiled_flex
     if _compiled_flex is None:
+        enable_compile_cache()
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex
 
@@ -106,13 +169,13 @@ def _compiled():
 def compiled_flex_attention(q, k, v, block_mask: BlockMask, *, scale: float | None = None, kernel_options=None):
     """flex_attention compiled once per shape; hitting the recompile limit raises instead of going eager."""
     try:
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=FLEX_RECOMPILE_LIMIT):
             return _compiled()(q, k, v, block_mask=block_mask, scale=scale, kernel_options=kernel_options)
     except torch._dynamo.exc.FailOnRecompileLimitHit as err:
         raise RecompileLimitError(
-            "FlexAttention hit dynamo's recompile limit; refusing the eager fallback, which would "
-            "compute dense S x S scores. Reduce the number of distinct shapes or raise "
-            "torch._dynamo.config.recompile_limit."
+            f"FlexAttention hit the recompile limit ({FLEX_RECOMPILE_LIMIT}); refusing the eager fallback, "
+            "which would compute dense S x S scores. Reduce the number of distinct shapes or raise "
+            "nabla_convert.attention.flex.FLEX_RECOMPILE_LIMIT."
         ) from err
 
 
@@ -120,7 +183,7 @@ def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    keep: torch.Tensor,
+    selection: torch.Tensor | BlockSelection,
     *,
     q_block: int = 64,
     kv_block: int = 64,
@@ -131,22 +194,25 @@ def block_sparse_attention(
 ) -> torch.Tensor:
     """Attention of q, k, v (B, H, S, D) restricted to the kept blocks, softmax renormalised over them.
 
-    backend: "flex" (compiled FlexAttention), "flex_eager" (uncompiled, for checks), "reference"
-    (dense token mask through SDPA: any device, supports backward, O(S^2) memory), "auto" (flex on
-    CUDA, reference elsewhere).
+    `selection` is a (B, H, nq, nk) keep mask (with q_block, kv_block and the token validity
+    `valid` of a padded layout), or a BlockSelection that carries them. backend: "flex" (compiled
+    FlexAttention), "flex_eager" (uncompiled, for checks), "reference" (dense token mask through
+    SDPA: any device, supports backward, O(S^2) memory), "auto" (flex on CUDA, reference elsewhere).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
         backend = "flex" if q.is_cuda else "reference"
+    if isinstance(selection, torch.Tensor):
+        selection = BlockSelection.from_keep(selection, q_block=q_block, kv_block=kv_block, valid=valid)
     if backend == "reference":
-        mask = dense_token_mask(keep, q_block, kv_block, valid)
+        mask = dense_token_mask(selection.keep, selection.q_block, selection.kv_block, selection.valid)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    block_mask = to_block_mask(
-        keep, q_block=q_block, kv_block=kv_block, valid=valid, for_backward=torch.is_grad_enabled() and q.requires_grad
-    )
+    block_mask = selection.block_mask(for_backward=torch.is_grad_enabled() and q.requires_grad)
     if backend == "flex_eager":
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+    if kernel_options is None and q.is_cuda:
+        kernel_options = kernel_options_for(selection.q_block, selection.kv_block)
     return compiled_flex_attention(q, k, v, block_mask, scale=scale, kernel_options=kernel_options)
 
 

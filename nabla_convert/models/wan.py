@@ -23,10 +23,11 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
 from nabla_convert.attention import (
+    BlockSelection,
     TileLayout,
     block_density,
     block_sparse_attention,
-    nabla_block_mask,
+    nabla_selection,
     padded_dense_attention,
 )
 from nabla_convert.config import CONFIG_KEY, ConfigError, LayerSettings, NablaConfig
@@ -100,18 +101,29 @@ class NablaAttnProcessor:
 
     def is_dense_now(self) -> bool:
         s = self.settings
-        return s.dense or self.state.force_dense or self.state.step < self.state.config.dense_steps or (s.threshold >= 1.0 and s.sta is None)
+        return (
+            s.dense
+            or self.state.force_dense
+            or self.state.step < self.state.config.dense_steps
+            or (s.threshold >= 1.0 and s.sta is None)
+        )
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v (B, H, S, D) in tile order -> attention output in tile order."""
         layout, config = self.state.layout, self.state.config
         if layout is None:
             raise RuntimeError("NABLA processor called outside a NABLA transformer forward (no token layout)")
-        valid = layout.indices(q.device).valid if layout.is_padded else None
         if self.is_dense_now():
             self.state.record_density(self.layer, q.new_ones((), dtype=torch.float32))
-            return padded_dense_attention(q, k, v, valid)
-        keep = nabla_block_mask(
+            return padded_dense_attention(q, k, v, layout.indices(q.device).valid if layout.is_padded else None)
+        selection = self.select(q, k, layout)
+        self.state.record_density(self.layer, block_density(selection.keep, layout, config.q_block, config.kv_block))
+        return block_sparse_attention(q, k, v, selection, backend=config.backend)
+
+    def select(self, q: torch.Tensor, k: torch.Tensor, layout: TileLayout) -> BlockSelection:
+        """This layer's block selection for q, k in tile order (sort-free; fused kernels on CUDA)."""
+        config = self.state.config
+        return nabla_selection(
             q,
             k,
             threshold=self.settings.threshold,
@@ -119,10 +131,6 @@ class NablaAttnProcessor:
             sta=self.settings.sta,
             q_block=config.q_block,
             kv_block=config.kv_block,
-        )
-        self.state.record_density(self.layer, block_density(keep, layout, config.q_block, config.kv_block))
-        return block_sparse_attention(
-            q, k, v, keep, q_block=config.q_block, kv_block=config.kv_block, valid=valid, backend=config.backend
         )
 
 

@@ -1,0 +1,621 @@
+"""GPU benchmarks of NABLA against the best dense SDPA: per attention call and per transformer step.
+
+Everything here runs on one CUDA device with random weights at real shapes: speed does not depend
+on the weights, but a threshold's density does (random Q/K give near-uniform pooled maps, so a
+threshold t keeps about a fraction t of the blocks). `density=` forces a density instead: each
+query-block row keeps that fraction of its key blocks, chosen at random.
+
+Dense runs on the model's own raster tokens; NABLA runs on the padded tile-order tokens (the
+model's real path), so padding costs count against NABLA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm import tqdm
+
+from nabla_convert.attention import BlockSelection, TileLayout, nabla_block_mask, nabla_selection, to_block_mask
+from nabla_convert.attention.flex import compiled_flex_attention, enable_compile_cache, kernel_options_for
+from nabla_convert.config import NablaConfig, atomic_write_text
+from nabla_convert.models.wan import NablaAttnProcessor, apply_nabla, layer_densities, reset_densities
+
+# WanTransformer3DModel configs of the public Wan2.1 T2V checkpoints (their transformer/config.json).
+ARCHS: dict[str, dict[str, Any]] = {
+    "wan2.1-t2v-1.3b": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
+    "wan2.1-t2v-14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
+}
+VAE_STRIDE = (4, 8, 8)  # Wan VAE: frames, height, width
+TEXT_TOKENS = 512
+DENSE_BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
+BLOCK_SIZES = ((64, 64), (128, 64), (128, 128))
+
+
+class GPUUnavailableError(RuntimeError):
+    """Raised by every benchmark on a machine without a CUDA device."""
+
+
+def require_cuda() -> torch.device:
+    if not torch.cuda.is_available():
+        raise GPUUnavailableError("nabla-convert bench needs a CUDA GPU and this machine has none (torch sees no CUDA)")
+    return torch.device("cuda")
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """'1280x720' -> (width, height); both multiples of 16 as the Wan pipelines require."""
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"resolution must look like 1280x720 (width x height), got {text!r}") from None
+    if width < 16 or height < 16 or width % 16 or height % 16:
+        raise ValueError(f"resolution sides must be positive multiples of 16, got {width}x{height}")
+    return width, height
+
+
+def token_grid(resolution: tuple[int, int], frames: int, patch: Sequence[int] = (1, 2, 2)) -> tuple[int, int, int]:
+    """Latent token grid (T, H, W) a Wan transformer sees for `frames` frames at `resolution`."""
+    if frames < 1 or (frames - 1) % VAE_STRIDE[0]:
+        raise ValueError(f"frames must be 4k+1 (1, 5, ..., 81), got {frames}")
+    width, height = resolution
+    latent = ((frames - 1) // VAE_STRIDE[0] + 1, height // VAE_STRIDE[1], width // VAE_STRIDE[2])
+    return (latent[0] // patch[0], latent[1] // patch[1], latent[2] // patch[2])
+
+
+def environment() -> dict[str, str]:
+    """Card, torch and date: every benchmark record carries them."""
+    return {
+        "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "date": date.today().isoformat(),
+        "host": platform.node(),
+    }
+
+
+def cuda_ms(fn: Callable[[], Any], reps: int = 5, warmup: int = 1) -> float:
+    """Median milliseconds of fn() on the current CUDA stream."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def random_qkv(batch: int, heads: int, tokens: int, head_dim: int = 128, requires_grad: bool = False):
+    """q, k, v (B, H, S, D) bf16 on CUDA, laid out (B, S, H, D) in memory as the Wan processor produces them."""
+    return tuple(
+        torch.randn(batch, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+        .transpose(1, 2)
+        .requires_grad_(requires_grad)
+        for _ in range(3)
+    )
+
+
+def dense_times(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, reps: int = 5) -> dict[str, float]:
+    """Forward ms of each SDPA backend that accepts these inputs."""
+    times = {}
+    for name, backend in DENSE_BACKENDS.items():
+        try:
+            with sdpa_kernel([backend]):
+                times[name] = cuda_ms(lambda: F.scaled_dot_product_attention(q, k, v), reps)
+        except RuntimeError:
+            continue
+    return times
+
+
+def forced_keep(
+    layout: TileLayout, batch: int, heads: int, density: float, q_block: int, kv_block: int, seed: int = 0
+) -> torch.Tensor:
+    """Random selection with `density` of the real key blocks in every query-block row (B, H, nq, nk)."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    nq, nk = layout.padded_len // q_block, layout.padded_len // kv_block
+    kv_real = layout.indices("cuda").valid.view(nk, kv_block).any(-1)
+    per_row = max(1, round(density * int(kv_real.sum())))
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    scores = torch.rand(batch, heads, nq, nk, device="cuda", generator=generator).masked_fill(~kv_real, -1.0)
+    chosen = scores.topk(per_row, dim=-1).indices
+    return torch.zeros(batch, heads, nq, nk, dtype=torch.bool, device="cuda").scatter_(-1, chosen, True)
+
+
+def block_mask_for(keep: torch.Tensor, layout: TileLayout, q_block: int, kv_block: int, for_backward: bool = False):
+    valid = layout.indices("cuda").valid if layout.is_padded else None
+    return to_block_mask(keep, q_block=q_block, kv_block=kv_block, valid=valid, for_backward=for_backward)
+
+
+def sparse_attention_ms(q, k, v, block_mask, q_block: int, kv_block: int, backward: bool = False, reps: int = 5):
+    """Compiled flex ms (forward, or forward+backward) and the first call's ms (compile included)."""
+    options = kernel_options_for(q_block, kv_block)
+
+    def call():
+        out = compiled_flex_attention(q, k, v, block_mask, kernel_options=options)
+        if backward:
+            out.backward(torch.ones_like(out))
+        return out
+
+    start = time.perf_counter()
+    call()
+    torch.cuda.synchronize()
+    first_ms = (time.perf_counter() - start) * 1e3
+    return cuda_ms(call, reps), first_ms
+
+
+@dataclass
+class AttentionRow:
+    tokens: int
+    padded_tokens: int
+    heads: int
+    q_block: int
+    kv_block: int
+    density: float
+    mask_fast_ms: float
+    mask_reference_ms: float | None
+    sparse_ms: float
+    dense_ms: float
+    dense_backend: str
+    compile_s: float
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / (self.sparse_ms + self.mask_fast_ms)
+
+    @property
+    def target_ms(self) -> float:
+        """Issue 8's target for the sparse kernel: 1.3 x density x dense."""
+        return 1.3 * self.density * self.dense_ms
+
+
+def attention_rows(
+    token_grid_: tuple[int, int, int],
+    heads: int,
+    densities: Sequence[float],
+    *,
+    q_block: int = 128,
+    kv_block: int = 64,
+    batch: int = 1,
+    threshold: float = 0.7,
+    sta: tuple[int, int, int] | None = None,
+    reference_mask: bool = True,
+    reps: int = 5,
+) -> list[AttentionRow]:
+    """Per attention call at the given densities: fast mask build, sparse flex, and dense SDPA side by side.
+
+    The mask build is timed at `threshold` (its cost does not depend on the density it yields);
+    the attention runs on a forced random selection of each density.
+    """
+    layout = TileLayout.for_blocks(token_grid_, (8, 8), q_block, kv_block)
+    q, k, v = random_qkv(batch, heads, layout.padded_len)
+    dense_q, dense_k, dense_v = (t[:, :, : layout.num_tokens] for t in (q, k, v))
+    dense = dense_times(dense_q, dense_k, dense_v, reps)
+    dense_backend = min(dense, key=dense.get)
+    kwargs = dict(threshold=threshold, grid=layout, sta=sta, q_block=q_block, kv_block=kv_block)
+    fast_ms = cuda_ms(lambda: nabla_selection(q, k, **kwargs).block_mask(), reps, warmup=2)
+    reference_ms = None
+    if reference_mask:
+        valid = layout.indices("cuda").valid if layout.is_padded else None
+        reference_ms = cuda_ms(
+            lambda: to_block_mask(nabla_block_mask(q, k, **kwargs), q_block=q_block, kv_block=kv_block, valid=valid),
+            reps,
+        )
+    rows = []
+    for density in tqdm(densities, desc=f"attention {layout.num_tokens} tokens", leave=False):
+        block_mask = block_mask_for(
+            forced_keep(layout, batch, heads, density, q_block, kv_block), layout, q_block, kv_block
+        )
+        sparse_ms, first_ms = sparse_attention_ms(q, k, v, block_mask, q_block, kv_block, reps=reps)
+        rows.append(
+            AttentionRow(
+                layout.num_tokens,
+                layout.padded_len,
+                heads,
+                q_block,
+                kv_block,
+                density,
+                fast_ms,
+                reference_ms,
+                sparse_ms,
+                dense[dense_backend],
+                dense_backend,
+                max(0.0, (first_ms - sparse_ms) / 1e3),
+            )
+        )
+    return rows
+
+
+def selection_agreement(token_grid_, heads: int, threshold: float, sta=None, q_block: int = 128, kv_block: int = 64):
+    """Fast vs reference selection on the same q, k: differing block pairs and their share."""
+    layout = TileLayout.for_blocks(token_grid_, (8, 8), q_block, kv_block)
+    q, k, _ = random_qkv(1, heads, layout.padded_len)
+    q, k = q * 4, k * 4  # peakier pooled maps than unit noise, so the cut falls inside the rows
+    kwargs = dict(threshold=threshold, grid=layout, sta=sta, q_block=q_block, kv_block=kv_block)
+    fast = nabla_selection(q, k, **kwargs).keep
+    reference = nabla_block_mask(q, k, **kwargs)
+    differing = int((fast != reference).sum())
+    return {"differing_blocks": differing, "blocks": fast.numel(), "density": float(reference.float().mean())}
+
+
+@dataclass
+class BlockSizeRow:
+    q_block: int
+    kv_block: int
+    density: float
+    forward_ms: float
+    forward_backward_ms: float | None
+    compile_forward_s: float
+    compile_backward_s: float | None
+    error: str | None = None
+
+
+def block_size_rows(
+    token_grid_: tuple[int, int, int],
+    heads: int,
+    density: float,
+    sizes=BLOCK_SIZES,
+    backward: bool = True,
+    reps: int = 3,
+) -> list[BlockSizeRow]:
+    """Forward and forward+backward flex time of each (q_block, kv_block) at one forced density.
+
+    Each size is a new graph (fwd and bwd); dynamo is reset first so earlier shapes in the same
+    process do not count towards its recompile limit.
+    """
+    torch._dynamo.reset()
+    rows = []
+    for q_block, kv_block in tqdm(sizes, desc="block sizes", leave=False):
+        layout = TileLayout.for_blocks(token_grid_, (8, 8), q_block, kv_block)
+        keep = forced_keep(layout, 1, heads, density, q_block, kv_block)
+        q, k, v = random_qkv(1, heads, layout.padded_len)
+        forward_ms, first_ms = sparse_attention_ms(
+            q, k, v, block_mask_for(keep, layout, q_block, kv_block), q_block, kv_block, reps=reps
+        )
+        row = BlockSizeRow(q_block, kv_block, density, forward_ms, None, max(0.0, first_ms - forward_ms) / 1e3, None)
+        if backward:
+            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+            try:
+                both_ms, first_both = sparse_attention_ms(
+                    q, k, v, block_mask_for(keep, layout, q_block, kv_block, True), q_block, kv_block, True, reps
+                )
+                row.forward_backward_ms = both_ms
+                row.compile_backward_s = max(0.0, first_both - both_ms) / 1e3
+            except Exception as err:  # a kernel config the card cannot build is a result, not a crash
+                row.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        rows.append(row)
+    return rows
+
+
+def compile_counts(
+    token_grid_: tuple[int, int, int],
+    heads: int,
+    steps: int = 50,
+    layers: int = 40,
+    q_block: int = 128,
+    kv_block: int = 64,
+) -> dict[str, Any]:
+    """Simulate a denoising run: steps x layers compiled flex calls, each with a fresh NABLA mask.
+
+    Starts from a reset dynamo (the inductor cache may still serve the kernel) and returns
+    dynamo's frame/graph counters, recompiles and the wall time of the run; every call gets a new
+    selection (thresholds cycle from 0.3 to 0.9), the shapes stay fixed.
+    """
+    from torch._dynamo.utils import counters
+
+    layout = TileLayout.for_blocks(token_grid_, (8, 8), q_block, kv_block)
+    q, k, v = random_qkv(1, heads, layout.padded_len)
+    torch._dynamo.reset()
+    counters.clear()
+    start = time.perf_counter()
+    for step in tqdm(range(steps), desc="simulated run", leave=False):
+        for layer in range(layers):
+            threshold = 0.3 + 0.6 * ((step * layers + layer) % 7) / 6
+            block_mask = nabla_selection(q, k, threshold=threshold, grid=layout, q_block=q_block, kv_block=kv_block)
+            compiled_flex_attention(
+                q, k, v, block_mask.block_mask(), kernel_options=kernel_options_for(q_block, kv_block)
+            )
+    torch.cuda.synchronize()
+    return {
+        "calls": steps * layers,
+        "frames_compiled": int(counters["frames"]["ok"]),
+        "unique_graphs": int(counters["stats"]["unique_graphs"]),
+        "recompiles": int(sum(counters["recompiles"].values())),
+        "run_s": time.perf_counter() - start,
+    }
+
+
+@dataclass
+class StepRow:
+    arch: str
+    layers: int
+    tokens: int
+    padded_tokens: int
+    density: float | None
+    threshold: float | None
+    measured_density: float | None
+    dense_ms: float
+    nabla_ms: float
+    dense_peak_gib: float
+    nabla_peak_gib: float
+    compile_s: float
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.nabla_ms
+
+
+class ForcedDensityProcessor(NablaAttnProcessor):
+    """NablaAttnProcessor whose selection is swapped for a fixed random one of a forced `density`.
+
+    The real selection still runs, so its cost stays in the step time.
+    """
+
+    def __init__(self, base: NablaAttnProcessor, density: float) -> None:
+        super().__init__(base.layer, base.settings, base.state)
+        self.density = density
+        self.forced: BlockSelection | None = None
+
+    def select(self, q: torch.Tensor, k: torch.Tensor, layout: TileLayout) -> BlockSelection:
+        super().select(q, k, layout)
+        if self.forced is None:
+            config = self.state.config
+            keep = forced_keep(layout, q.shape[0], q.shape[1], self.density, config.q_block, config.kv_block)
+            valid = layout.indices(q.device).valid if layout.is_padded else None
+            self.forced = BlockSelection.from_keep(keep, q_block=config.q_block, kv_block=config.kv_block, valid=valid)
+        return self.forced
+
+
+def _peak_gib_and_ms(fn: Callable[[], Any], reps: int) -> tuple[float, float]:
+    torch.cuda.reset_peak_memory_stats()
+    ms = cuda_ms(fn, reps)
+    return torch.cuda.max_memory_allocated() / 2**30, ms
+
+
+def transformer_step_rows(
+    arch: str,
+    model_config: dict[str, Any],
+    resolution: tuple[int, int],
+    frames: int,
+    nabla: NablaConfig,
+    densities: Sequence[float | None],
+    *,
+    layers: int | None = None,
+    batch: int = 1,
+    dense_backend: str = "cudnn",
+    reps: int = 3,
+) -> list[StepRow]:
+    """Transformer forward time, dense (best SDPA) vs NABLA, per density (None = the config's thresholds).
+
+    Builds a WanTransformer3DModel from `model_config` with random bf16 weights, truncated to
+    `layers` blocks at real width when given (a 14B model at 720p needs ~10 s a dense step).
+    """
+    from diffusers import WanTransformer3DModel
+
+    model_config = {**model_config, "num_layers": layers or model_config.get("num_layers", 40)}
+    with torch.device("cuda"):
+        model = WanTransformer3DModel(**model_config).to(torch.bfloat16).eval()
+    grid = token_grid(resolution, frames, model.config.patch_size)
+    patch = model.config.patch_size
+    latent = (batch, model.config.in_channels, grid[0] * patch[0], grid[1] * patch[1], grid[2] * patch[2])
+    hidden = torch.randn(latent, device="cuda", dtype=torch.bfloat16)
+    text = torch.randn(batch, TEXT_TOKENS, model.config.text_dim, device="cuda", dtype=torch.bfloat16)
+    timestep = torch.full((batch,), 500, device="cuda")
+
+    def forward():
+        with torch.no_grad():
+            return model(hidden, timestep, text, return_dict=False)[0]
+
+    with sdpa_kernel([DENSE_BACKENDS[dense_backend], *DENSE_BACKENDS.values()], set_priority=True):
+        dense_peak, dense_ms = _peak_gib_and_ms(forward, reps)
+    apply_nabla(model, nabla)
+    layout = model._nabla_state.layout
+    rows = []
+    for density in tqdm(densities, desc=f"{arch} step", leave=False):
+        originals = [block.attn1.processor for block in model.blocks]
+        if density is not None:
+            for block, base in zip(model.blocks, originals, strict=True):
+                block.attn1.set_processor(ForcedDensityProcessor(base, density))
+        reset_densities(model)
+        start = time.perf_counter()
+        forward()
+        torch.cuda.synchronize()
+        first_s = time.perf_counter() - start
+        measured = None
+        if density is None:
+            measured = statistics.fmean(layer_densities(model).values())
+        nabla_peak, nabla_ms = _peak_gib_and_ms(forward, reps)
+        for block, original in zip(model.blocks, originals, strict=True):
+            block.attn1.set_processor(original)
+        layout = model._nabla_state.layout
+        rows.append(
+            StepRow(
+                arch,
+                model_config["num_layers"],
+                layout.num_tokens,
+                layout.padded_len,
+                density,
+                None if density is not None else nabla.threshold,
+                measured,
+                dense_ms,
+                nabla_ms,
+                dense_peak,
+                nabla_peak,
+                max(0.0, first_s - nabla_ms / 1e3),
+            )
+        )
+    return rows
+
+
+@dataclass
+class BenchReport:
+    environment: dict[str, str]
+    settings: dict[str, Any]
+    attention: list[AttentionRow] = field(default_factory=list)
+    steps: list[StepRow] = field(default_factory=list)
+    block_sizes: list[BlockSizeRow] = field(default_factory=list)
+    compiles: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, float | str]:
+        """Flat key -> number/string, the `summary` object of nabla_reports/bench.json."""
+        out: dict[str, float | str] = {k: v for k, v in self.environment.items() if k != "host"}
+        for row in self.attention:
+            key = f"d{row.density:g}"
+            out[f"attention_speedup_{key}"] = round(row.speedup, 3)
+            out[f"attention_sparse_ms_{key}"] = round(row.sparse_ms, 3)
+        if self.attention:
+            out["attention_dense_ms"] = round(self.attention[0].dense_ms, 3)
+            out["mask_ms"] = round(self.attention[0].mask_fast_ms, 3)
+        for row in self.steps:
+            key = f"d{row.density:g}" if row.density is not None else f"thr{row.threshold:g}"
+            out[f"step_speedup_{key}"] = round(row.speedup, 3)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        def rows(items):
+            return [{**asdict(r), **_properties(r)} for r in items]
+
+        return {
+            "summary": self.summary(),
+            "environment": self.environment,
+            "settings": self.settings,
+            "attention": rows(self.attention),
+            "steps": rows(self.steps),
+            "block_sizes": rows(self.block_sizes),
+            "compiles": self.compiles,
+        }
+
+    def write(self, path: str | os.PathLike) -> Path:
+        atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
+        return Path(path)
+
+    def table(self) -> str:
+        """Markdown tables for stdout and docs/benchmarks.md."""
+        env = self.environment
+        lines = [f"{env['card']} · torch {env['torch']} · {env['date']}", ""]
+        if self.attention:
+            lines += [
+                "| tokens (padded) | heads | blocks q x kv | density | mask ms (reference) | sparse ms | target 1.3·d·dense | "
+                "dense ms (backend) | speedup incl. mask |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            ]
+            for r in self.attention:
+                reference = f" ({r.mask_reference_ms:.1f})" if r.mask_reference_ms is not None else ""
+                lines.append(
+                    f"| {r.tokens:,} ({r.padded_tokens:,}) | {r.heads} | {r.q_block}x{r.kv_block} | {r.density:g} | "
+                    f"{r.mask_fast_ms:.2f}{reference} | {r.sparse_ms:.2f} | {r.target_ms:.2f} | "
+                    f"{r.dense_ms:.2f} ({r.dense_backend}) | {r.speedup:.2f}x |"
+                )
+            lines.append("")
+        if self.steps:
+            lines += [
+                "| model (blocks) | tokens (padded) | density | dense ms | NABLA ms | speedup | peak GiB dense / NABLA | compile s |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            ]
+            for r in self.steps:
+                density = (
+                    f"{r.density:g}" if r.density is not None else f"thr {r.threshold:g} -> {r.measured_density:.3f}"
+                )
+                lines.append(
+                    f"| {r.arch} ({r.layers}) | {r.tokens:,} ({r.padded_tokens:,}) | {density} | {r.dense_ms:.1f} | "
+                    f"{r.nabla_ms:.1f} | {r.speedup:.2f}x | {r.dense_peak_gib:.1f} / {r.nabla_peak_gib:.1f} | {r.compile_s:.1f} |"
+                )
+            lines.append("")
+        if self.block_sizes:
+            lines += [
+                "| blocks q x kv | density | forward ms | fwd+bwd ms | compile s fwd / bwd | note |",
+                "| --- | --- | --- | --- | --- | --- |",
+            ]
+            for r in self.block_sizes:
+                both = f"{r.forward_backward_ms:.1f}" if r.forward_backward_ms is not None else "-"
+                bwd = f"{r.compile_backward_s:.0f}" if r.compile_backward_s is not None else "-"
+                lines.append(
+                    f"| {r.q_block}x{r.kv_block} | {r.density:g} | {r.forward_ms:.2f} | {both} | "
+                    f"{r.compile_forward_s:.0f} / {bwd} | {r.error or ''} |"
+                )
+            lines.append("")
+        if self.compiles:
+            lines.append("compiles: " + ", ".join(f"{k}={v}" for k, v in self.compiles.items()))
+        return "\n".join(lines)
+
+
+def _properties(row: Any) -> dict[str, float]:
+    return {name: getattr(row, name) for name in ("speedup", "target_ms") if hasattr(type(row), name)}
+
+
+def run_bench(
+    *,
+    arch: str,
+    model_config: dict[str, Any],
+    resolution: tuple[int, int],
+    frames: int,
+    nabla: NablaConfig,
+    densities: Sequence[float] = (),
+    layers: int | None = 4,
+    batch: int = 1,
+    attention: bool = True,
+    step: bool = True,
+) -> BenchReport:
+    """Per attention call and per transformer step: forced densities if given, else the config's threshold."""
+    require_cuda()
+    enable_compile_cache()
+    heads = model_config["num_attention_heads"]
+    grid = token_grid(resolution, frames, model_config.get("patch_size", (1, 2, 2)))
+    report = BenchReport(
+        environment(),
+        {
+            "arch": arch,
+            "resolution": list(resolution),
+            "frames": frames,
+            "token_grid": list(grid),
+            "layers": layers,
+            "batch": batch,
+            "densities": list(densities),
+            "nabla": nabla.to_dict(),
+        },
+    )
+    forced = list(densities) if densities else [None]
+    if attention:
+        attention_densities = forced if densities else [nabla.threshold]
+        report.attention = attention_rows(
+            grid,
+            heads,
+            attention_densities,
+            q_block=nabla.q_block,
+            kv_block=nabla.kv_block,
+            batch=batch,
+            threshold=nabla.threshold,
+            sta=nabla.sta,
+        )
+    if step:
+        dense_backend = report.attention[0].dense_backend if report.attention else "cudnn"
+        report.steps = transformer_step_rows(
+            arch,
+            model_config,
+            resolution,
+            frames,
+            nabla,
+            forced,
+            layers=layers,
+            batch=batch,
+            dense_backend=dense_backend,
+        )
+    return report

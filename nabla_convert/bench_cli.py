@@ -1,0 +1,105 @@
+"""`nabla-convert bench`: the Click layer over nabla_convert.bench.run_bench."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig, parse_window
+from nabla_convert.recipes import load_recipe
+
+
+def _model_config(model: Path) -> tuple[dict[str, Any], NablaConfig | None]:
+    """Architecture (WanTransformer3DModel kwargs) and NABLA settings of a pipeline or transformer folder."""
+    for candidate in (model / "transformer" / "config.json", model / "config.json"):
+        if candidate.is_file():
+            data = json.loads(candidate.read_text())
+            nabla = NablaConfig.from_dict(data[CONFIG_KEY]) if CONFIG_KEY in data else None
+            return {k: v for k, v in data.items() if not k.startswith("_")}, nabla
+    raise click.BadParameter(f"{model} holds no transformer/config.json or config.json", param_hint="MODEL")
+
+
+def _densities(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...]:
+    if value is None:
+        return ()
+    try:
+        densities = tuple(float(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"densities must be comma-separated numbers like 0.05,0.1, got {value!r}") from None
+    if not densities or any(not 0.0 < d <= 1.0 for d in densities):
+        raise click.BadParameter(f"every density must be in (0, 1], got {value!r}")
+    return densities
+
+
+@click.command("bench")
+@click.argument("model", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--arch", help="Architecture preset with random weights: wan2.1-t2v-1.3b, wan2.1-t2v-14b.")
+@click.option("--resolution", default="832x480", show_default=True, help="Video size WIDTHxHEIGHT.")
+@click.option("--frames", type=click.IntRange(min=1), default=81, show_default=True)
+@click.option("--density", callback=_densities, help="Forced densities, comma-separated (random key blocks per row).")
+@click.option("--threshold", type=float, help="NABLA threshold (instead of the model's or recipe's).")
+@click.option("--sta", help="STA window wT,wH,wW in tiles, e.g. 11,3,3.")
+@click.option("--recipe", help="Recipe name or YAML path whose NABLA settings to use.")
+@click.option("--q-block", type=click.Choice(["64", "128"]), help="Query block (default: the config's).")
+@click.option("--kv-block", type=click.Choice(["64", "128"]), help="Key block (default: the config's).")
+@click.option(
+    "--layers", type=click.IntRange(min=1), default=4, show_default=True, help="Blocks in the timed transformer step."
+)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="2 = a CFG batch.")
+@click.option("--skip-step", is_flag=True, help="Only the per-attention-call table.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default="bench.json", show_default=True)
+def bench(
+    model, arch, resolution, frames, density, threshold, sta, recipe, q_block, kv_block, layers, batch, skip_step, out
+) -> None:
+    """Time NABLA against the best dense SDPA on this GPU, per attention call and per transformer step.
+
+    MODEL is a (converted) pipeline or transformer folder: its architecture and NABLA settings are
+    used with random weights. Or give --arch. Prints a table and writes JSON to --out.
+    """
+    from nabla_convert.bench import ARCHS, GPUUnavailableError, parse_resolution, run_bench, token_grid
+
+    if (model is None) == (arch is None):
+        raise click.UsageError("give either MODEL or --arch")
+    if arch is not None and arch not in ARCHS:
+        raise click.BadParameter(f"unknown preset {arch!r}; choose one of {', '.join(ARCHS)}", param_hint="--arch")
+    if density and (threshold is not None or recipe is not None):
+        raise click.UsageError("--density forces the selection; it cannot be combined with --threshold or --recipe")
+    try:
+        size = parse_resolution(resolution)
+        token_grid(size, frames)
+        if arch is not None:
+            model_config, nabla = dict(ARCHS[arch]), None
+        else:
+            model_config, nabla = _model_config(model)
+            arch = model.name
+        if recipe is not None:
+            nabla = load_recipe(recipe).nabla
+        nabla = nabla or NablaConfig()
+        overrides = {
+            "threshold": threshold,
+            "q_block": q_block and int(q_block),
+            "kv_block": kv_block and int(kv_block),
+        }
+        if sta is not None:
+            overrides["sta"] = parse_window(sta)
+        nabla = NablaConfig.from_dict({**nabla.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
+        report = run_bench(
+            arch=arch,
+            model_config=model_config,
+            resolution=size,
+            frames=frames,
+            nabla=nabla,
+            densities=density,
+            layers=layers,
+            batch=batch,
+            step=not skip_step,
+        )
+    except GPUUnavailableError as err:
+        raise click.ClickException(str(err)) from None
+    except (ConfigError, ValueError) as err:
+        raise click.UsageError(str(err)) from None
+    click.echo(report.table())
+    click.echo(f"wrote {report.write(out)}")

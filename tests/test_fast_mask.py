@@ -1,0 +1,105 @@
+"""The sort-free selection (attention/fast.py, torch path) against a plain sorted reference and the core."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
+
+from nabla_convert.attention import TileLayout, nabla_block_mask, to_block_mask
+from nabla_convert.attention.fast import cut_values, fast_nabla_block_mask, nabla_selection, select_by_cut
+from nabla_convert.attention.flex import dense_token_mask
+
+THRESHOLDS = (0.2, 0.5, 0.7, 0.9, 1.0)
+
+
+def sorted_selection(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The public NABLA rule written plainly: per row, sort ascending, cumsum, keep cumsum >= 1 - threshold."""
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    rows = probs.reshape(-1, probs.shape[-1]).double()
+    flat = keep.view(-1, probs.shape[-1])
+    for r, row in enumerate(rows):
+        values, order = row.sort()
+        total = 0.0
+        for value, column in zip(values.tolist(), order.tolist(), strict=True):
+            total += value
+            if total >= 1.0 - threshold - 1e-12:
+                flat[r, column] = True
+    return keep
+
+
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+def test_cut_selection_matches_sorted_rule(threshold: float) -> None:
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 2, 7, 40) * 2.5, dim=-1)
+    assert torch.equal(select_by_cut(probs, threshold), sorted_selection(probs, threshold))
+
+
+def test_cut_value_is_the_smallest_kept_value() -> None:
+    torch.manual_seed(1)
+    probs = torch.softmax(torch.randn(50, 33), dim=-1)
+    cut = cut_values(probs, 0.6)
+    kept = probs >= cut
+    smallest_kept = torch.where(kept, probs, torch.inf).min(-1, keepdim=True).values
+    assert torch.equal(cut, smallest_kept)
+    assert (torch.where(probs > cut, probs, 0.0).sum(-1) <= 0.6).all()
+    assert (torch.where(probs >= cut, probs, 0.0).sum(-1) > 0.6).all()
+
+
+def test_ties_at_the_cut_are_kept() -> None:
+    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.4, 0.2, 0.2, 0.2], [0.5, 0.3, 0.1, 0.1]])
+    expected = torch.tensor([[True] * 4, [True] * 4, [True, True, False, False]])
+    assert torch.equal(select_by_cut(probs, 0.5), expected)
+
+
+def test_threshold_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError, match="threshold"):
+        select_by_cut(torch.rand(2, 3), 0.0)
+
+
+GRIDS = [
+    # (token grid (T, H, W), q_block, kv_block, sta)
+    ((2, 16, 24), 64, 64, None),
+    ((3, 16, 16), 64, 64, (3, 1, 1)),
+    ((2, 12, 20), 64, 64, None),  # padded to whole tiles
+    ((3, 10, 16), 64, 64, (1, 3, 3)),  # padded, with STA
+    ((2, 16, 24), 128, 64, None),
+    ((3, 14, 16), 128, 64, (3, 3, 3)),  # padded, two-tile query blocks
+]
+
+
+@pytest.mark.parametrize(("token_grid", "q_block", "kv_block", "sta"), GRIDS)
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+def test_selection_equals_core(token_grid, q_block, kv_block, sta, threshold: float) -> None:
+    torch.manual_seed(2)
+    layout = TileLayout.for_blocks(token_grid, (8, 8), q_block, kv_block)
+    q = torch.randn(2, 3, layout.padded_len, 16) * 3
+    k = torch.randn(2, 3, layout.padded_len, 16) * 3
+    kwargs = dict(threshold=threshold, grid=layout, sta=sta, q_block=q_block, kv_block=kv_block)
+    expected = nabla_block_mask(q, k, **kwargs)
+    assert torch.equal(fast_nabla_block_mask(q, k, **kwargs), expected)
+
+
+@pytest.mark.parametrize("token_grid", [(2, 16, 24), (3, 10, 16)])
+def test_index_tensors_equal_core_block_mask(token_grid) -> None:
+    torch.manual_seed(3)
+    layout = TileLayout.for_blocks(token_grid)
+    q, k = (torch.randn(1, 2, layout.padded_len, 16) * 3 for _ in range(2))
+    selection = nabla_selection(q, k, threshold=0.6, grid=layout)
+    valid = layout.indices().valid if layout.is_padded else None
+    expected = to_block_mask(selection.keep, valid=valid)
+    got = selection.block_mask()
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
+def test_block_mask_attention_equals_masked_sdpa() -> None:
+    torch.manual_seed(4)
+    layout = TileLayout.for_blocks((2, 10, 16))
+    q, k, v = (torch.randn(1, 2, layout.padded_len, 16) for _ in range(3))
+    selection = nabla_selection(q, k, threshold=0.5, grid=layout, sta=(1, 1, 1))
+    valid = layout.indices().valid
+    out = flex_attention(q, k, v, block_mask=selection.block_mask())
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_token_mask(selection.keep, 64, 64, valid))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

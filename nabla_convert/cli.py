@@ -88,3 +88,16 @@ def convert_command(model, out, config, recipe, threshold, sta, dense_steps, rev
     settings = nabla_settings(config, recipe, threshold, sta, dense_steps)
     written = convert(model or default_model(), out, settings, revision=revision, token=token, overwrite=overwrite)
     click.echo(f"wrote NABLA checkpoint to {written}")
+
+
+def _register_commands() -> None:
+    """Each stage's command lives beside its API; the group only collects them."""
+    from nabla_convert.bench_cli import bench
+    from nabla_convert.eval_cli import eval_command
+    from nabla_convert.hub.cli import push
+
+    for command in (eval_command, push, bench):
+        main.add_command(command)
+
+
+_register_commands()

@@ -44,7 +44,7 @@ def resolve_model(
     if path.exists():
         if not path.is_dir():
             raise ConvertError(f"{path} is not a folder")
-        return path, {"base_model": str(model), "base_revision": revision}
+        return path, {"base_model": str(path.resolve()), "base_revision": revision}
     if os.path.isabs(str(model)) or str(model).startswith(".") or str(model).count("/") != 1:
         raise ConvertError(f"model folder not found: {model}")
     from huggingface_hub import snapshot_download
@@ -105,7 +105,19 @@ def configs_for(
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".cache", ".git*"), copy_function=shutil.copyfile)
+    """Everything but the base model's card (push writes the NABLA model's own) and VCS/cache files."""
+    ignore = shutil.ignore_patterns(".cache", ".git*", "README.md")
+    shutil.copytree(src, dst, ignore=ignore, copy_function=shutil.copyfile)
+
+
+def base_license(root: Path) -> str | None:
+    """The license in the base model's card metadata, carried into the converted model's card."""
+    card = root / "README.md"
+    if not card.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(card).data.license
 
 
 def _rewrite_transformer_config(folder: Path, config: NablaConfig) -> None:
@@ -148,6 +160,9 @@ def convert(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **source,
     }
+    license_name = base_license(root)
+    if license_name:
+        provenance["base_license"] = license_name
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

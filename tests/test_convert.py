@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def test_convert_pipeline_round_trip(tiny_pipeline_dir, tmp_path):
     ]
     config = json.loads((out / "transformer" / "config.json").read_text())
     assert config["_nabla"]["threshold"] == 0.4
-    assert config["_nabla"]["provenance"]["base_model"] == str(tiny_pipeline_dir)
+    assert config["_nabla"]["provenance"]["base_model"] == str(tiny_pipeline_dir.resolve())
 
     stock = WanPipeline.from_pretrained(out)
     assert isinstance(stock.transformer, NablaWanTransformer3DModel)
@@ -69,6 +70,17 @@ def test_saving_a_loaded_model_keeps_its_settings(tiny_pipeline_dir, tmp_path):
     again = NablaWanTransformer3DModel.from_pretrained(tmp_path / "again")
     assert again._nabla_state.config.threshold == 0.25
     assert again._nabla_state.config.dense_steps == 3
+
+
+def test_base_card_license_carried_and_card_not_copied(tiny_pipeline_dir, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_pipeline_dir, base)
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# Wan base\n")
+    out = convert(base, tmp_path / "nabla", NablaConfig())
+    assert not (out / "README.md").exists()
+    assert json.loads((out / "transformer" / "config.json").read_text())["_nabla"]["provenance"]["base_license"] == (
+        "apache-2.0"
+    )
 
 
 def test_convert_keeps_dtype(tmp_path):

@@ -1,0 +1,335 @@
+"""Publish a converted checkpoint to the Hugging Face Hub: check, describe, upload, verify.
+
+`prepare_push` does everything that needs no network (checks, model card, sha256 manifest) and is what a dry run
+shows. `push_to_hub` then creates the repo (and branch), uploads with `upload_folder` in one commit, and compares
+the Hub's checksums for that commit with the manifest, so a push that returns has put exactly these bytes there.
+Each network step is idempotent (exist_ok, content-addressed upload), so a transient failure retries the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import TypeVar
+
+import httpx2
+import yaml
+from huggingface_hub import HfApi, ModelCard, get_token
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.hf_api import RepoFile
+
+from nabla_convert.config import atomic_write_text
+from nabla_convert.hub.card import generate_card
+from nabla_convert.hub.checks import Checkpoint, ManifestEntry, build_manifest, check_checkpoint
+from nabla_convert.hub.errors import (
+    AuthenticationError,
+    HubConnectionError,
+    InvalidArgumentsError,
+    InvalidCheckpointError,
+    NotFoundError,
+    PermissionDeniedError,
+    PushError,
+    VerificationError,
+)
+
+logger = logging.getLogger(__name__)
+
+CARD_NAME = "README.md"
+DEFAULT_BRANCH = "main"
+DEFAULT_RETRIES = 3
+RETRY_BASE_WAIT_S = 1.0
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+T = TypeVar("T")
+
+
+def human_size(num_bytes: int) -> str:
+    size = float(num_bytes)
+    for unit in ("B", "kB", "MB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
+@dataclass(frozen=True)
+class PushPlan:
+    """What a push would send: the checked checkpoint, its card, and the manifest of every file."""
+
+    repo_id: str
+    revision: str | None
+    create_pr: bool
+    checkpoint: Checkpoint
+    card: str
+    card_is_new: bool  # generated now (written to README.md on push) rather than kept from the folder
+    manifest: tuple[ManifestEntry, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(entry.size for entry in self.manifest)
+
+    @property
+    def target(self) -> str:
+        if self.create_pr:
+            return f"a pull request on {self.repo_id} against {DEFAULT_BRANCH}"
+        return f"{self.repo_id}, branch {self.revision or DEFAULT_BRANCH}"
+
+    def describe(self) -> str:
+        checkpoint = self.checkpoint
+        parts = ", ".join(
+            f"{t.subfolder or 'transformer'} {t.num_parameters:,} parameters" for t in checkpoint.transformers
+        )
+        reports = ", ".join(sorted(checkpoint.reports)) or "none"
+        lines = [
+            f"Would upload {len(self.manifest)} files ({human_size(self.total_bytes)}) from {checkpoint.folder} "
+            f"to {self.target}.",
+            f"Checked: {checkpoint.pipeline_class or 'transformer folder'} ({parts}); reports: {reports}.",
+            "",
+            "sha256 manifest:",
+            *(f"  {entry.sha256}  {entry.size:>12}  {entry.path}" for entry in self.manifest),
+            "",
+            f"Model card ({CARD_NAME}, {'generated' if self.card_is_new else 'kept from the folder'}):",
+            "",
+            self.card,
+        ]
+        return "\n".join(lines)
+
+
+def check_target(revision: str | None, create_pr: bool) -> None:
+    if create_pr and revision not in (None, DEFAULT_BRANCH):
+        raise InvalidArgumentsError(
+            "--create-pr opens a pull request against main; it cannot be combined with --revision"
+        )
+
+
+def prepare_push(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    create_pr: bool = False,
+    regenerate_card: bool = False,
+) -> PushPlan:
+    """Check the options and the folder, and build the card and manifest, without any network call."""
+    check_target(revision, create_pr)
+    folder = Path(folder)
+    checkpoint = check_checkpoint(folder)
+    card_path = folder / CARD_NAME
+    if card_path.is_file() and not regenerate_card:
+        card, card_is_new = card_path.read_text(encoding="utf-8"), False
+        try:
+            ModelCard(card)
+        except (ValueError, yaml.YAMLError) as err:
+            message = " ".join(str(err).split())
+            raise InvalidCheckpointError(
+                f"{CARD_NAME} has invalid metadata ({message}); fix it or pass --regenerate-card"
+            ) from None
+    else:
+        card, card_is_new = generate_card(checkpoint, repo_id), True
+    manifest = build_manifest(folder, {CARD_NAME: card.encode("utf-8")} if card_is_new else None)
+    return PushPlan(repo_id, revision, create_pr, checkpoint, card, card_is_new, manifest)
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """Where the files went: the commit on the Hub, its URL, the pull request if one was opened."""
+
+    repo_id: str
+    repo_url: str
+    revision: str
+    commit_oid: str
+    commit_url: str
+    pr_url: str | None
+    created_commit: bool  # False when the Hub already held these exact files (nothing was committed)
+    files: tuple[ManifestEntry, ...]
+
+    def summary(self) -> str:
+        if not self.created_commit:
+            head = f"Nothing to commit: {self.repo_url} ({self.revision}) already holds these files."
+        elif self.pr_url:
+            head = f"Opened pull request {self.pr_url}"
+        else:
+            head = f"Pushed to {self.repo_url} ({self.revision})."
+        return "\n".join(
+            [
+                head,
+                f"Commit {self.commit_oid}: {self.commit_url}",
+                f"Verified {len(self.files)} files against the Hub's checksums for that commit.",
+            ]
+        )
+
+
+def push_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+    commit_message: str | None = None,
+    regenerate_card: bool = False,
+    retries: int = DEFAULT_RETRIES,
+) -> PushResult:
+    """Check, upload and verify a converted checkpoint; raise a PushError subclass naming the cause on failure.
+
+    `revision` is a branch (created from main if missing) or an open pull request ref ("refs/pr/N");
+    `create_pr` opens a pull request against main instead of committing to a branch. `private` applies when the
+    repo is created; an existing repo keeps its visibility. `token` defaults to HF_TOKEN or the saved login.
+    """
+    check_target(revision, create_pr)
+    token = token or get_token()
+    if not token:
+        raise AuthenticationError("no Hugging Face token: pass --token, set HF_TOKEN, or run `hf auth login`")
+    folder = Path(folder)
+    plan = prepare_push(folder, repo_id, revision=revision, create_pr=create_pr, regenerate_card=regenerate_card)
+    api = HfApi(endpoint=endpoint, token=token)
+    branch = revision or DEFAULT_BRANCH
+    if plan.card_is_new:
+        atomic_write_text(folder / CARD_NAME, plan.card)
+    message = commit_message or f"Upload NABLA sparse-attention checkpoint (nabla-convert {version('nabla-convert')})"
+    with hub_errors(api.endpoint, repo_id, branch):
+        repo_id = retrying(lambda: ensure_repo(api, repo_id, private), retries)
+        if branch != DEFAULT_BRANCH and not branch.startswith("refs/"):
+            retrying(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True), retries)
+        head_before = retrying(lambda: api.repo_info(repo_id, revision=branch).sha, retries)
+        # A retried commit whose first answer was lost is a no-op (the files are then already there), except with
+        # create_pr, where it would open a second pull request.
+        commit = retrying(
+            lambda: api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=message,
+                allow_patterns=[glob.escape(entry.path) for entry in plan.manifest],
+            ),
+            retries,
+        )
+        mismatches = retrying(lambda: remote_mismatches(api, repo_id, commit.oid, plan.manifest), retries)
+    if mismatches:
+        listed = "; ".join(mismatches[:3]) + (f"; and {len(mismatches) - 3} more" if len(mismatches) > 3 else "")
+        raise VerificationError(f"the Hub's copy of commit {commit.oid[:12]} differs from {folder}: {listed}")
+    return PushResult(
+        repo_id=repo_id,
+        repo_url=str(commit.repo_url),
+        revision=commit.pr_revision or branch,
+        commit_oid=commit.oid,
+        commit_url=commit.commit_url,
+        pr_url=commit.pr_url,
+        created_commit=commit.oid != head_before,
+        files=plan.manifest,
+    )
+
+
+def ensure_repo(api: HfApi, repo_id: str, private: bool) -> str:
+    """The full id of the repo, created if missing.
+
+    An existing repo is looked up rather than passed to create_repo(exist_ok=True): for a token that may not create
+    in that namespace (a contributor opening a PR), huggingface_hub 2.4 answers with a RepoUrl built without the
+    custom endpoint, which fails for any endpoint other than HF_ENDPOINT.
+    """
+    try:
+        return api.repo_info(repo_id).id
+    except RepositoryNotFoundError:
+        return api.create_repo(repo_id, private=private or None, exist_ok=True).repo_id
+
+
+def remote_mismatches(api: HfApi, repo_id: str, revision: str, manifest: tuple[ManifestEntry, ...]) -> list[str]:
+    """Files whose checksum in the Hub's tree at `revision` differs from the manifest (sha256 for LFS, else git sha1)."""
+    remote = {
+        entry.path: entry
+        for entry in api.list_repo_tree(repo_id, recursive=True, revision=revision)
+        if isinstance(entry, RepoFile)
+    }
+    problems = []
+    for entry in manifest:
+        found = remote.get(entry.path)
+        if found is None:
+            problems.append(f"{entry.path} is missing")
+        elif found.lfs is not None and (found.lfs.sha256 != entry.sha256 or found.lfs.size != entry.size):
+            problems.append(f"{entry.path} has sha256 {found.lfs.sha256[:12]}, expected {entry.sha256[:12]}")
+        elif found.lfs is None and found.blob_id != entry.git_sha1:
+            problems.append(f"{entry.path} has git sha1 {found.blob_id[:12]}, expected {entry.git_sha1[:12]}")
+    return problems
+
+
+def causes(err: BaseException) -> Iterator[BaseException]:
+    """The exception and what it was explicitly raised from (huggingface_hub wraps LFS upload errors that way)."""
+    current: BaseException | None = err
+    while current is not None:
+        yield current
+        current = current.__cause__
+
+
+def is_transient(err: BaseException) -> bool:
+    for cause in causes(err):
+        if isinstance(cause, OfflineModeIsEnabled):
+            return False
+        if isinstance(cause, httpx2.TransportError):
+            return True
+        if isinstance(cause, HfHubHTTPError):
+            return cause.response is not None and cause.response.status_code in TRANSIENT_STATUS
+    return False
+
+
+def retrying(step: Callable[[], T], retries: int) -> T:
+    """Run an idempotent network step, again after 1, 2, 4... s while it fails on a transient error."""
+    for attempt in range(retries + 1):
+        try:
+            return step()
+        except Exception as err:
+            if attempt == retries or not is_transient(err):
+                raise
+            wait = RETRY_BASE_WAIT_S * 2**attempt
+            logger.warning("transient Hub error (%s); retrying in %.0f s", type(err).__name__, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def hub_errors(endpoint: str, repo_id: str, revision: str) -> Iterator[None]:
+    """Turn huggingface_hub and transport exceptions into one-line PushErrors, one class per cause."""
+    try:
+        yield
+    except PushError:
+        raise
+    except Exception as err:
+        translated = translate(err, endpoint, repo_id, revision)
+        if translated is None:
+            raise
+        raise translated from err
+
+
+def translate(err: BaseException, endpoint: str, repo_id: str, revision: str) -> PushError | None:
+    for cause in causes(err):
+        if isinstance(cause, OfflineModeIsEnabled):
+            return HubConnectionError("offline mode is on (HF_HUB_OFFLINE): unset it to push")
+        if isinstance(cause, httpx2.TransportError):
+            return HubConnectionError(f"cannot reach the Hub at {endpoint}: {cause}")
+        if isinstance(cause, RevisionNotFoundError):
+            return NotFoundError(f"revision {revision!r} of {repo_id} does not exist on {endpoint}")
+        if isinstance(cause, RepositoryNotFoundError):
+            return NotFoundError(f"repository {repo_id} does not exist on {endpoint} or this token cannot see it")
+        if isinstance(cause, HfHubHTTPError) and cause.response is not None:
+            status = cause.response.status_code
+            said = (cause.server_message or "").strip().replace("\n", " ") or cause.response.reason_phrase
+            if status == 401:
+                return AuthenticationError(f"the Hub at {endpoint} rejected the token (401: {said})")
+            if status == 403:
+                return PermissionDeniedError(f"this token may not write to {repo_id} (403: {said})")
+            if status == 404:
+                return NotFoundError(f"not found on {endpoint} (404: {said})")
+            return PushError(f"the Hub at {endpoint} answered {status}: {said}")
+    return None

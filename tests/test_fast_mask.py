@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
 from nabla_convert.attention import TileLayout, nabla_block_mask, to_block_mask
-from nabla_convert.attention.fast import cut_values, fast_nabla_block_mask, nabla_selection, select_by_cut
+from nabla_convert.attention.fast import cut_values, nabla_selection, select_by_cut
 from nabla_convert.attention.flex import dense_token_mask
 
 THRESHOLDS = (0.2, 0.5, 0.7, 0.9, 1.0)
@@ -78,7 +78,7 @@ def test_selection_equals_core(token_grid, q_block, kv_block, sta, threshold: fl
     k = torch.randn(2, 3, layout.padded_len, 16) * 3
     kwargs = dict(threshold=threshold, grid=layout, sta=sta, q_block=q_block, kv_block=kv_block)
     expected = nabla_block_mask(q, k, **kwargs)
-    assert torch.equal(fast_nabla_block_mask(q, k, **kwargs), expected)
+    assert torch.equal(nabla_selection(q, k, **kwargs).keep, expected)
 
 
 @pytest.mark.parametrize("token_grid", [(2, 16, 24), (3, 10, 16)])

@@ -21,7 +21,7 @@ import math
 import torch
 
 from nabla_convert.attention.flex import BlockSelection, kv_whole_blocks
-from nabla_convert.attention.mask import Window, as_layout, block_scores, sta_block_mask
+from nabla_convert.attention.mask import Window, block_scores, check_threshold, checked_layout, sta_block_mask
 from nabla_convert.attention.tiling import TileLayout
 
 try:
@@ -53,8 +53,7 @@ def cut_values(probs: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def select_by_cut(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     """Same selection as `mask.select_by_mass` (ties at the cut kept), by a cut-value search instead of a sort."""
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    check_threshold(threshold)
     if threshold >= 1.0:
         return torch.ones_like(probs, dtype=torch.bool)
     return probs >= cut_values(probs, threshold)
@@ -79,13 +78,8 @@ def nabla_selection(
     Same arguments and selection as `nabla_block_mask` (up to float rounding of the mass at the
     cut). Fused Triton kernels on CUDA, torch ops elsewhere.
     """
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    layout = as_layout(grid, q_block, kv_block)
-    if q.shape[-2] != layout.padded_len or k.shape[-2] != layout.padded_len:
-        raise ValueError(
-            f"q/k have {q.shape[-2]}/{k.shape[-2]} tokens, the layout {layout.token_grid} needs {layout.padded_len}"
-        )
+    check_threshold(threshold)
+    layout = checked_layout(q, k, grid, q_block, kv_block)
     valid = layout.indices(q.device).valid if layout.is_padded else None
     sta_blocks = sta_block_mask(layout, sta, q_block, kv_block, q.device) if sta is not None else None
     if fast_path_available(q.device):
@@ -96,21 +90,6 @@ def nabla_selection(
         keep = keep | sta_blocks
     keep = keep & kv_real
     return BlockSelection.from_keep(keep, q_block=q_block, kv_block=kv_block, valid=valid)
-
-
-def fast_nabla_block_mask(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    *,
-    threshold: float,
-    grid: TileLayout | tuple[int, int, int],
-    sta: Window | None = None,
-    q_block: int = 64,
-    kv_block: int = 64,
-) -> torch.Tensor:
-    """Drop-in for `nabla_block_mask` (same signature and result) through the sort-free selection."""
-    selection = nabla_selection(q, k, threshold=threshold, grid=grid, sta=sta, q_block=q_block, kv_block=kv_block)
-    return selection.keep
 
 
 def _triton_selection(

@@ -28,6 +28,23 @@ def as_layout(grid: TileLayout | tuple[int, int, int], q_block: int, kv_block: i
     return TileLayout.for_blocks((T, Ht * 8, Wt * 8), (8, 8), q_block, kv_block)
 
 
+def check_threshold(threshold: float) -> None:
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+
+
+def checked_layout(
+    q: torch.Tensor, k: torch.Tensor, grid: TileLayout | tuple[int, int, int], q_block: int, kv_block: int
+) -> TileLayout:
+    """The layout of q, k (B, H, S, D) in tile order, checked against their length."""
+    layout = as_layout(grid, q_block, kv_block)
+    if q.shape[-2] != layout.padded_len or k.shape[-2] != layout.padded_len:
+        raise ValueError(
+            f"q/k have {q.shape[-2]}/{k.shape[-2]} tokens, the layout {layout.token_grid} needs {layout.padded_len}"
+        )
+    return layout
+
+
 def pool_blocks(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of x (B, H, S, D) over consecutive blocks of `block` tokens, in float32.
 
@@ -67,8 +84,7 @@ def select_by_mass(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     descending sort: an entry is kept when the mass of the entries above it is at most `threshold`.
     Entries tied with the last kept value are kept too.
     """
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    check_threshold(threshold)
     if threshold >= 1.0:
         return torch.ones_like(probs, dtype=torch.bool)
     desc, _ = probs.sort(dim=-1, descending=True)
@@ -125,11 +141,7 @@ def nabla_block_mask(
     wrap): Q is pooled over its 128 tokens and the selection is made once for the pair; the STA
     window of the pair is the union of the windows of its two tiles.
     """
-    layout = as_layout(grid, q_block, kv_block)
-    if q.shape[-2] != layout.padded_len or k.shape[-2] != layout.padded_len:
-        raise ValueError(
-            f"q/k have {q.shape[-2]}/{k.shape[-2]} tokens, the layout {layout.token_grid} needs {layout.padded_len}"
-        )
+    layout = checked_layout(q, k, grid, q_block, kv_block)
     valid = layout.indices(q.device).valid if layout.is_padded else None
     probs, kv_real = block_scores(q, k, q_block, kv_block, valid)
     keep = select_by_mass(probs, threshold)

@@ -46,7 +46,13 @@ def nabla_settings(
 
 
 class NablaGroup(click.Group):
-    """Reports NablaError (bad input, missing files, corrupt checkpoints) as a one-line error, exit code 1."""
+    """Lists commands in pipeline order; reports NablaError (bad input, missing files, corrupt checkpoints)
+    as a one-line error, exit code 1."""
+
+    order = ("calibrate", "convert", "adapt", "push", "eval", "bench")
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(self.commands, key=lambda name: self.order.index(name) if name in self.order else len(self.order))
 
     def invoke(self, ctx: click.Context):
         try:
@@ -83,20 +89,26 @@ def convert_command(model, out, config, recipe, threshold, sta, dense_steps, rev
 
     MODEL is a diffusers Wan pipeline folder, a transformer folder, or a Hub id; omitted, the
     embedded reference model. The output loads with stock WanPipeline.from_pretrained(OUT) or
-    nabla_convert.load(OUT); weights are copied bit-exact.
+    nabla_convert.load(OUT); weights are copied bit-exact. With --config DIR/nabla_config.json from
+    calibrate, DIR/calibration.json goes along into OUT/nabla_reports/ for the model card.
     """
     settings = nabla_settings(config, recipe, threshold, sta, dense_steps)
-    written = convert(model or default_model(), out, settings, revision=revision, token=token, overwrite=overwrite)
+    calibration = config.parent / "calibration.json" if config else None
+    reports = {"calibration": calibration} if calibration and calibration.is_file() else None
+    written = convert(
+        model or default_model(), out, settings, revision=revision, token=token, overwrite=overwrite, reports=reports
+    )
     click.echo(f"wrote NABLA checkpoint to {written}")
 
 
 def _register_commands() -> None:
     """Each stage's command lives beside its API; the group only collects them."""
     from nabla_convert.bench_cli import bench
+    from nabla_convert.calibrate.cli import calibrate_command
     from nabla_convert.eval_cli import eval_command
     from nabla_convert.hub.cli import push
 
-    for command in (eval_command, push, bench):
+    for command in (calibrate_command, eval_command, push, bench):
         main.add_command(command)
 
 

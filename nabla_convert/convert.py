@@ -23,6 +23,7 @@ from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig, NablaErro
 WAN_CLASSES = ("WanTransformer3DModel", "NablaWanTransformer3DModel")
 NABLA_CLASS = ["nabla_convert", "NablaWanTransformer3DModel"]
 TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
+REPORTS_DIR = "nabla_reports"  # calibration.json, eval.json, bench.json: measurements the model card shows
 
 
 class ConvertError(NablaError, ValueError):
@@ -142,11 +143,14 @@ def convert(
     revision: str | None = None,
     token: str | None = None,
     overwrite: bool = False,
+    reports: Mapping[str, str | os.PathLike] | None = None,
 ) -> Path:
     """Write a NABLA checkpoint of `model` (pipeline folder, transformer folder or Hub id) to `out`.
 
     `config` is one NablaConfig for every transformer, or a mapping {"transformer": ..,
     "transformer_2": ..} (Wan2.2 A14B has two transformers, each with its own settings).
+    `reports` ({"calibration": path to calibration.json, ...}) are copied to nabla_reports/, where
+    the model card reads them.
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -170,6 +174,9 @@ def convert(
         _copy_tree(root, staged)
         for name, cfg in chosen.items():
             _rewrite_transformer_config(staged / name, cfg.with_provenance(**provenance))
+        for name, report in (reports or {}).items():
+            (staged / REPORTS_DIR).mkdir(exist_ok=True)
+            shutil.copyfile(report, staged / REPORTS_DIR / f"{name}.json")
         if "" not in components:
             model_index = _read_json(staged / "model_index.json")
             for name in components:

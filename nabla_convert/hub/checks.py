@@ -21,10 +21,11 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig
+from nabla_convert.convert import REPORTS_DIR
 from nabla_convert.hub.errors import InvalidCheckpointError
 
 NABLA_LIBRARY = "nabla_convert"
-REPORTS_DIR = "nabla_reports"
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_SUFFIX = ".safetensors.index.json"
 # The Hub refuses single files over 50 GB (https://huggingface.co/docs/hub/storage-limits).

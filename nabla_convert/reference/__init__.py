@@ -1,0 +1,54 @@
+"""The embedded reference model: a small Wan text-to-video pipeline trained on procedural scenes.
+
+Its attention learned real, mostly local structure, so NABLA density and quality measured on it mean something.
+`REFERENCE_PIPELINE` is a stock diffusers WanPipeline folder; the held-out prompts name colour-shape pairs that the
+model never saw in training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nabla_convert.reference.scenes import Scene, render, sample_scenes
+
+REFERENCE_PIPELINE = Path(__file__).parent / "pipeline"
+PROMPTS_TRAIN = Path(__file__).parent / "prompts_train.txt"  # captions of the first training clips (calibration)
+PROMPTS_HELDOUT = Path(__file__).parent / "prompts_heldout.txt"
+HEIGHT, WIDTH, NUM_FRAMES = 256, 256, 33  # latents 16 x 9 x 32 x 32; 9 x 16 x 16 = 2,304 video tokens
+TRAIN_SEED, HELDOUT_SEED, HELDOUT_COUNT = 7, 1234, 32
+RECOMMENDED_STEPS, RECOMMENDED_GUIDANCE = 12, 5.0
+
+
+def heldout_scenes(count: int = HELDOUT_COUNT) -> list[Scene]:
+    """The scenes whose captions are prompts_heldout.txt, in order."""
+    return sample_scenes(HELDOUT_SEED, 0, count, heldout=True)
+
+
+def heldout_prompts(path: str | Path | None = None) -> list[str]:
+    """Prompts of a file (one per line, blank lines skipped); the bundled held-out set when no path is given."""
+    path = Path(path) if path else PROMPTS_HELDOUT
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def heldout_videos(count: int = HELDOUT_COUNT, device: str = "cpu"):
+    """(prompts, videos) of the held-out scenes: videos (count, 3, NUM_FRAMES, HEIGHT, WIDTH) in [-1, 1]."""
+    scenes = heldout_scenes(count)
+    return [scene.caption() for scene in scenes], render(scenes, NUM_FRAMES, HEIGHT, WIDTH, device)
+
+
+__all__ = [
+    "HEIGHT",
+    "NUM_FRAMES",
+    "PROMPTS_HELDOUT",
+    "PROMPTS_TRAIN",
+    "RECOMMENDED_GUIDANCE",
+    "RECOMMENDED_STEPS",
+    "REFERENCE_PIPELINE",
+    "TRAIN_SEED",
+    "WIDTH",
+    "heldout_prompts",
+    "heldout_scenes",
+    "heldout_videos",
+]

@@ -1,0 +1,61 @@
+"""Flow-matching objective of the reference model, shared by its training script and by held-out evaluation.
+
+Conventions follow diffusers' Wan pipeline and FlowMatchEulerDiscreteScheduler: x_t = (1 - s) x_0 + s * noise,
+the transformer predicts noise - x_0 at timestep 1000 * s, and latents are normalised with the VAE config's
+latents_mean / latents_std exactly as WanPipeline undoes it before decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+HELDOUT_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def normalise_latents(vae, videos: torch.Tensor) -> torch.Tensor:
+    """VAE latents (posterior mode) of videos in [-1, 1], scaled the way WanPipeline expects its latents."""
+    z_dim = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean, device=videos.device).view(1, z_dim, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=videos.device).view(1, z_dim, 1, 1, 1)
+    latents = vae.encode(videos.to(vae.dtype)).latent_dist.mode().float()
+    return (latents - mean) / std
+
+
+def shifted_sigmas(uniform: torch.Tensor, shift: float) -> torch.Tensor:
+    """Map values in (0, 1) to noise levels with the scheduler's timestep shift (more weight on high noise)."""
+    return shift * uniform / (1 + (shift - 1) * uniform)
+
+
+def flow_matching_loss(
+    transformer, latents: torch.Tensor, prompt_embeds: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample mean squared error of the velocity prediction at noise levels `sigmas` (shape (B,))."""
+    s = sigmas.view(-1, 1, 1, 1, 1).to(latents.dtype)
+    noisy = (1 - s) * latents + s * noise
+    prediction = transformer(
+        hidden_states=noisy.to(transformer.dtype),
+        timestep=sigmas * 1000,
+        encoder_hidden_states=prompt_embeds.to(transformer.dtype),
+        return_dict=False,
+    )[0]
+    return F.mse_loss(prediction.float(), (noise - latents).float(), reduction="none").mean(dim=(1, 2, 3, 4))
+
+
+@torch.no_grad()
+def heldout_loss(pipe, videos: torch.Tensor, prompts: list[str], seed: int = 0) -> float:
+    """Mean flow-matching loss of pipe.transformer on the given clips at fixed noise levels and fixed noise.
+
+    The same (videos, prompts, seed) give the same noise for every pipeline, so two models compare on equal terms.
+    """
+    device = pipe.transformer.device
+    generator = torch.Generator("cpu").manual_seed(seed)
+    losses = []
+    for video, prompt in zip(videos, prompts, strict=True):
+        latents = normalise_latents(pipe.vae, video[None].to(device))
+        embeds, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, device=device)
+        sigmas = torch.tensor(HELDOUT_SIGMAS, device=device)
+        noise = torch.randn((len(sigmas), *latents.shape[1:]), generator=generator).to(device)
+        batch = latents.expand(len(sigmas), -1, -1, -1, -1)
+        losses.append(flow_matching_loss(pipe.transformer, batch, embeds.expand(len(sigmas), -1, -1), sigmas, noise))
+    return torch.cat(losses).mean().item()

@@ -1,0 +1,285 @@
+"""Build and train the embedded reference pipeline (nabla_convert/reference/pipeline).
+
+    python scripts/reference/train.py init PIPELINE          # CPU: tokenizer, frozen text encoder, untrained VAE + DiT
+    python scripts/reference/train.py vae PIPELINE OUT        # GPU: VAE reconstruction, latent statistics
+    python scripts/reference/train.py dit PIPELINE OUT        # GPU: transformer flow matching (--resume OUT_OF_LAST)
+    python scripts/reference/train.py heldout PIPELINE        # any device: held-out flow-matching loss
+
+Training runs under a wall-clock budget (--minutes) because the GPU is lent in 10-minute calls; every stage writes
+what it learned under OUT (a few files, bf16 where large) so the next call or this machine can pick it up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from nabla_convert.reference import HEIGHT, NUM_FRAMES, TRAIN_SEED, WIDTH, heldout_videos
+from nabla_convert.reference.flow import flow_matching_loss, heldout_loss, normalise_latents, shifted_sigmas
+from nabla_convert.reference.scenes import VOCABULARY, render, sample_scenes
+
+SCHEDULER_SHIFT = 3.0
+TEXT_DIM = 64
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU runs are smoke tests of the GPU scripts
+
+
+def build_pipeline(seed: int = 0):
+    """The untrained pipeline: every component a stock class, sized for CPU inference in seconds."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from nabla_convert.models.tiny import tiny_text_encoder
+
+    torch.manual_seed(seed)
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(VOCABULARY)}}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
+    vae = AutoencoderKLWan(
+        base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=4,
+        attention_head_dim=64,
+        in_channels=16,
+        out_channels=16,
+        text_dim=TEXT_DIM,
+        freq_dim=256,
+        ffn_dim=1024,
+        num_layers=6,
+    )
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=tiny_text_encoder(len(tokenizer), d_model=TEXT_DIM),
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT),
+        transformer=transformer,
+    )
+
+
+def load_pipeline(path: str, device: str):
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(path).to(device)  # float32, also where weights are stored in bf16
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+def device_record() -> dict:
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def cosine_lr(base: float, step: int, warmup: int, progress: float) -> float:
+    return base * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    pipe = build_pipeline()
+    pipe.transformer.to(torch.bfloat16)  # the untrained skeleton only has to carry configs and a frozen text encoder
+    pipe.save_pretrained(args.pipeline)
+    # transformers 5 saves its fast tokenizer as "TokenizersBackend"; name the class that 4.x also has (an alias in 5).
+    for name in ("model_index.json", "tokenizer/tokenizer_config.json"):
+        path = Path(args.pipeline) / name
+        path.write_text(path.read_text().replace('"TokenizersBackend"', '"PreTrainedTokenizerFast"'))
+    counts = {
+        name: sum(p.numel() for p in getattr(pipe, name).parameters())
+        for name in ("text_encoder", "vae", "transformer")
+    }
+    print(json.dumps(counts))
+
+
+def cmd_vae(args: argparse.Namespace) -> None:
+    """Reconstruction (MSE + small KL) on short clips; the causal VAE then encodes any 1 + 4k frames."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(args.pipeline, DEVICE)
+    vae = pipe.vae.train()
+    if args.decoder_only:  # the transformer was trained on this encoder's latents: keep them, sharpen the decoder
+        for module in (vae.encoder, vae.quant_conv):
+            module.requires_grad_(False)
+    trainable = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    start, step, log = time.time(), 0, []
+    bar = tqdm(desc="vae", mininterval=15)
+    while (elapsed := time.time() - start) < args.minutes * 60:
+        scenes = sample_scenes(TRAIN_SEED + 1, args.seed_offset + step * args.batch, args.batch)
+        videos = render(scenes, args.frames, HEIGHT, WIDTH, DEVICE)
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(args.lr, step, 100, elapsed / (args.minutes * 60))
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            posterior = vae.encode(videos).latent_dist
+            recon = vae.decode(posterior.mode() if args.decoder_only else posterior.sample()).sample
+        mse = F.mse_loss(recon.float(), videos)
+        kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1 - posterior.logvar.float()).mean()
+        loss = mse + (0.0 if args.decoder_only else args.kl) * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        log.append({"step": step, "time": round(elapsed, 1), "mse": mse.item(), "kl": kl.item()})
+        step += 1
+        bar.update()
+        bar.set_postfix(mse=f"{mse.item():.5f}", refresh=False)
+    bar.close()
+    vae.eval()
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        videos = render(sample_scenes(TRAIN_SEED + 2, 0, args.eval_clips), NUM_FRAMES, HEIGHT, WIDTH, DEVICE)
+        latents = torch.cat([vae.encode(v[None]).latent_dist.mode().float() for v in videos])
+        recon = vae.decode(latents[:2]).sample.float()
+        psnr = -10 * torch.log10(F.mse_loss(recon, videos[:2]) / 4).item()  # pixel range 2
+    if not args.decoder_only:
+        mean, std = latents.mean(dim=(0, 2, 3, 4)), latents.std(dim=(0, 2, 3, 4))
+        vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    vae.save_pretrained(out / "vae")
+    save_json(out / "vae_log.json", {**device_record(), "steps": step, "batch": args.batch, "frames": args.frames, "decoder_only": args.decoder_only,
+                                     "psnr_33_frames": psnr, "log": log})  # fmt: skip
+    print(f"vae: {step} steps, 33-frame PSNR {psnr:.2f} dB")
+
+
+@torch.no_grad()
+def build_pool(pipe, count: int, batch: int, seconds: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised latents and padded prompt embeddings of up to `count` training clips, within `seconds`."""
+    latents, embeds, start = [], [], time.time()
+    for first in tqdm(range(0, count, batch), desc="pool", mininterval=15):
+        scenes = sample_scenes(TRAIN_SEED, first, min(batch, count - first))
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            latents.append(normalise_latents(pipe.vae, render(scenes, NUM_FRAMES, HEIGHT, WIDTH, DEVICE)).bfloat16())
+        prompt_embeds, _ = pipe.encode_prompt([s.caption() for s in scenes], do_classifier_free_guidance=False)
+        embeds.append(prompt_embeds.bfloat16())
+        if time.time() - start > seconds:
+            break
+    return torch.cat(latents), torch.cat(embeds)
+
+
+def cmd_dit(args: argparse.Namespace) -> None:
+    """Flow matching with logit-normal shifted noise levels, 10% empty prompts for guidance, and an EMA copy."""
+    from safetensors.torch import load_file, save_file
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(args.pipeline, DEVICE)
+    if args.resume:
+        pipe.transformer.load_state_dict(load_file(Path(args.resume) / "raw_transformer.safetensors"))
+    pool_latents, pool_embeds = build_pool(pipe, args.pool, 32, args.pool_seconds)
+    print(f"pool: {len(pool_latents)} clips, latents {tuple(pool_latents.shape[1:])}")
+    model = pipe.transformer.train()
+    ema = [p.detach().clone() for p in model.parameters()]
+    if args.resume:
+        ema_state = load_file(Path(args.resume) / "transformer" / "diffusion_pytorch_model.safetensors")
+        ema = [ema_state[name].to(DEVICE, torch.float32) for name, _ in model.named_parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    generator = torch.Generator(DEVICE).manual_seed(args.seed)
+    budget = args.minutes * 60 - (time.time() - args.t0)
+    start, step, log, smooth = time.time(), 0, [], None
+    bar = tqdm(desc="dit", mininterval=15)
+    while (elapsed := time.time() - start) < budget:
+        index = torch.randint(len(pool_latents), (args.batch,), device=DEVICE, generator=generator)
+        latents, embeds = pool_latents[index].float(), pool_embeds[index]
+        keep = torch.rand(args.batch, device=DEVICE, generator=generator) >= args.drop_prompt
+        embeds = embeds * keep.view(-1, 1, 1)  # an empty prompt encodes to all zeros in WanPipeline
+        uniform = torch.sigmoid(torch.randn(args.batch, device=DEVICE, generator=generator))
+        sigmas = shifted_sigmas(uniform, SCHEDULER_SHIFT)
+        noise = torch.randn(latents.shape, device=DEVICE, generator=generator)
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(args.lr, step, args.warmup, elapsed / budget)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = flow_matching_loss(model, latents, embeds.float(), sigmas, noise).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - decay)
+        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+        if step % 25 == 0:
+            log.append({"step": step, "time": round(elapsed, 1), "loss": loss.item(), "smooth": smooth})
+        step += 1
+        bar.update()
+        bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
+    bar.close()
+    raw = {name: p.detach().bfloat16().contiguous() for name, p in model.named_parameters()}
+    save_file(raw, out / "raw_transformer.safetensors")
+    with torch.no_grad():
+        for p, e in zip(model.parameters(), ema, strict=True):
+            p.copy_(e)
+    model.eval()
+    prompts, videos = heldout_videos(args.eval_clips, DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss_heldout = heldout_loss(pipe, videos, prompts)
+        train_scenes = sample_scenes(TRAIN_SEED + 3, 0, args.eval_clips)
+        train_videos = render(train_scenes, NUM_FRAMES, HEIGHT, WIDTH, DEVICE)
+        loss_train = heldout_loss(pipe, train_videos, [s.caption() for s in train_scenes])
+    model.to(torch.bfloat16).save_pretrained(out / "transformer")
+    record = {**device_record(), "steps": step, "batch": args.batch, "pool": len(pool_latents), "lr": args.lr,
+              "resumed": bool(args.resume), "heldout_loss": loss_heldout, "train_scene_loss": loss_train, "log": log}  # fmt: skip
+    save_json(out / "dit_log.json", record)
+    print(f"dit: {step} steps, held-out loss {loss_heldout:.4f}, unseen training-distribution loss {loss_train:.4f}")
+
+
+def cmd_heldout(args: argparse.Namespace) -> None:
+    pipe = load_pipeline(args.pipeline, args.device)
+    prompts, videos = heldout_videos(args.count, args.device)
+    print(json.dumps({"heldout_loss": heldout_loss(pipe, videos, prompts), "clips": args.count, **device_record()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init")
+    init.add_argument("pipeline")
+    vae = sub.add_parser("vae")
+    vae.add_argument("pipeline")
+    vae.add_argument("out")
+    vae.add_argument("--minutes", type=float, default=3.0)
+    vae.add_argument("--batch", type=int, default=8)
+    vae.add_argument("--frames", type=int, default=17)
+    vae.add_argument("--lr", type=float, default=1e-3)
+    vae.add_argument("--kl", type=float, default=1e-4)
+    vae.add_argument("--eval-clips", type=int, default=16)
+    vae.add_argument("--decoder-only", action="store_true", help="fine-tune the decoder, keep encoder and latents")
+    vae.add_argument("--seed-offset", type=int, default=0, help="start of the clip stream (continue, not repeat)")
+    dit = sub.add_parser("dit")
+    dit.add_argument("pipeline")
+    dit.add_argument("out")
+    dit.add_argument("--minutes", type=float, default=8.5, help="wall-clock budget including the latent pool")
+    dit.add_argument("--pool", type=int, default=8192)
+    dit.add_argument("--pool-seconds", type=float, default=90)
+    dit.add_argument("--batch", type=int, default=32)
+    dit.add_argument("--lr", type=float, default=3e-4)
+    dit.add_argument("--warmup", type=int, default=200)
+    dit.add_argument("--ema", type=float, default=0.999)
+    dit.add_argument("--drop-prompt", type=float, default=0.1)
+    dit.add_argument("--seed", type=int, default=0)
+    dit.add_argument("--resume", help="OUT folder of an earlier dit run")
+    dit.add_argument("--eval-clips", type=int, default=16)
+    held = sub.add_parser("heldout")
+    held.add_argument("pipeline")
+    held.add_argument("--count", type=int, default=16)
+    held.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    args.t0 = time.time()
+    {"init": cmd_init, "vae": cmd_vae, "dit": cmd_dit, "heldout": cmd_heldout}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""`nabla-convert eval A B --out DIR`: the Click layer over nabla_convert.eval.run_eval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from nabla_convert.eval import DTYPES, EvalSettings, run_eval
+
+DEFAULTS = EvalSettings()
+
+
+def _seeds(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"seeds must be comma-separated integers like 0,1,2, got {value!r}") from None
+    if not seeds:
+        raise click.BadParameter("give at least one seed")
+    return seeds
+
+
+@click.command("eval")
+@click.argument("model_a")
+@click.argument("model_b")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option(
+    "--prompts",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Prompt file, one per line (default: the reference model's held-out prompts).",
+)
+@click.option("--seeds", default="0", show_default=True, callback=_seeds, help="Comma-separated seeds per prompt.")
+@click.option("--steps", type=click.IntRange(min=1), default=DEFAULTS.steps, show_default=True)
+@click.option("--guidance", type=float, default=DEFAULTS.guidance, show_default=True, help="CFG scale.")
+@click.option("--height", type=click.IntRange(min=16), default=DEFAULTS.height, show_default=True)
+@click.option("--width", type=click.IntRange(min=16), default=DEFAULTS.width, show_default=True)
+@click.option("--frames", type=click.IntRange(min=1), default=DEFAULTS.frames, show_default=True)
+@click.option("--max-samples", type=click.IntRange(min=1), help="Evaluate at most this many (prompt, seed) pairs.")
+@click.option(
+    "--latents",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Held-out latents (safetensors: 'latents' N,C,F,H,W + 'prompts' metadata) for the loss; default: A's samples.",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True)
+def eval_command(
+    model_a, model_b, out, prompts, seeds, steps, guidance, height, width, frames, max_samples, latents, device, dtype
+) -> None:
+    """Run the same prompts and seeds through MODEL_A and MODEL_B and compare B against A.
+
+    Writes report.md, eval.json, grid.png and samples.gif to --out: per-sample latent and pixel
+    PSNR/SSIM, each transformer's flow-matching loss on held-out latents, per-layer NABLA density.
+    MODEL_A/MODEL_B are diffusers pipeline folders (dense or converted) or Hub ids.
+    """
+    settings = EvalSettings(steps=steps, guidance=guidance, height=height, width=width, frames=frames)
+    result = run_eval(
+        model_a,
+        model_b,
+        out,
+        prompts_file=prompts,
+        seeds=seeds,
+        settings=settings,
+        max_samples=max_samples,
+        latents_file=latents,
+        device=device,
+        dtype=dtype,
+    )
+    summary = result.summary()
+    click.echo(
+        f"{summary['samples']} samples: pixel PSNR {summary['pixel_psnr_mean']:.2f} dB, "
+        f"SSIM {summary['pixel_ssim_mean']:.4f}; held-out loss A {summary['loss_a']:.4g}, "
+        f"B {summary['loss_b']:.4g}; report in {out / 'report.md'}"
+    )

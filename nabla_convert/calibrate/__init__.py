@@ -1,0 +1,218 @@
+"""calibrate: per-layer NABLA settings measured on the user's own prompts, with a report that shows why.
+
+`calibrate(model, out, prompts=...)` runs the dense pipeline, measures every self-attention layer
+over candidate thresholds / STA windows (collect.py), chooses each layer's setting for a target
+(search.py) and writes nabla_config.json (for `convert --config`), calibration.json (the
+`nabla_reports/calibration.json` of a converted folder), report.md, PNG plots and
+stats.safetensors; `recalibrate(stats, out, ...)` re-runs the search on saved stats without the model.
+
+Recipe `calibrate:` section (all keys optional; CLI options override them):
+  thresholds:     candidate thresholds in (0, 1]            default [0.2, 0.3, ..., 0.9, 0.95, 0.99]
+  sta:            candidate STA windows, null = none         default [the recipe's nabla.sta]
+  target_density: mean block density over layers (dense layers count 1.0) at the NABLA steps
+  error_budget:   per-layer relative L2 attention-output error (give one of the two targets)
+  error_quantile: quantile over calibration samples an error budget is checked on   default 0.9
+  steps:          denoising steps of each run                default 50
+  sample_steps:   how many steps to measure, spread over [dense_steps, steps), or a list of steps   default 5
+  seeds:          seeds per prompt                           default [0]
+  height, width, frames, guidance:                           default 480, 832, 81, 5.0
+  query_blocks:   query blocks per attention call whose output error is computed exactly   default 16
+  dense_layers:   layers kept dense                          default the recipe's nabla.dense_layers
+  dense_steps:    first K steps run dense (not searched)     default the recipe's nabla.dense_steps
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from nabla_convert.calibrate.collect import (
+    CalibrationError,
+    CalibrationPlan,
+    Candidate,
+    Sample,
+    Stats,
+    collect,
+    pipeline_transformers,
+)
+from nabla_convert.calibrate.report import write_outputs
+from nabla_convert.calibrate.search import ComponentChoice, Target, evaluate, search
+from nabla_convert.config import NablaConfig
+from nabla_convert.convert import resolve_model, transformer_folders
+from nabla_convert.eval import DTYPES, atomic_save, resolve_device
+from nabla_convert.recipes import Recipe, load_recipe
+
+STATS_FILE = "stats.safetensors"
+
+
+@dataclass
+class Calibration:
+    stats: Stats
+    choices: dict[str, ComponentChoice]
+    report: Path
+
+    def config(self) -> NablaConfig | dict[str, NablaConfig]:
+        """What `convert` takes: one config, or one per transformer (Wan2.2 A14B)."""
+        configs = {name: choice.config for name, choice in self.choices.items()}
+        return next(iter(configs.values())) if len(configs) == 1 else configs
+
+
+def make_plan(
+    recipe: str | os.PathLike | Recipe | None = None, **overrides: Any
+) -> tuple[CalibrationPlan, NablaConfig]:
+    """The plan and base NABLA config from a recipe (or the defaults), with overrides (None values ignored)."""
+    if recipe is not None and not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    base = recipe.nabla if recipe else NablaConfig()
+    plan = CalibrationPlan.from_recipe(
+        recipe.calibrate if recipe else {}, base, where=recipe.name if recipe else "defaults"
+    )
+    given = {key: value for key, value in overrides.items() if value is not None}
+    return replace(plan, **given), base
+
+
+def prompt_samples(prompts: Sequence[str], seeds: Sequence[int]) -> list[Sample]:
+    return [Sample(prompt, seed, {"prompt": prompt}) for prompt in prompts for seed in seeds]
+
+
+def embedding_samples(path: str | os.PathLike, seeds: Sequence[int], guidance: float) -> list[Sample]:
+    """Samples from precomputed embeddings: safetensors with "prompt_embeds" (N, L, D), optional
+    "negative_prompt_embeds" (N or 1, L, D) and optional metadata "prompts" (a JSON list of N labels)."""
+    import json
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"prompt embeddings file not found: {path}")
+    with safe_open(str(path), framework="pt") as handle:
+        names = set(handle.keys())
+        if "prompt_embeds" not in names:
+            raise CalibrationError(f"{path}: no tensor named 'prompt_embeds' (N, L, D)")
+        embeds = handle.get_tensor("prompt_embeds")
+        negative = handle.get_tensor("negative_prompt_embeds") if "negative_prompt_embeds" in names else None
+        labels = json.loads((handle.metadata() or {}).get("prompts", "null"))
+    if embeds.dim() != 3:
+        raise CalibrationError(f"{path}: prompt_embeds must be (N, L, D), got {tuple(embeds.shape)}")
+    if negative is None and guidance > 1.0:
+        raise CalibrationError(
+            f"{path}: no 'negative_prompt_embeds' for classifier-free guidance; add them or use guidance 1"
+        )
+    if negative is not None and (negative.dim() != 3 or negative.shape[0] not in (1, embeds.shape[0])):
+        raise CalibrationError(f"{path}: negative_prompt_embeds must be (1 or N, L, D), got {tuple(negative.shape)}")
+    if not isinstance(labels, list) or len(labels) != embeds.shape[0]:
+        labels = [f"{path.name}[{i}]" for i in range(embeds.shape[0])]
+    samples = []
+    for i, label in enumerate(labels):
+        inputs: dict[str, Any] = {"prompt_embeds": embeds[i : i + 1]}
+        if negative is not None and guidance > 1.0:
+            inputs["negative_prompt_embeds"] = negative[i : i + 1] if negative.shape[0] > 1 else negative
+        samples += [Sample(str(label), seed, inputs) for seed in seeds]
+    return samples
+
+
+def load_pipeline(model: str | os.PathLike, *, text_encoder: bool, device: str = "auto", dtype: str = "auto") -> Any:
+    """A dense Wan pipeline for calibration: no VAE (latents are never decoded), no text encoder with embeddings.
+
+    A bare transformer folder becomes a WanPipeline with Wan2.1's UniPC flow scheduler (shift 3).
+    """
+    from diffusers import DiffusionPipeline, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    torch_device = resolve_device(device)
+    if dtype == "auto":
+        dtype = "bfloat16" if torch_device.type == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise CalibrationError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
+    folder, _ = resolve_model(model)
+    if "" in transformer_folders(folder):
+        if text_encoder:
+            raise CalibrationError(f"{model} is a transformer folder without a text encoder: give --prompt-embeds")
+        transformer = WanTransformer3DModel.from_pretrained(folder, torch_dtype=DTYPES[dtype])
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
+    else:
+        skipped = {"vae": None} if text_encoder else {"vae": None, "text_encoder": None, "tokenizer": None}
+        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=DTYPES[dtype], **skipped)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(torch_device)
+
+
+def calibrate(
+    model: str | os.PathLike | Any,
+    out: str | os.PathLike,
+    *,
+    prompts: Sequence[str] | None = None,
+    prompt_embeds: str | os.PathLike | None = None,
+    recipe: str | os.PathLike | Recipe | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: bool = True,
+    **overrides: Any,
+) -> Calibration:
+    """Measure `model` (pipeline folder, transformer folder, Hub id, or a loaded WanPipeline) and write the outputs.
+
+    `overrides` are CalibrationPlan fields (steps, seeds, height, width, frames, target_density,
+    error_budget, dense_layers, dense_steps, ...) that replace the recipe's values.
+    """
+    if (prompts is None) == (prompt_embeds is None):
+        raise CalibrationError("give prompts or prompt embeddings (one of the two)")
+    plan, base = make_plan(recipe, **overrides)
+    target = Target.from_plan(plan)
+    if prompts is not None:
+        samples = prompt_samples(prompts, plan.seeds)
+    else:
+        samples = embedding_samples(prompt_embeds, plan.seeds, plan.guidance)
+    if isinstance(model, (str, os.PathLike)):
+        name, pipe = str(model), load_pipeline(model, text_encoder=prompts is not None, device=device, dtype=dtype)
+    else:
+        name, pipe = type(model).__name__, model
+    for transformer in pipeline_transformers(pipe).values():
+        replace(base, dense_layers=plan.dense_layers).check_num_layers(len(transformer.blocks))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = collect(pipe, samples, plan, base, stats_path=out / STATS_FILE, model=name, progress=progress)
+    choices = search(stats, target, plan.dense_layers, plan.dense_steps)
+    return Calibration(stats, choices, write_outputs(out, stats, choices))
+
+
+def recalibrate(stats_file: str | os.PathLike, out: str | os.PathLike, **overrides: Any) -> Calibration:
+    """Re-run the search on saved stats with another target / dense layers / dense steps, without the model."""
+    stats = Stats.load(stats_file)
+    if not any(comp.sample for comp in stats.components.values()):
+        raise CalibrationError(f"{stats_file} holds no measurements yet")
+    given = {key: value for key, value in overrides.items() if value is not None}
+    measured = dict(stats.meta["plan"])
+    if given.keys() & {"target_density", "error_budget"}:
+        measured.update(target_density=None, error_budget=None)
+    plan = CalibrationPlan(**{**measured, **given})
+    choices = search(stats, Target.from_plan(plan), plan.dense_layers, plan.dense_steps)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / STATS_FILE).exists() or not (out / STATS_FILE).samefile(stats_file):
+        atomic_save(out / STATS_FILE, lambda tmp: shutil.copyfile(stats_file, tmp))
+    return Calibration(stats, choices, write_outputs(out, stats, choices))
+
+
+__all__ = [
+    "STATS_FILE",
+    "Calibration",
+    "CalibrationError",
+    "CalibrationPlan",
+    "Candidate",
+    "Sample",
+    "Stats",
+    "Target",
+    "calibrate",
+    "collect",
+    "embedding_samples",
+    "evaluate",
+    "load_pipeline",
+    "make_plan",
+    "prompt_samples",
+    "recalibrate",
+    "search",
+]

@@ -1,0 +1,103 @@
+"""`nabla-convert calibrate [MODEL] --out DIR`: the Click layer over nabla_convert.calibrate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from nabla_convert.calibrate import CalibrationError, calibrate, recalibrate
+from nabla_convert.config import ConfigError
+from nabla_convert.convert import ConvertError
+from nabla_convert.eval import DTYPES, EvalError, load_prompts
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "calibration" / "prompts.txt"
+
+
+def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(part) for part in value.replace(" ", ",").split(",") if part)
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers like 0,1,2, got {value!r}") from None
+
+
+@click.command("calibrate")
+@click.argument("model", required=False)
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option(
+    "--prompts",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help=f"Prompt file, one per line (default: {DEFAULT_PROMPTS.parent.name}/{DEFAULT_PROMPTS.name} of nabla-convert).",
+)
+@click.option(
+    "--prompt-embeds",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Precomputed prompt embeddings (safetensors 'prompt_embeds' N,L,D [+ 'negative_prompt_embeds']): no text encoder.",
+)
+@click.option("--recipe", help="Recipe YAML (its nabla and calibrate sections), or the name of one in recipes/.")
+@click.option("--steps", type=click.IntRange(min=1), help="Denoising steps per run [recipe, or 50].")
+@click.option("--sample-steps", type=click.IntRange(min=1), help="How many steps to measure, spread evenly [5].")
+@click.option("--seeds", callback=_int_list, help="Comma-separated seeds per prompt [0].")
+@click.option("--height", type=click.IntRange(min=16), help="Video height in pixels [480].")
+@click.option("--width", type=click.IntRange(min=16), help="Video width in pixels [832].")
+@click.option("--frames", type=click.IntRange(min=1), help="Frames [81].")
+@click.option("--guidance", type=float, help="CFG scale [5.0].")
+@click.option("--target-density", type=click.FloatRange(0.0, 1.0, min_open=True), help="Mean block density target.")
+@click.option(
+    "--error-budget", type=click.FloatRange(min=0.0), help="Per-layer relative L2 attention-output error budget."
+)
+@click.option("--dense-layers", callback=_int_list, help="Comma-separated layers kept dense.")
+@click.option("--dense-steps", type=click.IntRange(min=0), help="Run the first K steps dense (not searched).")
+@click.option("--query-blocks", type=click.IntRange(min=1), help="Query blocks per call whose error is computed [16].")
+@click.option(
+    "--from-stats",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Re-run only the search on a stats.safetensors from an earlier run (no model needed).",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--dtype", type=click.Choice(["auto", *sorted(DTYPES)]), default="auto", show_default=True)
+def calibrate_command(model, out, prompts, prompt_embeds, recipe, from_stats, device, dtype, **plan) -> None:
+    """Measure MODEL's self-attention layers on prompts and choose each layer's NABLA threshold for a target.
+
+    MODEL is a diffusers Wan pipeline folder, a transformer folder (with --prompt-embeds) or a Hub
+    id; omitted, the embedded reference model. Writes nabla_config.json (for `convert --config`),
+    calibration.json, report.md, PNG plots and stats.safetensors to --out.
+    """
+    try:
+        if from_stats:
+            if model or prompts or prompt_embeds or recipe:
+                raise click.UsageError(
+                    "--from-stats re-runs the search only: drop MODEL, --prompts, --prompt-embeds, --recipe"
+                )
+            search_only = ("target_density", "error_budget", "dense_layers", "dense_steps")
+            ignored = sorted(key for key, value in plan.items() if value is not None and key not in search_only)
+            if ignored:
+                raise click.UsageError(f"--from-stats takes only the search options; drop {', '.join(ignored)}")
+            result = recalibrate(from_stats, out, **plan)
+        else:
+            if prompts and prompt_embeds:
+                raise click.UsageError("give --prompts or --prompt-embeds, not both")
+            from nabla_convert.cli import default_model
+
+            prompt_list = None if prompt_embeds else load_prompts(prompts or DEFAULT_PROMPTS)
+            result = calibrate(
+                model or default_model(),
+                out,
+                prompts=prompt_list,
+                prompt_embeds=prompt_embeds,
+                recipe=recipe,
+                device=device,
+                dtype=dtype,
+                **plan,
+            )
+    except (CalibrationError, ConfigError, ConvertError, EvalError) as err:
+        raise click.ClickException(str(err)) from None
+    for name, choice in result.choices.items():
+        s = choice.summary
+        click.echo(
+            f"{name}: mean density {s['mean_density']:.4f}, mean error {s['mean_error']:.4f}, "
+            f"max error {s['max_error']:.4f}, {s['dense_layers']} dense layer(s)"
+        )
+    click.echo(f"wrote {out / 'nabla_config.json'} and {result.report}")

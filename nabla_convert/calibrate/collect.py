@@ -1,0 +1,533 @@
+"""Measure NABLA candidates on the dense trajectory of a Wan pipeline.
+
+Every self-attention layer gets a `MeasuringProcessor` (installed over `apply_nabla`, so tokens
+are in the same padded tile order as in a converted model). It returns the *dense* output, so the
+pipeline follows its dense trajectory, and at the sampled denoising steps it measures, from the
+same post-RoPE q and k, every candidate (threshold, STA window):
+
+- block density: the share of (query block, key block) pairs the candidate's mask keeps, over
+  blocks holding real tokens, per head (`attention.block_density`);
+- output error: ||O_candidate - O_dense|| / ||O_dense|| per head, over the real tokens of
+  `query_blocks` query blocks drawn uniformly without replacement among blocks holding real tokens,
+  from a generator seeded by (sample, step, layer, call), so the same rows serve every candidate
+  and a run is reproducible. Both outputs are computed in float32 from one score matrix of those
+  rows, so the error measures the sparsity alone, not kernel rounding.
+
+Measurements of each (sample, step) are summed over the step's calls (CFG runs the transformer
+twice) and written to the stats file when the step ends (atomic rewrite), so an interrupted run
+keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from nabla_convert.attention import (
+    TileLayout,
+    Window,
+    block_density,
+    padded_dense_attention,
+    select_by_mass,
+    sta_block_mask,
+)
+from nabla_convert.attention.mask import block_scores
+from nabla_convert.config import ConfigError, LayerSettings, NablaConfig, check_threshold, parse_window
+from nabla_convert.eval import atomic_save
+from nabla_convert.models.wan import NablaAttnProcessor, apply_nabla, nabla_state, remove_nabla
+
+DEFAULT_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
+STATS_FORMAT = "nabla-convert calibration stats v1"
+SCORE_BUDGET = 1 << 27  # float32 score elements per head chunk (512 MiB), bounds the error computation's memory
+
+
+class CalibrationError(ValueError):
+    """Bad calibration input or stats, with a one-line message."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One setting a layer may get: NABLA at `threshold`, OR-ed with an STA window when given."""
+
+    threshold: float
+    sta: Window | None = None
+
+    def settings(self) -> LayerSettings:
+        return LayerSettings(threshold=self.threshold, sta=self.sta)
+
+    @property
+    def label(self) -> str:
+        return f"{self.threshold:g}" + (f"+sta{'-'.join(map(str, self.sta))}" if self.sta else "")
+
+
+@dataclass(frozen=True)
+class CalibrationPlan:
+    """What calibrate measures and what the search aims at; built from a recipe's `calibrate` section.
+
+    Recipe keys (all optional): thresholds, sta (list of windows, null = none), steps,
+    sample_steps (a count spread evenly over the NABLA steps, or a list of step indices), seeds,
+    height, width, frames, guidance, query_blocks, target_density | error_budget, error_quantile,
+    dense_layers, dense_steps.
+    """
+
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    sta: tuple[Window | None, ...] = (None,)
+    steps: int = 50
+    sample_steps: int | tuple[int, ...] = 5
+    seeds: tuple[int, ...] = (0,)
+    height: int = 480
+    width: int = 832
+    frames: int = 81
+    guidance: float = 5.0
+    query_blocks: int = 16
+    target_density: float | None = None
+    error_budget: float | None = None
+    error_quantile: float = 0.9
+    dense_layers: tuple[int, ...] = ()
+    dense_steps: int = 0
+
+    def __post_init__(self) -> None:
+        thresholds = tuple(sorted({check_threshold(t, "calibrate.thresholds") for t in self.thresholds}))
+        if not thresholds:
+            raise ConfigError("calibrate.thresholds needs at least one threshold")
+        object.__setattr__(self, "thresholds", thresholds)
+        windows = tuple(dict.fromkeys(parse_window(w) for w in self.sta))
+        object.__setattr__(self, "sta", windows or (None,))
+        for name in ("steps", "height", "width", "frames", "query_blocks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"calibrate.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.dense_steps, int) or not 0 <= self.dense_steps < self.steps:
+            raise ConfigError(f"dense_steps must be in [0, steps={self.steps}), got {self.dense_steps!r}")
+        if isinstance(self.sample_steps, (list, tuple)):
+            steps = tuple(sorted({int(s) for s in self.sample_steps}))
+            if not steps or steps[0] < 0 or steps[-1] >= self.steps:
+                raise ConfigError(f"calibrate.sample_steps must be step indices in [0, {self.steps}), got {steps}")
+            object.__setattr__(self, "sample_steps", steps)
+        elif not isinstance(self.sample_steps, int) or self.sample_steps < 1:
+            raise ConfigError(
+                f"calibrate.sample_steps must be a count >= 1 or a list of steps, got {self.sample_steps!r}"
+            )
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        if not self.seeds:
+            raise ConfigError("give at least one seed")
+        object.__setattr__(self, "dense_layers", tuple(sorted({int(i) for i in self.dense_layers})))
+        if self.target_density is not None and self.error_budget is not None:
+            raise ConfigError("give a target density or an error budget, not both")
+        if self.target_density is not None and not 0.0 < self.target_density <= 1.0:
+            raise ConfigError(f"target density must be in (0, 1], got {self.target_density}")
+        if self.error_budget is not None and not self.error_budget >= 0.0:
+            raise ConfigError(f"error budget must be >= 0, got {self.error_budget}")
+        if not 0.0 <= self.error_quantile <= 1.0:
+            raise ConfigError(f"error_quantile must be in [0, 1], got {self.error_quantile}")
+
+    @classmethod
+    def from_recipe(cls, section: dict[str, Any], nabla: NablaConfig, where: str = "recipe") -> CalibrationPlan:
+        """A recipe's `calibrate` mapping; STA candidates and dense steps/layers default to its `nabla` section."""
+        unknown = set(section) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown calibrate keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}"
+            )
+        defaults = {"sta": (nabla.sta,), "dense_steps": nabla.dense_steps, "dense_layers": nabla.dense_layers}
+        values = {**defaults, **section}
+        for key in ("thresholds", "sta", "seeds", "dense_layers"):
+            if not isinstance(values.get(key, ()), (list, tuple)):
+                raise ConfigError(f"{where}: calibrate.{key} must be a list")
+        try:
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        except (TypeError, ConfigError) as err:
+            raise ConfigError(f"{where}: {err}") from None
+
+    def candidates(self) -> list[Candidate]:
+        return [Candidate(t, w) for w in self.sta for t in self.thresholds]
+
+    def measured_steps(self) -> tuple[int, ...]:
+        """Denoising steps that are measured: a count spreads evenly over the NABLA steps [dense_steps, steps)."""
+        if isinstance(self.sample_steps, tuple):
+            return self.sample_steps
+        return tuple(self.dense_steps + i for i in spread(self.sample_steps, self.steps - self.dense_steps))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["sta"] = [list(w) if w else None for w in self.sta]
+        return data
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One pipeline run: a prompt (or precomputed embeddings) and a seed."""
+
+    label: str
+    seed: int
+    inputs: dict[str, Any] = field(compare=False, repr=False)
+
+
+@dataclass
+class ComponentStats:
+    """Measurements of one transformer: one record per (sample, measured step)."""
+
+    num_layers: int
+    num_heads: int
+    sample: list[int] = field(default_factory=list)
+    step: list[int] = field(default_factory=list)
+    local_step: list[int] = field(default_factory=list)
+    density: list[torch.Tensor] = field(default_factory=list)  # (layers, candidates, heads): mean over calls
+    err_num: list[torch.Tensor] = field(default_factory=list)  # (layers, candidates, heads): sum |O_c - O_dense|^2
+    err_den: list[torch.Tensor] = field(default_factory=list)  # (layers, heads): sum |O_dense|^2
+    map_heads: list[int] = field(default_factory=list)
+    maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> pooled block map (map heads, nq, nk)
+
+
+@dataclass
+class Stats:
+    """Everything the search and the report need, without the model."""
+
+    meta: dict[str, Any]
+    components: dict[str, ComponentStats]
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        return [Candidate(t, parse_window(w)) for t, w in self.meta["candidates"]]
+
+    @property
+    def layout(self) -> TileLayout:
+        return TileLayout(**self.meta["layout"])
+
+    @property
+    def base_config(self) -> NablaConfig:
+        return NablaConfig.from_dict(self.meta["base_config"])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Rewrite the stats file atomically (safetensors: tensors plus the JSON meta in its header)."""
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        components = {}
+        for name, comp in self.components.items():
+            components[name] = {"num_layers": comp.num_layers, "num_heads": comp.num_heads, "map_heads": comp.map_heads}
+            if comp.sample:
+                tensors[f"{name}.sample"] = torch.tensor(comp.sample)
+                tensors[f"{name}.step"] = torch.tensor(comp.step)
+                tensors[f"{name}.local_step"] = torch.tensor(comp.local_step)
+                tensors[f"{name}.density"] = torch.stack(comp.density)
+                tensors[f"{name}.err_num"] = torch.stack(comp.err_num)
+                tensors[f"{name}.err_den"] = torch.stack(comp.err_den)
+            for layer, block_map in comp.maps.items():
+                tensors[f"{name}.map.{layer}"] = block_map.contiguous()
+        meta = json.dumps({**self.meta, "components": components})
+        atomic_save(
+            Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"format": STATS_FORMAT, "meta": meta})
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Stats:
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise CalibrationError(f"stats file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+                if header.get("format") != STATS_FORMAT:
+                    raise CalibrationError(f"{path} is not a calibration stats file ({STATS_FORMAT})")
+                meta = json.loads(header["meta"])
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        except SafetensorError as err:
+            raise CalibrationError(f"cannot read {path}: {err}") from None
+        components = {}
+        for name, info in meta.pop("components").items():
+            comp = ComponentStats(info["num_layers"], info["num_heads"], map_heads=list(info["map_heads"]))
+            if f"{name}.sample" in tensors:
+                comp.sample = tensors[f"{name}.sample"].tolist()
+                comp.step = tensors[f"{name}.step"].tolist()
+                comp.local_step = tensors[f"{name}.local_step"].tolist()
+                comp.density = list(tensors[f"{name}.density"].unbind(0))
+                comp.err_num = list(tensors[f"{name}.err_num"].unbind(0))
+                comp.err_den = list(tensors[f"{name}.err_den"].unbind(0))
+            prefix = f"{name}.map."
+            comp.maps = {int(k[len(prefix) :]): v for k, v in tensors.items() if k.startswith(prefix)}
+            components[name] = comp
+        return cls(meta, components)
+
+
+def spread(count: int, total: int) -> list[int]:
+    """`count` indices spread evenly over range(total), first and last included."""
+    return sorted({round(float(i)) for i in np.linspace(0, total - 1, min(count, total))})
+
+
+def block_partials(
+    scores: torch.Tensor, values: torch.Tensor, kv_block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per (row, key block) softmax partials of scores (B, H, R, S) and values (B, H, S, D), as flash attention keeps them.
+
+    Returns the block max M (B, H, R, nk), the normaliser Z = sum exp(s - M) and the weighted values
+    U = sum exp(s - M) v (B, H, R, nk, D). Blocks made only of padding (-inf scores) get Z = U = 0.
+    """
+    blocked = scores.unflatten(-1, (-1, kv_block))
+    block_max = blocked.amax(-1)
+    block_max = block_max.masked_fill(block_max.isinf(), 0.0)
+    weights = torch.exp(blocked - block_max[..., None])
+    weighted = torch.einsum("bhrnk,bhnkd->bhrnd", weights, values.unflatten(-2, (-1, kv_block)))
+    return block_max, weights.sum(-1), weighted
+
+
+def combine_blocks(
+    block_max: torch.Tensor, norm: torch.Tensor, weighted: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """Exact attention output (B, H, R, D) over the kept key blocks (B, H, R, nk) from their softmax partials."""
+    top = block_max.masked_fill(~keep, float("-inf")).amax(-1, keepdim=True)
+    scale = torch.where(keep, torch.exp(block_max - top), 0.0)
+    return torch.einsum("bhrn,bhrnd->bhrd", scale, weighted) / (scale * norm).sum(-1, keepdim=True)
+
+
+class Probe:
+    """Accumulates one transformer's measurements for the current (sample, step)."""
+
+    def __init__(
+        self, config: NablaConfig, candidates: Sequence[Candidate], num_layers: int, num_heads: int, query_blocks: int
+    ) -> None:
+        self.config = config
+        self.candidates = list(candidates)
+        self.thresholds = sorted({c.threshold for c in self.candidates})
+        self.query_blocks = query_blocks
+        self.num_layers, self.num_heads = num_layers, num_heads
+        self.map_layers = set(spread(4, num_layers))
+        self.map_heads = spread(2, num_heads)
+        self.maps: dict[int, torch.Tensor] = {}
+        self.active = False
+        self.capture_maps = False
+        self.sample = self.step = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.calls = [0] * self.num_layers
+        self.local_step: int | None = None
+        self.density: list[torch.Tensor | float] = [0.0] * self.num_layers
+        self.err_num: list[torch.Tensor | float] = [0.0] * self.num_layers
+        self.err_den: list[torch.Tensor | float] = [0.0] * self.num_layers
+
+    def start(self, sample: int, step: int, active: bool, capture_maps: bool = False) -> None:
+        self._reset()
+        self.sample, self.step, self.active, self.capture_maps = sample, step, active, capture_maps
+
+    def _query_blocks(self, layer: int, layout: TileLayout, device: torch.device) -> torch.Tensor:
+        """Sampled query block indices: uniform without replacement among blocks holding real tokens."""
+        q_block = self.config.q_block
+        real = layout.indices("cpu").valid.view(-1, q_block).any(-1).nonzero().flatten()
+        key = f"{self.sample}:{self.step}:{layer}:{self.calls[layer]}".encode()
+        generator = torch.Generator().manual_seed(zlib.crc32(key))
+        chosen = real[torch.randperm(real.numel(), generator=generator)[: self.query_blocks]]
+        return chosen.sort().values.to(device)
+
+    def _keep(self, candidate: Candidate, selected: dict[float, torch.Tensor], windows: dict, kv_real: torch.Tensor):
+        keep = selected[candidate.threshold]
+        if candidate.sta:
+            keep = keep | windows[candidate.sta]
+        return keep & kv_real
+
+    @torch.no_grad()
+    def measure(
+        self, layer: int, local_step: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileLayout
+    ) -> None:
+        """Density and sampled-row output error of every candidate for one attention call."""
+        q_block, kv_block = self.config.q_block, self.config.kv_block
+        B, H, S, D = q.shape
+        valid = layout.indices(q.device).valid if layout.is_padded else None
+        probs, kv_real = block_scores(q, k, q_block, kv_block, valid)
+        if self.capture_maps and layer in self.map_layers and layer not in self.maps:
+            self.maps[layer] = probs[0, self.map_heads].float().cpu()
+        selected = {t: select_by_mass(probs, t) for t in self.thresholds}
+        windows = {c.sta: sta_block_mask(layout, c.sta, q_block, kv_block, q.device) for c in self.candidates if c.sta}
+        keeps = [self._keep(c, selected, windows, kv_real) for c in self.candidates]
+        density = torch.stack(
+            [torch.stack([block_density(keep[:, h], layout, q_block, kv_block) for h in range(H)]) for keep in keeps]
+        )
+
+        blocks = self._query_blocks(layer, layout, q.device)
+        rows = (blocks[:, None] * q_block + torch.arange(q_block, device=q.device)).flatten()
+        row_valid = (valid[rows] if valid is not None else torch.ones_like(rows, dtype=torch.bool)).float()
+        err_num = q.new_zeros((len(keeps), H), dtype=torch.float32)
+        err_den = q.new_zeros((H,), dtype=torch.float32)
+        chunk = max(1, SCORE_BUDGET // (B * rows.numel() * S))
+        for h0 in range(0, H, chunk):
+            heads = slice(h0, h0 + chunk)
+            scores = (q[:, heads, rows].float() @ k[:, heads].float().transpose(-1, -2)) / math.sqrt(D)
+            if valid is not None:
+                scores = scores.masked_fill(~valid, float("-inf"))
+            partials = block_partials(scores, v[:, heads].float(), kv_block)
+            del scores
+            dense = combine_blocks(*partials, kv_real.expand(B, partials[0].shape[1], rows.numel(), -1))
+            err_den[heads] = (dense.square().sum(-1) * row_valid).sum((0, 2))
+            for index, keep in enumerate(keeps):
+                out = combine_blocks(*partials, keep[:, heads][:, :, blocks].repeat_interleave(q_block, dim=2))
+                err_num[index, heads] = ((out - dense).square().sum(-1) * row_valid).sum((0, 2))
+        self.density[layer] = self.density[layer] + density
+        self.err_num[layer] = self.err_num[layer] + err_num
+        self.err_den[layer] = self.err_den[layer] + err_den
+        self.calls[layer] += 1
+        if self.local_step is None:
+            self.local_step = local_step
+
+    def take(self) -> dict[str, Any] | None:
+        """This step's record (CPU, float64), or None when nothing was measured."""
+        if not any(self.calls):
+            return None
+        missing = [i for i, calls in enumerate(self.calls) if calls == 0]
+        if missing:
+            raise CalibrationError(f"layers {missing} were not called during step {self.step}")
+        record = {
+            "sample": self.sample,
+            "step": self.step,
+            "local_step": self.local_step,
+            "density": torch.stack([d / c for d, c in zip(self.density, self.calls, strict=True)]).double().cpu(),
+            "err_num": torch.stack(self.err_num).double().cpu(),
+            "err_den": torch.stack(self.err_den).double().cpu(),
+        }
+        self._reset()
+        return record
+
+
+class MeasuringProcessor(NablaAttnProcessor):
+    """Dense self-attention (so the dense trajectory is followed) that measures every candidate on the same q, k."""
+
+    def __init__(self, layer: int, settings: LayerSettings, state: Any, probe: Probe) -> None:
+        super().__init__(layer, settings, state)
+        self.probe = probe
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        layout = self.state.layout
+        if layout is None:
+            raise RuntimeError("measuring processor called outside a NABLA transformer forward (no token layout)")
+        if self.probe.active:
+            self.probe.measure(self.layer, self.state.step, q, k, v, layout)
+        return padded_dense_attention(q, k, v, layout.indices(q.device).valid if layout.is_padded else None)
+
+
+def map_step(measured: Sequence[int]) -> int:
+    """The measured step whose pooled block maps (first sample, first call) are kept for the heatmaps."""
+    return measured[len(measured) // 2]
+
+
+def pipeline_transformers(pipe: Any) -> dict[str, torch.nn.Module]:
+    """The pipeline's Wan transformers by component name (Wan2.2 A14B has two)."""
+    found = {name: t for name in TRANSFORMER_COMPONENTS if (t := getattr(pipe, name, None)) is not None}
+    if not found:
+        raise CalibrationError(f"{type(pipe).__name__} has no transformer")
+    return found
+
+
+def new_stats(pipe: Any, samples: Sequence[Sample], plan: CalibrationPlan, base: NablaConfig, model: str) -> Stats:
+    transformers = pipeline_transformers(pipe)
+    meta = {
+        "model": model,
+        "plan": plan.to_dict(),
+        "measured_steps": list(plan.measured_steps()),
+        "map_step": map_step(plan.measured_steps()),
+        "candidates": [[c.threshold, list(c.sta) if c.sta else None] for c in plan.candidates()],
+        "samples": [{"label": s.label, "seed": s.seed} for s in samples],
+        "layout": None,  # the token layout of the first measured call
+        "base_config": base.to_dict(),
+    }
+    components = {name: ComponentStats(len(t.blocks), t.config.num_attention_heads) for name, t in transformers.items()}
+    return Stats(meta, components)
+
+
+def collect(
+    pipe: Any,
+    samples: Sequence[Sample],
+    plan: CalibrationPlan,
+    base: NablaConfig,
+    *,
+    stats_path: str | os.PathLike | None = None,
+    model: str = "",
+    progress: bool = True,
+) -> Stats:
+    """Run every sample through the dense pipeline and measure the plan's candidates at its sampled steps.
+
+    The pipeline's transformers are restored afterwards (their previous NABLA settings, or dense).
+    """
+    if not samples:
+        raise CalibrationError("no samples to calibrate on")
+    stats = new_stats(pipe, samples, plan, base, model)
+    measured = plan.measured_steps()
+    last = measured[-1]
+    maps_at = map_step(measured)
+    transformers = pipeline_transformers(pipe)
+    previous = {name: getattr(t, "_nabla_state", None) for name, t in transformers.items()}
+    probes: dict[str, Probe] = {}
+    try:
+        for name, transformer in transformers.items():
+            apply_nabla(transformer, base)
+            state = nabla_state(transformer)
+            comp = stats.components[name]
+            probes[name] = probe = Probe(base, plan.candidates(), comp.num_layers, comp.num_heads, plan.query_blocks)
+            comp.map_heads = probe.map_heads
+            for index, block in enumerate(transformer.blocks):
+                block.attn1.set_processor(MeasuringProcessor(index, base.layer(index), state, probe))
+        bar = tqdm(
+            total=len(samples) * (last + 1), desc="calibrate (samples x steps)", unit="step", disable=not progress
+        )
+
+        for index, sample in enumerate(samples):
+
+            def start_step(step: int, sample_index: int = index) -> None:
+                for probe in probes.values():
+                    probe.start(
+                        sample_index, step, step in measured, capture_maps=sample_index == 0 and step == maps_at
+                    )
+
+            def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
+                if step in measured:
+                    for name, probe in probes.items():
+                        record = probe.take()
+                        if record is not None:
+                            comp = stats.components[name]
+                            for key in ("sample", "step", "local_step", "density", "err_num", "err_den"):
+                                getattr(comp, key).append(record[key])
+                            comp.maps.update(probe.maps)
+                            stats.meta["layout"] = asdict(nabla_state(transformers[name]).layout)
+                    if stats_path is not None:
+                        stats.save(stats_path)
+                bar.update()
+                if step >= last:
+                    pipeline._interrupt = True
+                else:
+                    start_step(step + 1)
+                return {}
+
+            start_step(0)
+            pipe(
+                **{
+                    key: value.to(pipe.device) if torch.is_tensor(value) else value
+                    for key, value in sample.inputs.items()
+                },
+                height=plan.height,
+                width=plan.width,
+                num_frames=plan.frames,
+                num_inference_steps=plan.steps,
+                guidance_scale=plan.guidance,
+                generator=torch.Generator("cpu").manual_seed(sample.seed),
+                output_type="latent",
+                callback_on_step_end=on_step_end,
+            )
+        bar.close()
+    finally:
+        for name, transformer in transformers.items():
+            if previous[name] is not None:
+                apply_nabla(transformer, previous[name].config)
+            else:
+                remove_nabla(transformer)
+    return stats

@@ -1,0 +1,394 @@
+"""calibrate: measurement, search, outputs, CLI and the calibrate -> convert round trip, on tiny offline pipelines.
+
+Tolerances for results re-measured on held-out prompts and seeds (stated in the closing note too):
+a density target D holds within +0.03 absolute on held-out stats and within 0.05 of the density the
+converted model itself reports (`layer_densities`, sparse trajectory); an error budget E holds per
+layer within 1.15 x E.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from nabla_convert.attention import (
+    TileLayout,
+    block_density,
+    block_sparse_attention,
+    nabla_block_mask,
+    padded_dense_attention,
+)
+from nabla_convert.calibrate import (
+    CalibrationError,
+    Candidate,
+    Stats,
+    Target,
+    collect,
+    embedding_samples,
+    evaluate,
+    make_plan,
+    prompt_samples,
+    recalibrate,
+    search,
+)
+from nabla_convert.calibrate.cli import DEFAULT_PROMPTS, calibrate_command
+from nabla_convert.calibrate.collect import Probe
+from nabla_convert.calibrate.search import spend_density
+from nabla_convert.config import NablaConfig, load_config_file
+from nabla_convert.convert import load
+from nabla_convert.models.tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_wan_pipeline
+from nabla_convert.models.wan import apply_nabla, layer_densities, remove_nabla, reset_densities
+
+TEST_PROMPTS = Path(__file__).resolve().parents[1] / "calibration" / "prompts_test.txt"
+SIZE = {"height": 240, "width": 256, "frames": 17}  # tokens 5 x 15 x 16: a padded tile grid of 20 blocks
+THRESHOLDS = (0.2, 0.4, 0.6, 0.8, 0.95)
+
+
+def wan_pipeline(transformer: torch.nn.Module):
+    """A WanPipeline around `transformer` with the tiny text encoder and no VAE (calibrate never decodes)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    tokenizer = tiny_tokenizer()
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=tiny_text_encoder(len(tokenizer)),
+        vae=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_prompt_sets():
+    prompts = [line for line in DEFAULT_PROMPTS.read_text().splitlines() if line.strip()]
+    assert len(set(prompts)) == len(prompts) >= 32
+    assert 4 <= len(TEST_PROMPTS.read_text().split("\n")) <= 8
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny") / "pipe"
+    tiny_wan_pipeline(seed=0).save_pretrained(folder)
+    return folder
+
+
+def decoded_png(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        pixels = np.asarray(image.convert("RGB"))
+    assert min(pixels.shape[:2]) > 100 and pixels.std() > 10, f"{path.name} looks empty"
+    return pixels
+
+
+def test_cli_end_to_end_from_stats_and_convert_round_trip(tiny_folder, tmp_path):
+    out = tmp_path / "cal"
+    args = [str(tiny_folder), "--prompts", str(TEST_PROMPTS), "--out", str(out), "--steps", "2", "--sample-steps", "2"]
+    args += [
+        "--query-blocks",
+        "4",
+        "--target-density",
+        "0.5",
+        *itertools.chain(*(["--" + k, str(v)] for k, v in SIZE.items())),
+    ]
+    result = CliRunner().invoke(calibrate_command, args)
+    assert result.exit_code == 0, result.output
+    for name in ("nabla_config.json", "calibration.json", "report.md", "stats.safetensors"):
+        assert (out / name).is_file(), name
+    for plot in ("layers", "curves", "masks"):
+        decoded_png(out / f"transformer_{plot}.png")
+
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["summary"]["mean_density"] <= 0.5 + 1e-6
+    assert [row["layer"] for row in report["layers"]] == [0, 1]
+    assert all(isinstance(v, (int, float, str)) for v in report["summary"].values())
+    table = (out / "report.md").read_text()
+    assert "| 0 |" in table and "| 1 |" in table and "transformer_masks.png" in table
+    config = load_config_file(out / "nabla_config.json")["*"]
+    assert sorted(config.layers) == [0, 1]
+    assert config.provenance["calibration"]["mean_density"] == report["summary"]["mean_density"]
+
+    # the search alone, from the stats, with another target
+    again = tmp_path / "again"
+    result = CliRunner().invoke(
+        calibrate_command,
+        ["--from-stats", str(out / "stats.safetensors"), "--out", str(again), "--error-budget", "0.05"],
+    )
+    assert result.exit_code == 0, result.output
+    strict = json.loads((again / "calibration.json").read_text())
+    assert strict["summary"]["target"] == "error"
+    assert all(row["error_quantile"] <= 0.05 + 1e-9 for row in strict["layers"])
+    assert strict["summary"]["mean_density"] > report["summary"]["mean_density"]
+
+    # calibrate -> convert --config -> load: the converted model carries the chosen per-layer settings
+    from nabla_convert.cli import main
+
+    converted = tmp_path / "converted"
+    result = CliRunner().invoke(
+        main, ["convert", str(tiny_folder), "--out", str(converted), "--config", str(out / "nabla_config.json")]
+    )
+    assert result.exit_code == 0, result.output
+    pipe = load(converted)
+    assert pipe.transformer.config["_nabla"]["layers"] == config.to_dict()["layers"]
+    assert (
+        pipe.transformer.config["_nabla"]["provenance"]["calibration"]["mean_density"]
+        == report["summary"]["mean_density"]
+    )
+    pipe.set_progress_bar_config(disable=True)
+    reset_densities(pipe.transformer)
+    pipe(
+        "a red ball bounces",
+        num_inference_steps=1,
+        output_type="latent",
+        **{"num_frames" if k == "frames" else k: v for k, v in SIZE.items()},
+    )
+    measured = np.mean(list(layer_densities(pipe.transformer).values()))
+    assert abs(measured - report["summary"]["mean_density"]) < 0.05
+
+
+def test_round_trip_on_the_embedded_default_model(tmp_path):
+    """MODEL omitted in both commands: calibrate the embedded reference model, convert it with the result."""
+    from nabla_convert.cli import main
+    from nabla_convert.reference import HEIGHT, NUM_FRAMES, WIDTH
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(TEST_PROMPTS.read_text().splitlines()[:2]) + "\n")
+    out = tmp_path / "cal"
+    args = ["--prompts", str(prompts), "--out", str(out), "--steps", "2", "--sample-steps", "1", "--query-blocks", "4"]
+    args += ["--height", str(HEIGHT), "--width", str(WIDTH), "--frames", str(NUM_FRAMES), "--target-density", "0.4"]
+    result = CliRunner().invoke(calibrate_command, args)
+    assert result.exit_code == 0, result.output
+    chosen = load_config_file(out / "nabla_config.json")["*"]
+    converted = tmp_path / "converted"
+    result = CliRunner().invoke(main, ["convert", "--out", str(converted), "--config", str(out / "nabla_config.json")])
+    assert result.exit_code == 0, result.output
+    pipe = load(converted)
+    assert NablaConfig.from_dict(dict(pipe.transformer.config["_nabla"])).layers == chosen.layers
+    assert chosen.provenance["calibration"]["mean_density"] <= 0.4 + 1e-6
+
+
+def test_cli_errors_are_one_line(tiny_folder, tmp_path):
+    runner = CliRunner()
+    no_target = runner.invoke(
+        calibrate_command, [str(tiny_folder), "--prompts", str(TEST_PROMPTS), "--out", str(tmp_path)]
+    )
+    assert no_target.exit_code != 0 and "--target-density" in no_target.output
+    both = runner.invoke(
+        calibrate_command,
+        [str(tiny_folder), "--out", str(tmp_path), "--target-density", "0.3", "--error-budget", "0.1"],
+    )
+    assert both.exit_code != 0 and "not both" in both.output
+    stats = tmp_path / "x.safetensors"
+    stats.write_bytes(b"not stats")
+    with_model = runner.invoke(
+        calibrate_command, [str(tiny_folder), "--from-stats", str(stats), "--out", str(tmp_path)]
+    )
+    assert with_model.exit_code != 0 and "--from-stats re-runs the search only" in with_model.output
+    bad_stats = runner.invoke(
+        calibrate_command, ["--from-stats", str(stats), "--out", str(tmp_path), "--target-density", "0.3"]
+    )
+    assert bad_stats.exit_code != 0 and "Traceback" not in bad_stats.output and "x.safetensors" in bad_stats.output
+
+
+def test_prompt_embeds_on_a_bare_transformer_folder(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    folder = tmp_path / "transformer"
+    tiny_transformer().save_pretrained(folder)
+    embeds = tmp_path / "embeds.safetensors"
+    save_file(
+        {"prompt_embeds": torch.randn(2, 8, 32), "negative_prompt_embeds": torch.randn(1, 8, 32)},
+        embeds,
+        metadata={"prompts": '["one", "two"]'},
+    )
+    out = tmp_path / "cal"
+    args = [str(folder), "--prompt-embeds", str(embeds), "--out", str(out), "--steps", "1", "--query-blocks", "2"]
+    args += ["--error-budget", "0.2", *itertools.chain(*(["--" + k, str(v)] for k, v in SIZE.items()))]
+    result = CliRunner().invoke(calibrate_command, args)
+    assert result.exit_code == 0, result.output
+    stats = Stats.load(out / "stats.safetensors")
+    assert [s["label"] for s in stats.meta["samples"]] == ["one", "two"]
+    assert len(stats.components["transformer"].sample) == 2
+
+    save_file({"prompt_embeds": torch.randn(1, 8, 32)}, tmp_path / "no_negative.safetensors")
+    with pytest.raises(CalibrationError, match="negative_prompt_embeds"):
+        embedding_samples(tmp_path / "no_negative.safetensors", (0,), guidance=5.0)
+
+
+def measure(pipe, prompts, seeds, **plan_overrides) -> Stats:
+    plan, base = make_plan(None, steps=2, sample_steps=2, seeds=seeds, thresholds=THRESHOLDS, **SIZE, **plan_overrides)
+    return collect(pipe, prompt_samples(prompts, plan.seeds), plan, base, progress=False)
+
+
+def test_choice_holds_on_held_out_prompts_and_seeds():
+    torch.manual_seed(1)
+    pipe = wan_pipeline(tiny_transformer(num_layers=4, heads=2))
+    prompts = TEST_PROMPTS.read_text().split("\n")
+    prompts = [p for p in prompts if p]
+    train = measure(pipe, prompts[:3], (0, 1), query_blocks=8)
+    held_out = measure(pipe, prompts[3:], (2, 3), query_blocks=8)
+    candidates = train.candidates
+
+    target = 0.5
+    chosen = search(train, Target("density", target))["transformer"]
+    check = evaluate(held_out.components["transformer"], candidates, chosen.config)
+    assert check.density.mean() <= target + 0.03
+    # the converted model's own density report on a held-out prompt and seed (sparse trajectory)
+    transformer = pipe.transformer
+    apply_nabla(transformer, chosen.config)
+    try:
+        pipe(
+            prompts[4],
+            num_inference_steps=2,
+            num_frames=SIZE["frames"],
+            height=SIZE["height"],
+            width=SIZE["width"],
+            output_type="latent",
+            generator=torch.Generator().manual_seed(3),
+        )
+        reported = np.mean(list(layer_densities(transformer).values()))
+    finally:
+        remove_nabla(transformer)
+    assert abs(reported - chosen.mean_density) < 0.05
+
+    budget = 0.1
+    chosen = search(train, Target("error", budget))["transformer"]
+    check = evaluate(held_out.components["transformer"], candidates, chosen.config)
+    assert (check.error[:, 0] <= 1.15 * budget).all(), check.error[:, 0]
+    assert chosen.mean_density < 1.0  # the budget leaves room for sparsity
+
+
+def local_and_global_transformer() -> torch.nn.Module:
+    """Layer 0 attends locally, layer 1 almost uniformly.
+
+    Layer 0: q = k = the same constant vector on the two fastest RoPE frequency pairs of every axis,
+    scaled up, so q_i . k_j depends only on the distance of tokens i and j and peaks sharply at 0 (the
+    slower pair makes pooled tiles recognise themselves too). Layer 1: q and k scaled to almost zero,
+    so attention is nearly uniform over all tokens.
+    """
+    torch.manual_seed(0)
+    transformer = tiny_transformer(num_layers=2, heads=2)
+    with torch.no_grad():
+        local = transformer.blocks[0].attn1
+        direction = torch.zeros(2, 3, 4, 2)  # heads x RoPE axes (t, h, w) x frequency pairs x pair
+        direction[:, :, :2] = 1.0
+        for projection in (local.to_q, local.to_k):
+            projection.weight.zero_()
+            projection.bias.copy_(direction.flatten())
+        local.norm_q.weight.fill_(8.0)
+        local.norm_k.weight.fill_(8.0)
+        uniform = transformer.blocks[1].attn1
+        uniform.norm_q.weight.fill_(0.02)
+        uniform.norm_k.weight.fill_(0.02)
+    return transformer
+
+
+def test_local_layer_gets_the_sparser_threshold_and_global_the_denser():
+    pipe = wan_pipeline(local_and_global_transformer())
+    stats = measure(pipe, ["a red ball", "a blue cube"], (0,), query_blocks=4)
+    for target in (Target("error", 0.05), Target("density", 0.5)):
+        local, uniform = search(stats, target)["transformer"].layers
+        assert local.candidate is not None and local.candidate.threshold == min(THRESHOLDS), target
+        assert local.density < 0.1 and local.error < 0.01
+        uniform_threshold = 1.0 if uniform.candidate is None else uniform.candidate.threshold
+        assert uniform_threshold >= 0.8 and uniform.density > 0.7, target
+
+
+def test_density_search_matches_brute_force_on_convex_curves():
+    rng = np.random.default_rng(0)
+    grid = np.linspace(0.1, 1.0, 5)
+    for _ in range(20):
+        layers = 4
+        scale = rng.uniform(0.1, 2.0, size=(layers, 1))
+        power = rng.uniform(1.0, 3.0, size=(layers, 1))
+        density = np.tile(grid, (layers, 1))
+        error = scale * (1.0 - density) ** power  # convex, falling to 0 at density 1
+        budget = rng.uniform(0.1, 1.0) * layers
+        budget = max(budget, density[:, 0].sum())
+        picks = spend_density(density, error, budget, {})
+        rows = np.arange(layers)
+        assert density[rows, picks].sum() <= budget * (1 + 1e-6)
+        best = min(
+            error[rows, list(combo)].sum()
+            for combo in itertools.product(range(grid.size), repeat=layers)
+            if density[rows, list(combo)].sum() <= budget * (1 + 1e-6)
+        )
+        assert error[rows, picks].sum() == pytest.approx(best, abs=1e-12)
+    with pytest.raises(CalibrationError, match="cannot be met"):
+        spend_density(density, error, 0.05 * layers, {})
+
+
+def test_kept_layers_dense_steps_and_determinism():
+    torch.manual_seed(2)
+    pipe = wan_pipeline(tiny_transformer(num_layers=3, heads=2))
+    first = measure(pipe, ["a red ball"], (5,), query_blocks=4)
+    second = measure(pipe, ["a red ball"], (5,), query_blocks=4)
+    a, b = first.components["transformer"], second.components["transformer"]
+    assert a.step == b.step == [0, 1]
+    for key in ("density", "err_num", "err_den"):
+        assert all(torch.equal(x, y) for x, y in zip(getattr(a, key), getattr(b, key), strict=True))
+
+    chosen = search(first, Target("density", 0.6), dense_layers=(1,), dense_steps=1)["transformer"]
+    assert chosen.layers[1].candidate is None and chosen.layers[1].forced_dense
+    assert chosen.config.dense_steps == 1 and chosen.config.layer(1).dense
+    assert chosen.summary["records"] == 1  # only step 1 is searched
+    assert chosen.mean_density <= 0.6 + 1e-6
+    assert isinstance(NablaConfig.from_dict(chosen.config.to_dict()), NablaConfig)
+
+
+def test_interrupted_run_keeps_what_it_measured(tmp_path):
+    torch.manual_seed(3)
+    pipe = wan_pipeline(tiny_transformer(num_layers=2, heads=2))
+    plan, base = make_plan(None, steps=3, sample_steps=3, thresholds=THRESHOLDS, query_blocks=2, **SIZE)
+    calls = {"n": 0}
+
+    def stop_after_two_steps(module, args, kwargs):
+        calls["n"] += 1
+        if calls["n"] > 4:  # two steps of cond + uncond calls
+            raise KeyboardInterrupt
+
+    handle = pipe.transformer.register_forward_pre_hook(stop_after_two_steps, with_kwargs=True)
+    stats_file = tmp_path / "stats.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        collect(pipe, prompt_samples(["a red ball"], (0,)), plan, base, stats_path=stats_file, progress=False)
+    handle.remove()
+    assert getattr(pipe.transformer, "_nabla_state", None) is None  # restored to dense
+    kept = Stats.load(stats_file)
+    assert kept.components["transformer"].step == [0, 1]
+    result = recalibrate(stats_file, tmp_path / "out", target_density=0.7)
+    assert result.choices["transformer"].summary["records"] == 2
+
+
+def test_probe_matches_block_sparse_attention():
+    """Density and error of the measuring probe against the attention core's own mask and reference backend."""
+    torch.manual_seed(0)
+    layout = TileLayout.for_blocks((3, 15, 16))  # padded: 12 tiles of which some are part padding
+    q, k, v = (torch.randn(1, 2, layout.padded_len, 16) * scale for scale in (3.0, 3.0, 1.0))
+    candidates = [Candidate(0.3), Candidate(0.6, (1, 1, 1)), Candidate(0.2, (99, 99, 99))]
+    probe = Probe(NablaConfig(), candidates, num_layers=1, num_heads=2, query_blocks=1000)  # every query block
+    probe.start(sample=0, step=0, active=True)
+    probe.measure(0, 0, q, k, v, layout)
+    record = probe.take()
+    valid = layout.indices().valid
+    dense = padded_dense_attention(q, k, v, valid)[:, :, valid]
+    assert torch.allclose(record["err_den"][0], dense.square().sum((0, 2, 3)).double(), rtol=1e-5)
+    for index, candidate in enumerate(candidates):
+        keep = nabla_block_mask(q, k, threshold=candidate.threshold, grid=layout, sta=candidate.sta)
+        sparse = block_sparse_attention(q, k, v, keep, valid=valid, backend="reference")[:, :, valid]
+        expected = (sparse - dense).square().sum((0, 2, 3)).double()
+        assert torch.allclose(record["err_num"][0, index], expected, rtol=1e-3, atol=1e-9)
+        for head in range(2):
+            assert record["density"][0, index, head].item() == pytest.approx(
+                block_density(keep[:, head], layout).item()
+            )
+    # a window over the whole grid keeps every block: dense, no error
+    assert record["density"][0, 2].tolist() == [1.0, 1.0] and record["err_num"][0, 2].max() < 1e-9
+    assert (record["density"][0, 1] > record["density"][0, 0]).all()

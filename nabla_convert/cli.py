@@ -113,3 +113,7 @@ def _register_commands() -> None:
 
 
 _register_commands()
+
+
+if __name__ == "__main__":  # accelerate launch -m nabla_convert.cli adapt ...
+    main()

@@ -38,15 +38,16 @@ from nabla_convert.calibrate import (
     recalibrate,
     search,
 )
-from nabla_convert.calibrate.cli import DEFAULT_PROMPTS, calibrate_command
+from nabla_convert.calibrate.cli import DEFAULT_PROMPTS
 from nabla_convert.calibrate.collect import Probe
 from nabla_convert.calibrate.search import spend_density
+from nabla_convert.cli import main
 from nabla_convert.config import NablaConfig, load_config_file
 from nabla_convert.convert import load
 from nabla_convert.models.tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_wan_pipeline
 from nabla_convert.models.wan import apply_nabla, layer_densities, remove_nabla, reset_densities
 
-TEST_PROMPTS = Path(__file__).resolve().parents[1] / "calibration" / "prompts_test.txt"
+TEST_PROMPTS = Path(__file__).resolve().parents[1] / "calibration" / "prompts_reference.txt"
 SIZE = {"height": 240, "width": 256, "frames": 17}  # tokens 5 x 15 x 16: a padded tile grid of 20 blocks
 THRESHOLDS = (0.2, 0.4, 0.6, 0.8, 0.95)
 
@@ -98,7 +99,7 @@ def test_cli_end_to_end_from_stats_and_convert_round_trip(tiny_folder, tmp_path)
         "0.5",
         *itertools.chain(*(["--" + k, str(v)] for k, v in SIZE.items())),
     ]
-    result = CliRunner().invoke(calibrate_command, args)
+    result = CliRunner().invoke(main, ["calibrate", *args])
     assert result.exit_code == 0, result.output
     for name in ("nabla_config.json", "calibration.json", "report.md", "stats.safetensors"):
         assert (out / name).is_file(), name
@@ -118,8 +119,8 @@ def test_cli_end_to_end_from_stats_and_convert_round_trip(tiny_folder, tmp_path)
     # the search alone, from the stats, with another target
     again = tmp_path / "again"
     result = CliRunner().invoke(
-        calibrate_command,
-        ["--from-stats", str(out / "stats.safetensors"), "--out", str(again), "--error-budget", "0.05"],
+        main,
+        ["calibrate", "--from-stats", str(out / "stats.safetensors"), "--out", str(again), "--error-budget", "0.05"],
     )
     assert result.exit_code == 0, result.output
     strict = json.loads((again / "calibration.json").read_text())
@@ -128,7 +129,6 @@ def test_cli_end_to_end_from_stats_and_convert_round_trip(tiny_folder, tmp_path)
     assert strict["summary"]["mean_density"] > report["summary"]["mean_density"]
 
     # calibrate -> convert --config -> load: the converted model carries the chosen per-layer settings
-    from nabla_convert.cli import main
 
     converted = tmp_path / "converted"
     result = CliRunner().invoke(
@@ -155,7 +155,6 @@ def test_cli_end_to_end_from_stats_and_convert_round_trip(tiny_folder, tmp_path)
 
 def test_round_trip_on_the_embedded_default_model(tmp_path):
     """MODEL omitted in both commands: calibrate the embedded reference model, convert it with the result."""
-    from nabla_convert.cli import main
     from nabla_convert.reference import HEIGHT, NUM_FRAMES, WIDTH
 
     prompts = tmp_path / "prompts.txt"
@@ -163,7 +162,7 @@ def test_round_trip_on_the_embedded_default_model(tmp_path):
     out = tmp_path / "cal"
     args = ["--prompts", str(prompts), "--out", str(out), "--steps", "2", "--sample-steps", "1", "--query-blocks", "4"]
     args += ["--height", str(HEIGHT), "--width", str(WIDTH), "--frames", str(NUM_FRAMES), "--target-density", "0.4"]
-    result = CliRunner().invoke(calibrate_command, args)
+    result = CliRunner().invoke(main, ["calibrate", *args])
     assert result.exit_code == 0, result.output
     chosen = load_config_file(out / "nabla_config.json")["*"]
     converted = tmp_path / "converted"
@@ -177,22 +176,22 @@ def test_round_trip_on_the_embedded_default_model(tmp_path):
 def test_cli_errors_are_one_line(tiny_folder, tmp_path):
     runner = CliRunner()
     no_target = runner.invoke(
-        calibrate_command, [str(tiny_folder), "--prompts", str(TEST_PROMPTS), "--out", str(tmp_path)]
+        main, ["calibrate", str(tiny_folder), "--prompts", str(TEST_PROMPTS), "--out", str(tmp_path)]
     )
     assert no_target.exit_code != 0 and "--target-density" in no_target.output
     both = runner.invoke(
-        calibrate_command,
-        [str(tiny_folder), "--out", str(tmp_path), "--target-density", "0.3", "--error-budget", "0.1"],
+        main,
+        ["calibrate", str(tiny_folder), "--out", str(tmp_path), "--target-density", "0.3", "--error-budget", "0.1"],
     )
     assert both.exit_code != 0 and "not both" in both.output
     stats = tmp_path / "x.safetensors"
     stats.write_bytes(b"not stats")
     with_model = runner.invoke(
-        calibrate_command, [str(tiny_folder), "--from-stats", str(stats), "--out", str(tmp_path)]
+        main, ["calibrate", str(tiny_folder), "--from-stats", str(stats), "--out", str(tmp_path)]
     )
     assert with_model.exit_code != 0 and "--from-stats re-runs the search only" in with_model.output
     bad_stats = runner.invoke(
-        calibrate_command, ["--from-stats", str(stats), "--out", str(tmp_path), "--target-density", "0.3"]
+        main, ["calibrate", "--from-stats", str(stats), "--out", str(tmp_path), "--target-density", "0.3"]
     )
     assert bad_stats.exit_code != 0 and "Traceback" not in bad_stats.output and "x.safetensors" in bad_stats.output
 
@@ -212,7 +211,7 @@ def test_prompt_embeds_on_a_bare_transformer_folder(tmp_path):
     out = tmp_path / "cal"
     args = [str(folder), "--prompt-embeds", str(embeds), "--out", str(out), "--steps", "1", "--query-blocks", "2"]
     args += ["--error-budget", "0.2", *itertools.chain(*(["--" + k, str(v)] for k, v in SIZE.items()))]
-    result = CliRunner().invoke(calibrate_command, args)
+    result = CliRunner().invoke(main, ["calibrate", *args])
     assert result.exit_code == 0, result.output
     stats = Stats.load(out / "stats.safetensors")
     assert [s["label"] for s in stats.meta["samples"]] == ["one", "two"]

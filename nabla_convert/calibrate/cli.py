@@ -6,10 +6,8 @@ from pathlib import Path
 
 import click
 
-from nabla_convert.calibrate import CalibrationError, calibrate, recalibrate
-from nabla_convert.config import ConfigError
-from nabla_convert.convert import ConvertError
-from nabla_convert.eval import DTYPES, EvalError, load_prompts
+from nabla_convert.calibrate import calibrate, recalibrate
+from nabla_convert.eval import DTYPES, load_prompts
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "calibration" / "prompts.txt"
 
@@ -62,38 +60,42 @@ def calibrate_command(model, out, prompts, prompt_embeds, recipe, from_stats, de
     """Measure MODEL's self-attention layers on prompts and choose each layer's NABLA threshold for a target.
 
     MODEL is a diffusers Wan pipeline folder, a transformer folder (with --prompt-embeds) or a Hub
-    id; omitted, the embedded reference model. Writes nabla_config.json (for `convert --config`),
+    id; omitted, the embedded reference model at its native size (256x256, 33 frames, 12 steps) on
+    calibration/prompts_reference.txt (captions in its vocabulary). Writes nabla_config.json (for `convert --config`),
     calibration.json, report.md, PNG plots and stats.safetensors to --out.
     """
-    try:
-        if from_stats:
-            if model or prompts or prompt_embeds or recipe:
-                raise click.UsageError(
-                    "--from-stats re-runs the search only: drop MODEL, --prompts, --prompt-embeds, --recipe"
-                )
-            search_only = ("target_density", "error_budget", "dense_layers", "dense_steps")
-            ignored = sorted(key for key, value in plan.items() if value is not None and key not in search_only)
-            if ignored:
-                raise click.UsageError(f"--from-stats takes only the search options; drop {', '.join(ignored)}")
-            result = recalibrate(from_stats, out, **plan)
-        else:
-            if prompts and prompt_embeds:
-                raise click.UsageError("give --prompts or --prompt-embeds, not both")
+    if from_stats:
+        if model or prompts or prompt_embeds or recipe:
+            raise click.UsageError(
+                "--from-stats re-runs the search only: drop MODEL, --prompts, --prompt-embeds, --recipe"
+            )
+        search_only = ("target_density", "error_budget", "dense_layers", "dense_steps")
+        ignored = sorted(key for key, value in plan.items() if value is not None and key not in search_only)
+        if ignored:
+            raise click.UsageError(f"--from-stats takes only the search options; drop {', '.join(ignored)}")
+        result = recalibrate(from_stats, out, **plan)
+    else:
+        if prompts and prompt_embeds:
+            raise click.UsageError("give --prompts or --prompt-embeds, not both")
+        if model is None:  # the embedded reference model, at its own size and vocabulary
+            from nabla_convert import reference
             from nabla_convert.cli import default_model
 
-            prompt_list = None if prompt_embeds else load_prompts(prompts or DEFAULT_PROMPTS)
-            result = calibrate(
-                model or default_model(),
-                out,
-                prompts=prompt_list,
-                prompt_embeds=prompt_embeds,
-                recipe=recipe,
-                device=device,
-                dtype=dtype,
-                **plan,
-            )
-    except (CalibrationError, ConfigError, ConvertError, EvalError) as err:
-        raise click.ClickException(str(err)) from None
+            model, prompts = default_model(), prompts or DEFAULT_PROMPTS.with_name("prompts_reference.txt")
+            native = {"height": reference.HEIGHT, "width": reference.WIDTH, "frames": reference.NUM_FRAMES}
+            native |= {"steps": reference.RECOMMENDED_STEPS, "guidance": reference.RECOMMENDED_GUIDANCE}
+            plan |= {key: value for key, value in native.items() if plan.get(key) is None}
+        prompt_list = None if prompt_embeds else load_prompts(prompts or DEFAULT_PROMPTS)
+        result = calibrate(
+            model,
+            out,
+            prompts=prompt_list,
+            prompt_embeds=prompt_embeds,
+            recipe=recipe,
+            device=device,
+            dtype=dtype,
+            **plan,
+        )
     for name, choice in result.choices.items():
         s = choice.summary
         click.echo(

@@ -42,7 +42,7 @@ from nabla_convert.attention import (
     sta_block_mask,
 )
 from nabla_convert.attention.mask import block_scores
-from nabla_convert.config import ConfigError, LayerSettings, NablaConfig, check_threshold, parse_window
+from nabla_convert.config import ConfigError, LayerSettings, NablaConfig, NablaError, check_threshold, parse_window
 from nabla_convert.eval import atomic_save
 from nabla_convert.models.wan import NablaAttnProcessor, apply_nabla, nabla_state, remove_nabla
 
@@ -52,7 +52,7 @@ STATS_FORMAT = "nabla-convert calibration stats v1"
 SCORE_BUDGET = 1 << 27  # float32 score elements per head chunk (512 MiB), bounds the error computation's memory
 
 
-class CalibrationError(ValueError):
+class CalibrationError(NablaError, ValueError):
     """Bad calibration input or stats, with a one-line message."""
 
 

@@ -103,12 +103,13 @@ def convert_command(model, out, config, recipe, threshold, sta, dense_steps, rev
 
 def _register_commands() -> None:
     """Each stage's command lives beside its API; the group only collects them."""
+    from nabla_convert.adapt.cli import adapt_command
     from nabla_convert.bench_cli import bench
     from nabla_convert.calibrate.cli import calibrate_command
     from nabla_convert.eval_cli import eval_command
     from nabla_convert.hub.cli import push
 
-    for command in (calibrate_command, eval_command, push, bench):
+    for command in (calibrate_command, adapt_command, push, eval_command, bench):
         main.add_command(command)
 
 

@@ -140,6 +140,10 @@ class RecompileLimitError(RuntimeError):
     pass
 
 
+class FlexKernelError(RuntimeError):
+    """No FlexAttention kernel compiles for these mask blocks on this torch and card."""
+
+
 # One process may honestly see several shapes and block sizes, forward and backward; past this
 # many compiles of flex_attention something is recompiling per call, and we stop instead.
 FLEX_RECOMPILE_LIMIT = 64
@@ -189,6 +193,15 @@ def compiled_flex_attention(q, k, v, block_mask: BlockMask, *, scale: float | No
     try:
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=FLEX_RECOMPILE_LIMIT):
             return _compiled()(q, k, v, block_mask=block_mask, scale=scale, kernel_options=kernel_options)
+    except torch._dynamo.exc.BackendCompilerFailed as err:
+        if "NoValidChoicesError" not in repr(err):
+            raise
+        q_block, kv_block = block_mask.BLOCK_SIZE
+        raise FlexKernelError(
+            f"torch {torch.__version__} has no FlexAttention kernel for {q_block}x{kv_block} mask blocks here "
+            "(the backward's default tiles need 128x128 blocks; other sizes need max-autotune): convert models "
+            "meant for training with q_block=128, kv_block=128"
+        ) from err
     except torch._dynamo.exc.FailOnRecompileLimitHit as err:
         raise RecompileLimitError(
             f"FlexAttention hit the recompile limit ({FLEX_RECOMPILE_LIMIT}); refusing the eager fallback, "

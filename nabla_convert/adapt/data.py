@@ -1,0 +1,176 @@
+"""Training data for `adapt`: latent datasets, deterministic batch order, noise and timestep sampling.
+
+Latent dataset format (a folder of safetensors shards, any file name ending in .safetensors, read in
+sorted order; every shard holds the same two tensors with the same shapes except the first axis):
+  latents        (N, C, F, H, W) float: video latents in the transformer's input space, i.e. the VAE
+                 latent already normalised as WanPipeline does ((z - latents_mean) / latents_std);
+  prompt_embeds  (N, L, text_dim) float: UMT5 text embeddings as WanPipeline.encode_prompt returns
+                 them (padded with zeros to L tokens, L = max_sequence_length, 512 for Wan).
+Shard metadata {"format": "nabla-convert-latents", "version": "1"} marks them. `write_latent_shard`
+writes one; adapt.trainer.teacher_rollouts makes one from the dense teacher alone (no videos needed).
+
+Every random draw of a training step comes from generators seeded by (seed, step, micro-batch,
+process), and the sample order is a per-epoch permutation seeded by (seed, epoch). So the data
+position and noise are functions of the step: a resumed run draws exactly what an uninterrupted one
+would, whatever happened to global RNG state in between.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.training_utils import compute_density_for_timestep_sampling
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nabla_convert.config import NablaError
+
+SHARD_METADATA = {"format": "nabla-convert-latents", "version": "1"}
+TENSOR_NAMES = ("latents", "prompt_embeds")
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+class DataError(NablaError, ValueError):
+    """A latent dataset that cannot be used, with a message that says why."""
+
+
+def write_latent_shard(path: str | os.PathLike, latents: torch.Tensor, prompt_embeds: torch.Tensor) -> Path:
+    """Write one shard of the latent dataset format atomically (tmp file, then rename)."""
+    if latents.ndim != 5 or prompt_embeds.ndim != 3 or len(latents) != len(prompt_embeds):
+        raise DataError(
+            f"need latents (N, C, F, H, W) and prompt_embeds (N, L, D) with the same N, got "
+            f"{tuple(latents.shape)} and {tuple(prompt_embeds.shape)}"
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tensors = {
+        "latents": latents.detach().contiguous().cpu(),
+        "prompt_embeds": prompt_embeds.detach().contiguous().cpu(),
+    }
+    save_file(tensors, tmp, metadata=SHARD_METADATA)
+    os.replace(tmp, path)
+    return path
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """The samples of a latent dataset folder (or one shard file), read row by row from disk."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        shards = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        if not shards or not shards[0].is_file():
+            raise DataError(f"no latent shards (*.safetensors) found at {path}")
+        self.rows: list[tuple[Path, int]] = []
+        shapes: dict[str, tuple[int, ...]] = {}
+        for shard in shards:
+            with safe_open(shard, framework="pt") as f:
+                missing = set(TENSOR_NAMES) - set(f.keys())
+                if missing:
+                    raise DataError(f"{shard} lacks tensors {sorted(missing)} (a latent shard holds {TENSOR_NAMES})")
+                sizes = {name: tuple(f.get_slice(name).get_shape()) for name in TENSOR_NAMES}
+            if sizes["latents"][0] != sizes["prompt_embeds"][0] or len(sizes["latents"]) != 5:
+                raise DataError(
+                    f"{shard}: latents {sizes['latents']} and prompt_embeds {sizes['prompt_embeds']} do not pair up"
+                )
+            for name, size in sizes.items():
+                if shapes.setdefault(name, size[1:]) != size[1:]:
+                    raise DataError(f"{shard}: {name} has per-sample shape {size[1:]}, earlier shards {shapes[name]}")
+            self.rows += [(shard, i) for i in range(sizes["latents"][0])]
+        self.latent_shape = shapes["latents"]
+        self.text_shape = shapes["prompt_embeds"]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        shard, row = self.rows[index]
+        with safe_open(shard, framework="pt") as f:
+            return {name: f.get_slice(name)[row : row + 1][0] for name in TENSOR_NAMES}
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        items = [self[i] for i in indices]
+        return {name: torch.stack([item[name] for item in items]) for name in TENSOR_NAMES}
+
+
+def split_heldout(size: int, fraction: float) -> tuple[list[int], list[int]]:
+    """Train and held-out indices: the last `fraction` of the samples (at least one) are held out."""
+    if size < 2:
+        raise DataError(f"need at least 2 samples (one for training, one held out), got {size}")
+    heldout = min(size - 1, max(1, round(size * fraction)))
+    return list(range(size - heldout)), list(range(size - heldout, size))
+
+
+def step_generator(seed: int, *parts: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, parts): the randomness of one micro-batch of one process."""
+    value = seed
+    for part in parts:
+        value = (value * 1_000_003 + part + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(value)
+
+
+@cache
+def _epoch_permutation(seed: int, epoch: int, size: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(size, generator=step_generator(seed, -1, epoch)).tolist())
+
+
+def sample_positions(seed: int, size: int, first: int, count: int) -> list[int]:
+    """Positions (into the training index list) of global samples first..first+count, epoch after epoch."""
+    return [_epoch_permutation(seed, k // size, size)[k % size] for k in range(first, first + count)]
+
+
+@dataclass
+class TimestepSampler:
+    """Flow-matching noise levels drawn as in diffusers' SD3/Wan training scripts.
+
+    u ~ compute_density_for_timestep_sampling(scheme); index = u * 1000 (u near 0 = pure noise);
+    sigma and timestep are read from a FlowMatchEulerDiscreteScheduler with the model's shift.
+    `sigma_range` restricts the draw to the indices whose sigma lies inside it (one expert of
+    Wan2.2 A14B covers only high or only low noise).
+    """
+
+    weighting_scheme: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: float = 3.0
+    sigma_range: tuple[float, float] = (0.0, 1.0)
+    scheduler: FlowMatchEulerDiscreteScheduler = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=self.shift)
+        low, high = self.sigma_range
+        sigmas = self.scheduler.sigmas
+        self._first = int((sigmas > high).sum())
+        self._end = int((sigmas >= low).sum())
+        if self._end <= self._first:
+            raise DataError(f"sigma_range {self.sigma_range} holds none of the training noise levels")
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigmas, timesteps), each (batch_size,) float32."""
+        u = compute_density_for_timestep_sampling(
+            self.weighting_scheme,
+            batch_size,
+            logit_mean=self.logit_mean,
+            logit_std=self.logit_std,
+            mode_scale=self.mode_scale,
+            generator=generator,
+        )
+        return self.at(u)
+
+    def at(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigmas, timesteps) at quantiles u in [0, 1) of the allowed training noise levels."""
+        indices = (self._first + u * (self._end - self._first)).long().clamp(self._first, self._end - 1)
+        return self.scheduler.sigmas[indices].float(), self.scheduler.timesteps[indices].float()
+
+
+def add_noise(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Rectified-flow interpolation x_t = (1 - sigma) x_0 + sigma noise; the velocity target is noise - x_0."""
+    sigmas = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents)
+    return (1 - sigmas) * latents + sigmas * noise

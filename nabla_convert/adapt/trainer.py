@@ -1,0 +1,615 @@
+"""adapt: a short fine-tune of a converted NABLA checkpoint so the sparse model recovers dense quality.
+
+Runs on accelerate: one process on CPU or GPU, or `accelerate launch` (DDP / FSDP, configs in
+recipes/accelerate/). The run folder `<out>.run/` holds settings.json, metrics.jsonl (one JSON
+object per step and per validation), checkpoints/step-NNNNNN (accelerate save_state, written to a
+temp folder and renamed) and, for data-free distillation, rollouts/ (the teacher-made latent
+dataset). `resume=True` continues from the newest checkpoint; since every random draw is a function
+of (seed, step), the resumed run ends with the weights an uninterrupted run would have had.
+
+The result at `out` is a converted checkpoint like `convert` writes: the input folder's other
+parts copied, the trained transformer saved with save_pretrained (LoRA merged) keeping `_nabla`
+with provenance "adaptation", the LoRA adapters also on their own under lora/, and
+nabla_reports/adapt.json with the validation before and after.
+
+Recipe `adapt:` keys and CLI options map onto AdaptSettings fields (see its docstring).
+
+On GPU the sparse backward is FlexAttention's: on torch 2.11 it compiles with default kernel
+options only for 128x128 blocks (64x64 fails with "No choices to select" unless max-autotune is
+on; docs/benchmarks.md "Training step"), so checkpoints meant for training on GPU are best
+converted with q_block = kv_block = 128. On CPU the reference backend trains any block size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from nabla_convert.adapt.data import (
+    DataError,
+    LatentDataset,
+    TimestepSampler,
+    add_noise,
+    sample_positions,
+    split_heldout,
+    step_generator,
+    write_latent_shard,
+)
+from nabla_convert.adapt.losses import LOSSES, DenseTeacher, loss_target, relative_error, velocity, weighted_mse
+from nabla_convert.config import CONFIG_KEY, NablaConfig, NablaError, atomic_write_text
+from nabla_convert.convert import transformer_folders
+from nabla_convert.models.wan import NablaWanTransformer3DModel, layer_densities, reset_densities
+
+LORA_FOLDER = "lora"
+REPORT_PATH = "nabla_reports/adapt.json"
+RESUMABLE_CHANGES = {"checkpoint_every", "validate_every", "keep_checkpoints"}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+class AdaptError(NablaError, ValueError):
+    """Adaptation that cannot start or continue, with a message that says why."""
+
+
+@dataclass(frozen=True)
+class AdaptSettings:
+    """What `adapt` trains and how; recipe `adapt:` sections use these names.
+
+    loss: "distill" (match the dense teacher's velocity) or "flow" (flow matching on `data`).
+    data: latent dataset folder (format in adapt/data.py); without it, distillation runs on
+        teacher rollouts: `prompts` (text file, one per line) encoded by the checkpoint's text
+        encoder, `rollout_steps` Euler steps of the dense teacher from noise of `latent_shape`
+        (latent frames, height, width), without guidance.
+    lr: AdamW learning rate (default 1e-4 with LoRA, 1e-5 for a full fine-tune); warmup_steps
+        (default steps // 20) then `lr_scheduler` (diffusers.optimization names) to zero.
+    lora_rank: 0 = full fine-tune; >0 = peft LoRA of that rank (alpha = rank unless given) on
+        `lora_targets`, and the frozen base is the teacher.
+    batch_size per process and micro-step, grad_accum micro-steps per step.
+    weighting_scheme / logit_mean / logit_std / mode_scale: timestep density and loss weight as in
+        diffusers' SD3 scripts; shift: flow shift (default: the checkpoint's scheduler config);
+        sigma_range: the noise levels trained (one expert of a two-transformer model).
+    checkpoint_every, validate_every: in steps (0 = only at the end); keep_checkpoints newest kept.
+    validation_samples: held-out samples (last heldout_fraction of the data) validated on.
+    mixed_precision: "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp16" or "no".
+    component: which transformer of a pipeline folder to adapt (e.g. transformer_2).
+    """
+
+    steps: int = 1000
+    loss: str = "distill"
+    data: str | None = None
+    prompts: str | None = None
+    latent_shape: tuple[int, int, int] = (21, 60, 104)
+    rollout_steps: int = 20
+    text_length: int = 512
+    lr: float | None = None
+    lr_scheduler: str = "cosine"
+    warmup_steps: int | None = None
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    batch_size: int = 1
+    grad_accum: int = 1
+    weighting_scheme: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: float | None = None
+    sigma_range: tuple[float, float] = (0.0, 1.0)
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    validate_every: int = 100
+    validation_samples: int = 4
+    heldout_fraction: float = 0.1
+    seed: int = 0
+    mixed_precision: str = "auto"
+    gradient_checkpointing: bool = True
+    component: str = "transformer"
+
+    def __post_init__(self) -> None:
+        for name in ("latent_shape", "lora_targets", "sigma_range"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.loss not in LOSSES:
+            raise AdaptError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.loss == "flow" and not self.data:
+            raise AdaptError("flow matching needs a latent dataset (--data)")
+        positive = ("steps", "batch_size", "grad_accum", "validation_samples", "keep_checkpoints", "text_length")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise AdaptError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("lora_rank", "checkpoint_every", "validate_every", "rollout_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise AdaptError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+            raise AdaptError(f"mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise AdaptError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+
+    @classmethod
+    def from_dict(cls, plan: dict[str, Any], /, **overrides: Any) -> AdaptSettings:
+        """Settings from a recipe's `adapt:` mapping, then `overrides` that are not None (CLI options)."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(plan) - known
+        if unknown:
+            raise AdaptError(f"unknown adapt settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{**plan, **{k: v for k, v in overrides.items() if v is not None}})
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (1e-4 if self.lora_rank else 1e-5)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+
+class TrainState:
+    """The optimizer-step counter, saved and restored with each accelerate checkpoint."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def settings(self) -> Path:
+        return self.root / "settings.json"
+
+    @property
+    def rollouts(self) -> Path:
+        return self.root / "rollouts"
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(self.checkpoints.glob("step-*")) if self.checkpoints.is_dir() else []
+        return found[-1] if found else None
+
+
+def run_folder(out: str | os.PathLike) -> Path:
+    """Where a run writing `out` keeps its checkpoints, metrics and settings."""
+    out = Path(out)
+    return out.with_name(out.name + ".run")
+
+
+def _component_folder(root: Path, component: str) -> tuple[str, Path]:
+    components = transformer_folders(root)
+    name = "" if "" in components else component
+    if name not in components:
+        raise AdaptError(f"{root} has no transformer component {component!r} (found: {sorted(components)})")
+    folder = components[name]
+    if CONFIG_KEY not in json.loads((folder / "config.json").read_text()):
+        raise AdaptError(f"{folder} is a dense checkpoint (no {CONFIG_KEY} settings); run convert first")
+    return name, folder
+
+
+def _weights_dtype(folder: Path) -> torch.dtype:
+    """The dtype the checkpoint stores its weights in, so the adapted model is saved the same way."""
+    shard = next(iter(sorted(folder.glob("*.safetensors"))), None)
+    if shard is None:
+        raise AdaptError(f"{folder} holds no safetensors weights")
+    with safe_open(shard, framework="pt") as f:
+        return SAFETENSORS_DTYPES.get(f.get_slice(next(iter(f.keys()))).get_dtype(), torch.float32)
+
+
+def _default_shift(root: Path) -> float:
+    scheduler_config = root / "scheduler" / "scheduler_config.json"
+    if scheduler_config.is_file():
+        config = json.loads(scheduler_config.read_text())
+        for key in ("flow_shift", "shift"):
+            if isinstance(config.get(key), (int, float)):
+                return float(config[key])
+    return 3.0
+
+
+def _lora_config(settings: AdaptSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=settings.lora_alpha or settings.lora_rank,
+        target_modules=list(settings.lora_targets),
+        init_lora_weights=True,
+    )
+
+
+def load_student(folder: Path, settings: AdaptSettings, dtype: torch.dtype) -> NablaWanTransformer3DModel:
+    """The NABLA transformer with weights in `dtype` (diffusers keeps its fp32 modules); with LoRA, fp32 adapters."""
+    model = NablaWanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype)
+    if settings.lora_rank:
+        model.requires_grad_(False)
+        model.add_adapter(_lora_config(settings))
+        cast_training_params(model, dtype=torch.float32)
+    return model
+
+
+def teacher_rollouts(
+    root: Path,
+    teacher: DenseTeacher,
+    settings: AdaptSettings,
+    sampler: TimestepSampler,
+    in_channels: int,
+    accelerator: Accelerator,
+    folder: Path,
+    progress: bool = True,
+) -> None:
+    """A latent dataset made by the dense teacher: prompts encoded, then Euler steps from noise.
+
+    Each process makes the prompts p, p + world, ... into its own shard; done.json marks completion,
+    so a resumed run reuses it.
+    """
+    if (folder / "done.json").is_file():
+        return
+    if not settings.prompts:
+        raise AdaptError("distillation without --data needs prompts to make teacher rollouts (--prompts FILE)")
+    prompts = [line.strip() for line in Path(settings.prompts).read_text().splitlines() if line.strip()]
+    if len(prompts) < 2:
+        raise AdaptError(f"{settings.prompts} needs at least 2 prompts (one is held out), found {len(prompts)}")
+    if not (root / "text_encoder").is_dir():
+        raise AdaptError(f"{root} has no text_encoder to encode prompts; pass a latent dataset with --data")
+    device = accelerator.device
+    mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
+    encoder = WanPipeline.from_pretrained(root, transformer=None, transformer_2=None, vae=None).to(device)
+    embeds, _ = encoder.encode_prompt(
+        [prompts[i] for i in mine], do_classifier_free_guidance=False, max_sequence_length=settings.text_length
+    )
+    del encoder
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=sampler.shift)
+    latents = []
+    for row, index in enumerate(
+        tqdm(mine, desc="teacher rollouts", disable=not (progress and accelerator.is_local_main_process))
+    ):
+        shape = (1, in_channels, *settings.latent_shape)
+        x = torch.randn(shape, generator=step_generator(settings.seed, -2, index)).to(device)
+        scheduler.set_timesteps(settings.rollout_steps, device=device)
+        for t in scheduler.timesteps:
+            with accelerator.autocast():
+                v = teacher(x, t.expand(1), embeds[row : row + 1])
+            x = scheduler.step(v.float(), t, x).prev_sample
+        latents.append(x.cpu())
+    write_latent_shard(folder / f"shard-{accelerator.process_index:05d}.safetensors", torch.cat(latents), embeds)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_text(folder / "done.json", json.dumps({"prompts": len(prompts)}) + "\n")
+    accelerator.wait_for_everyone()
+
+
+@dataclass
+class ValidationSet:
+    """Fixed held-out samples, noise and noise levels (spread over the range), with cached teacher velocities."""
+
+    latents: torch.Tensor
+    prompt_embeds: torch.Tensor
+    noise: torch.Tensor
+    sigmas: torch.Tensor
+    timesteps: torch.Tensor
+    teacher: torch.Tensor
+
+    @classmethod
+    def build(cls, dataset, heldout, settings, sampler, teacher, accelerator) -> ValidationSet:
+        count = settings.validation_samples
+        batch = dataset.batch([heldout[i % len(heldout)] for i in range(count)])
+        noise = torch.randn(batch["latents"].shape, generator=step_generator(settings.seed, -3))
+        sigmas, timesteps = sampler.at((torch.arange(count) + 0.5) / count)
+        noisy = add_noise(batch["latents"], noise, sigmas)
+        outputs = []
+        for chunk in range(0, count, settings.batch_size):
+            part = slice(chunk, chunk + settings.batch_size)
+            with accelerator.autocast():
+                prediction = teacher(
+                    *(t[part].to(accelerator.device) for t in (noisy, timesteps, batch["prompt_embeds"]))
+                )
+            outputs.append(prediction.float().cpu())
+        return cls(batch["latents"], batch["prompt_embeds"], noise, sigmas, timesteps, torch.cat(outputs))
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, settings: AdaptSettings, accelerator: Accelerator) -> dict[str, float]:
+        """Student-vs-teacher relative error, held-out loss of the training objective, mean block density."""
+        reset_densities(model)
+        errors, losses = [], []
+        noisy = add_noise(self.latents, self.noise, self.sigmas)
+        for chunk in range(0, len(self.latents), settings.batch_size):
+            part = slice(chunk, chunk + settings.batch_size)
+            inputs = (t[part].to(accelerator.device) for t in (noisy, self.timesteps, self.prompt_embeds))
+            with accelerator.autocast():
+                prediction = velocity(model, *inputs).float().cpu()
+            target = self.teacher[part] if settings.loss == "distill" else self.noise[part] - self.latents[part]
+            errors.append(relative_error(prediction, self.teacher[part]))
+            losses.append((prediction - target).pow(2).flatten(1).mean(1))
+        densities = layer_densities(model)
+        return {
+            "student_teacher_error": float(torch.cat(errors).mean()),
+            "heldout_loss": float(torch.cat(losses).mean()),
+            "density": sum(densities.values()) / max(len(densities), 1),
+        }
+
+
+class MetricsLog:
+    """metrics.jsonl of the run; on resume, records past the checkpoint (lost with the kill) are dropped."""
+
+    def __init__(self, path: Path, enabled: bool, resumed_at: int | None) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled and resumed_at is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_at]
+            atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+        elif enabled:
+            atomic_write_text(path, "")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _check_run_folder(paths: RunPaths, settings: AdaptSettings, resume: bool) -> None:
+    checkpoint = paths.latest_checkpoint()
+    if checkpoint is not None and not resume:
+        raise AdaptError(f"{paths.root} already holds checkpoints; pass --resume to continue, or remove it")
+    if resume and paths.settings.is_file():
+        before = json.loads(paths.settings.read_text())
+        now = settings.to_dict()
+        changed = sorted(
+            k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES
+        )
+        if changed:
+            raise AdaptError(f"cannot resume {paths.root} with changed settings {changed}; use the original ones")
+
+
+def _save_checkpoint(accelerator: Accelerator, paths: RunPaths, step: int, keep: int) -> None:
+    """accelerate save_state into a temp folder, renamed into place; older checkpoints beyond `keep` removed."""
+    final = paths.checkpoints / f"step-{step:06d}"
+    staging = paths.checkpoints / f".tmp-step-{step:06d}"
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        for old in sorted(paths.checkpoints.glob("step-*"))[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _mixed_precision(settings: AdaptSettings) -> str:
+    if settings.mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return settings.mixed_precision
+
+
+def adapt(
+    converted: str | os.PathLike,
+    out: str | os.PathLike,
+    settings: AdaptSettings,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> Path | None:
+    """Fine-tune the NABLA transformer of `converted` and write the adapted checkpoint to `out`.
+
+    `stop_after` ends this call after that many steps with a checkpoint (continue with
+    resume=True), for time-limited jobs; the call then returns None instead of the output path.
+    """
+    root, out = Path(converted), Path(out)
+    if not root.is_dir():
+        raise AdaptError(f"converted checkpoint folder not found: {root}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise AdaptError(f"{out} exists and is not empty; choose another --out or remove it")
+    component, folder = _component_folder(root, settings.component)
+    paths = RunPaths(run_folder(out))
+    _check_run_folder(paths, settings, resume)
+
+    mixed_precision = _mixed_precision(settings)
+    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=settings.grad_accum)
+    set_seed(settings.seed)
+    if accelerator.is_main_process:
+        atomic_write_text(paths.settings, json.dumps(settings.to_dict(), indent=2) + "\n")
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+    student = load_student(folder, settings, half if settings.lora_rank else torch.float32).to(accelerator.device)
+    if settings.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    frozen = None
+    if not settings.lora_rank:
+        frozen = WanTransformer3DModel.from_pretrained(folder, torch_dtype=half).requires_grad_(False).eval()
+        frozen.to(accelerator.device)
+    teacher = DenseTeacher(student, frozen)
+    sampler = TimestepSampler(
+        settings.weighting_scheme,
+        settings.logit_mean,
+        settings.logit_std,
+        settings.mode_scale,
+        settings.shift if settings.shift is not None else _default_shift(root),
+        settings.sigma_range,
+    )
+
+    if settings.data:
+        dataset = LatentDataset(settings.data)
+    else:
+        teacher_rollouts(
+            root, teacher, settings, sampler, student.config.in_channels, accelerator, paths.rollouts, progress
+        )
+        dataset = LatentDataset(paths.rollouts)
+    train, heldout = split_heldout(len(dataset), settings.heldout_fraction)
+    validation = ValidationSet.build(dataset, heldout, settings, sampler, teacher, accelerator)
+
+    trainable = [p for p in student.parameters() if p.requires_grad]  # FSDP re-maps them in prepare
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    warmup = settings.warmup_steps if settings.warmup_steps is not None else settings.steps // 20
+    lr_scheduler = get_scheduler(
+        settings.lr_scheduler,
+        optimizer,
+        num_warmup_steps=warmup * accelerator.num_processes,
+        num_training_steps=settings.steps * accelerator.num_processes,
+    )
+    model, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    checkpoint = paths.latest_checkpoint() if resume else None
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+    log = MetricsLog(paths.metrics, accelerator.is_main_process, state.step if checkpoint is not None else None)
+    unwrapped = accelerator.unwrap_model(model)
+
+    def validate() -> dict[str, float]:
+        record = {"step": state.step, "kind": "validation", **validation.evaluate(unwrapped, settings, accelerator)}
+        log.write(record)
+        return record
+
+    before = validate() if state.step == 0 else None
+    last_step = settings.steps if stop_after is None else min(settings.steps, state.step + stop_after)
+    bar = tqdm(
+        total=settings.steps,
+        initial=state.step,
+        desc="adapt",
+        disable=not (progress and accelerator.is_local_main_process),
+    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    while state.step < last_step:
+        started = time.perf_counter()
+        total_loss = torch.zeros((), device=accelerator.device)
+        for micro in range(settings.grad_accum):
+            with accelerator.accumulate(model):
+                generator = step_generator(settings.seed, state.step, micro, rank)
+                first = ((state.step * settings.grad_accum + micro) * world + rank) * settings.batch_size
+                positions = sample_positions(settings.seed, len(train), first, settings.batch_size)
+                batch = dataset.batch([train[p] for p in positions])
+                noise = torch.randn(batch["latents"].shape, generator=generator)
+                sigmas, timesteps = sampler.sample(settings.batch_size, generator)
+                latents, noise, embeds = (
+                    t.to(accelerator.device) for t in (batch["latents"], noise, batch["prompt_embeds"])
+                )
+                timesteps = timesteps.to(accelerator.device)
+                noisy = add_noise(latents, noise, sigmas)
+                with accelerator.autocast():
+                    target = loss_target(settings.loss, teacher, latents, noise, noisy, timesteps, embeds)
+                prediction = velocity(model, noisy, timesteps, embeds)
+                loss = weighted_mse(prediction, target, sigmas, settings.weighting_scheme)
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+                total_loss += loss.detach() / settings.grad_accum
+        state.step += 1
+        mean_loss = float(accelerator.reduce(total_loss, "mean"))
+        log.write(
+            {
+                "step": state.step,
+                "loss": mean_loss,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "seconds": time.perf_counter() - started,
+            }
+        )
+        bar.set_postfix(loss=f"{mean_loss:.4g}")
+        bar.update(1)
+        if settings.validate_every and state.step % settings.validate_every == 0 and state.step < settings.steps:
+            validate()
+        every = settings.checkpoint_every
+        if (every and state.step % every == 0) or state.step == last_step < settings.steps:
+            _save_checkpoint(accelerator, paths, state.step, settings.keep_checkpoints)
+    bar.close()
+    if state.step < settings.steps:
+        return None
+    after = validate()
+    full_state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        first_record = json.loads(paths.metrics.read_text().splitlines()[0])
+        write_adapted(root, component, folder, out, settings, full_state, before or first_record, after)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out
+
+
+def _stale(root: Path, folder: Path, name: str, component: str) -> bool:
+    """Parts of the input not carried over: the retrained transformer, VCS/cache folders, the old eval report."""
+    if name in (".cache", ".git"):
+        return True
+    return (folder == root and name == component) or (folder == root / "nabla_reports" and name == "eval.json")
+
+
+def write_adapted(
+    root: Path,
+    component: str,
+    folder: Path,
+    out: Path,
+    settings: AdaptSettings,
+    state_dict: dict[str, torch.Tensor],
+    before: dict[str, Any],
+    after: dict[str, Any],
+) -> Path:
+    """Write the adapted checkpoint: other parts of `root` copied, the transformer re-saved, atomically."""
+    model = load_student(folder, settings, _weights_dtype(folder))
+    model.load_state_dict(state_dict)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        staged = work / "out"
+        if component:
+            shutil.copytree(
+                root, staged, ignore=lambda d, names: [n for n in names if _stale(root, Path(d), n, component)]
+            )
+        if settings.lora_rank:
+            model.save_lora_adapter(staged / LORA_FOLDER)
+            model.fuse_lora()
+            model.unload_lora()
+        summary = {
+            "steps": settings.steps,
+            "loss": settings.loss,
+            "lora_rank": settings.lora_rank,
+            "lr": settings.learning_rate,
+            "batch_size": settings.batch_size * settings.grad_accum,
+            "seed": settings.seed,
+            "data": settings.data or f"teacher rollouts ({settings.rollout_steps} steps)",
+            "student_teacher_error_before": before["student_teacher_error"],
+            "student_teacher_error_after": after["student_teacher_error"],
+            "heldout_loss_before": before["heldout_loss"],
+            "heldout_loss_after": after["heldout_loss"],
+        }
+        nabla = NablaConfig.from_dict(dict(model.config[CONFIG_KEY])).with_provenance(adaptation=summary)
+        model.register_to_config(**{CONFIG_KEY: nabla.to_dict()})
+        model.save_pretrained(staged / component if component else staged)
+        report = {"summary": summary, "validation": {"before": before, "after": after}}
+        atomic_write_text(staged / REPORT_PATH, json.dumps(report, indent=2) + "\n")
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+__all__ = ["AdaptError", "AdaptSettings", "DataError", "adapt", "run_folder", "write_adapted"]

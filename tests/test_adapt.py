@@ -165,8 +165,8 @@ def test_a_killed_run_resumes_to_the_same_weights(converted, tmp_path):
 
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(json.dumps({"nabla": {"threshold": 0.3}, "adapt": plan.to_dict()}))
-    command = "from nabla_convert.adapt.cli import adapt_command; adapt_command()"
-    args = [str(converted), "--out", str(tmp_path / "split"), "--recipe", str(recipe), "--resume"]
+    command = "from nabla_convert.cli import main; main()"
+    args = ["adapt", str(converted), "--out", str(tmp_path / "split"), "--recipe", str(recipe), "--resume"]
     result = subprocess.run([sys.executable, "-c", command, *args], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "wrote adapted NABLA checkpoint" in result.stdout

@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from nabla_convert.adapt.trainer import AdaptSettings, adapt, run_folder
-from nabla_convert.config import NablaError
 from nabla_convert.recipes import load_recipe
 
 
@@ -60,14 +59,11 @@ def adapt_command(converted, out, recipe, resume, stop_after, **options) -> None
     adapters are also saved on their own in OUT/lora/. Several GPUs: `accelerate launch
     --config_file recipes/accelerate/ddp.yaml -m nabla_convert.cli adapt ...`.
     """
-    try:
-        plan = load_recipe(recipe).adapt if recipe else {}
-        for name in ("data", "prompts"):
-            options[name] = str(options[name]) if options[name] else None
-        settings = AdaptSettings.from_dict(plan, **options)
-        written = adapt(converted, out, settings, resume=resume, stop_after=stop_after)
-    except NablaError as err:  # one-line errors also when the command runs outside the nabla-convert group
-        raise click.ClickException(str(err)) from None
+    plan = load_recipe(recipe).adapt if recipe else {}
+    for name in ("data", "prompts"):
+        options[name] = str(options[name]) if options[name] else None
+    settings = AdaptSettings.from_dict(plan, **options)
+    written = adapt(converted, out, settings, resume=resume, stop_after=stop_after)
     if written is None:
         click.echo(f"stopped with a checkpoint in {run_folder(out)}; continue with --resume")
     else:

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from nabla_convert.attention import BlockSelection, TileLayout, nabla_block_mask, nabla_selection, to_block_mask
 from nabla_convert.attention.flex import compiled_flex_attention, enable_compile_cache, kernel_options_for
-from nabla_convert.config import NablaConfig, atomic_write_text
+from nabla_convert.config import NablaConfig
+from nabla_convert.io import atomic_write_text
 from nabla_convert.models.wan import NablaAttnProcessor, apply_nabla, layer_densities, reset_densities
 
 # WanTransformer3DModel configs of the public Wan2.1 T2V checkpoints (their transformer/config.json).

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nabla_convert.attention.flex import BACKENDS
+from nabla_convert.io import atomic_write_text
 
 SCHEMA_VERSION = 1
 CONFIG_KEY = "_nabla"
@@ -160,15 +161,6 @@ class NablaConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write through a temporary file and rename, so an interrupted write leaves no half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, NablaConfig]:

@@ -18,7 +18,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig, NablaError, atomic_write_text
+from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig, NablaError
+from nabla_convert.io import atomic_write_text
 
 WAN_CLASSES = ("WanTransformer3DModel", "NablaWanTransformer3DModel")
 NABLA_CLASS = ["nabla_convert", "NablaWanTransformer3DModel"]

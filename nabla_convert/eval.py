@@ -12,7 +12,7 @@ import json
 import math
 import os
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from nabla_convert.config import CONFIG_KEY, NablaConfig, NablaError, atomic_write_text
+from nabla_convert.config import CONFIG_KEY, NablaConfig, NablaError
 from nabla_convert.convert import resolve_model
+from nabla_convert.io import DTYPES, atomic_write, atomic_write_text, markdown_table, resolve_device
 from nabla_convert.models.wan import layer_densities, reset_densities
 from nabla_convert.reference import HEIGHT, NUM_FRAMES, RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS, WIDTH, heldout_prompts
 from nabla_convert.reference.flow import flow_matching_loss as velocity_loss
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRANSFORMER_NAMES = ("transformer", "transformer_2")
 
 
@@ -341,16 +341,6 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def atomic_save(path: Path, write: Callable[[Path], None]) -> None:
-    """Let `write` fill a temporary file next to `path`, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def preview_frames(preview: Preview, count: int) -> list[int]:
     frames = preview.video_a.shape[0]
     return sorted({round(i * (frames - 1) / max(count - 1, 1)) for i in range(min(count, frames))})
@@ -382,7 +372,7 @@ def save_grid(result: EvalResult, path: Path) -> None:
         label = f"#{preview.index} seed {preview.seed} frame {frame}\n{textwrap.shorten(preview.prompt, 40)}"
         row[0].set_ylabel(label, fontsize=6)
     figure.suptitle(f"A = {result.name_a}\nB = {result.name_b}", fontsize=8)
-    atomic_save(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
 
 
 def save_gif(result: EvalResult, path: Path, fps: int = 8) -> None:
@@ -398,26 +388,12 @@ def save_gif(result: EvalResult, path: Path, fps: int = 8) -> None:
         return Image.fromarray(pixels)
 
     images = [frame_image(i) for i in range(result.previews[0].video_a.shape[0])]
-    atomic_save(
+    atomic_write(
         path,
         lambda tmp: images[0].save(
             tmp, format="GIF", save_all=True, append_images=images[1:], duration=1000 // fps, loop=0
         ),
     )
-
-
-def format_number(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
-    return str(value)
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(format_number(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def render_report(result: EvalResult) -> str:
@@ -512,12 +488,6 @@ def load_held_out(path: str | os.PathLike) -> HeldOut:
             f"got latents {tuple(latents.shape)} and {type(prompts).__name__} prompts"
         )
     return HeldOut(list(latents.unbind(0)), [str(p) for p in prompts], path.name)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def pipeline_folder(path: str | os.PathLike) -> Path:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from nabla_convert.eval import DTYPES, EvalSettings, run_eval
+from nabla_convert.eval import EvalSettings, run_eval
+from nabla_convert.io import DTYPES
 
 DEFAULTS = EvalSettings()
 

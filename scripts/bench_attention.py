@@ -44,7 +44,7 @@ from nabla_convert.bench import (
     selection_agreement,
     sparse_attention_ms,
 )
-from nabla_convert.config import atomic_write_text
+from nabla_convert.io import atomic_write_text
 
 WAN14B_720P_CROPPED = (21, 40, 80)  # 81 frames at 1280x640 (the public code crops to multiples of 128 px)
 WAN14B_720P = (21, 45, 80)  # 81 frames at 1280x720: 45 token rows pad to 48 (6 tiles)

@@ -20,9 +20,21 @@ from safetensors.torch import save_file
 
 from nabla_convert import NablaConfig, convert
 from nabla_convert.calibrate import calibrate
-from nabla_convert.eval import markdown_table, run_eval
+from nabla_convert.config import load_config_file
+from nabla_convert.eval import run_eval
+from nabla_convert.io import markdown_table
 from nabla_convert.recipes import load_recipe
-from nabla_convert.reference import PROMPTS_TRAIN, REFERENCE_PIPELINE, heldout_prompts, heldout_videos
+from nabla_convert.reference import (
+    HEIGHT,
+    NUM_FRAMES,
+    PROMPTS_TRAIN,
+    RECOMMENDED_GUIDANCE,
+    RECOMMENDED_STEPS,
+    REFERENCE_PIPELINE,
+    WIDTH,
+    heldout_prompts,
+    heldout_videos,
+)
 from nabla_convert.reference.flow import normalise_latents
 
 SETTINGS = {
@@ -58,21 +70,33 @@ def main() -> None:
     prompts_file = args.out / "prompts.txt"
     prompts_file.write_text("\n".join(heldout_prompts()[: args.samples]) + "\n")
 
-    train_prompts = PROMPTS_TRAIN.read_text().splitlines()[:6]
-    calibration = calibrate(
-        REFERENCE_PIPELINE, args.out / "calibration", prompts=train_prompts, target_density=args.calibrate_density
-    )
+    calibrated = args.out / "calibration" / "nabla_config.json"
+    if not calibrated.is_file():  # calibrate once; later runs reuse it
+        calibrate(
+            REFERENCE_PIPELINE,
+            calibrated.parent,
+            prompts=PROMPTS_TRAIN.read_text().splitlines()[:4],
+            target_density=args.calibrate_density,
+            height=HEIGHT,
+            width=WIDTH,
+            frames=NUM_FRAMES,
+            steps=RECOMMENDED_STEPS,
+            guidance=RECOMMENDED_GUIDANCE,
+            sample_steps=4,
+        )
     settings = {name: make() for name, make in SETTINGS.items()}
-    settings[f"calibrated, mean density target {args.calibrate_density}"] = calibration.config()
+    settings[f"calibrated, mean density target {args.calibrate_density}"] = load_config_file(calibrated)
 
     models = {}
     for index, (name, config) in enumerate(settings.items()):
         models[name] = convert(REFERENCE_PIPELINE, args.out / "models" / str(index), config, overwrite=True)
     models.update(dict(item.split("=", 1) for item in args.extra))
 
-    results = {}
     results_file = args.out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     for index, (name, folder) in enumerate(models.items()):
+        if name in results:  # measured by an earlier, interrupted run
+            continue
         result = run_eval(
             REFERENCE_PIPELINE, folder, args.out / "eval" / str(index), prompts_file=prompts_file, latents_file=latents
         )

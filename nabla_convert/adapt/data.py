@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nabla_convert.config import NablaError
+from nabla_convert.io import atomic_write
 
 SHARD_METADATA = {"format": "nabla-convert-latents", "version": "1"}
 TENSOR_NAMES = ("latents", "prompt_embeds")
@@ -47,16 +48,11 @@ def write_latent_shard(path: str | os.PathLike, latents: torch.Tensor, prompt_em
             f"need latents (N, C, F, H, W) and prompt_embeds (N, L, D) with the same N, got "
             f"{tuple(latents.shape)} and {tuple(prompt_embeds.shape)}"
         )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tensors = {
         "latents": latents.detach().contiguous().cpu(),
         "prompt_embeds": prompt_embeds.detach().contiguous().cpu(),
     }
-    save_file(tensors, tmp, metadata=SHARD_METADATA)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=SHARD_METADATA))
 
 
 class LatentDataset(torch.utils.data.Dataset):

@@ -51,8 +51,9 @@ from nabla_convert.adapt.data import (
     write_latent_shard,
 )
 from nabla_convert.adapt.losses import LOSSES, DenseTeacher, loss_target, relative_error, velocity, weighted_mse
-from nabla_convert.config import CONFIG_KEY, NablaConfig, NablaError, atomic_write_text
+from nabla_convert.config import CONFIG_KEY, NablaConfig, NablaError
 from nabla_convert.convert import transformer_folders
+from nabla_convert.io import atomic_write_text
 from nabla_convert.models.wan import NablaWanTransformer3DModel, layer_densities, reset_densities
 
 LORA_FOLDER = "lora"

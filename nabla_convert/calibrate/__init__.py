@@ -43,7 +43,7 @@ from nabla_convert.calibrate.report import write_outputs
 from nabla_convert.calibrate.search import ComponentChoice, Target, evaluate, search
 from nabla_convert.config import NablaConfig
 from nabla_convert.convert import resolve_model, transformer_folders
-from nabla_convert.eval import DTYPES, atomic_save, resolve_device
+from nabla_convert.io import DTYPES, atomic_write, resolve_device
 from nabla_convert.recipes import Recipe, load_recipe
 
 STATS_FILE = "stats.safetensors"
@@ -193,7 +193,7 @@ def recalibrate(stats_file: str | os.PathLike, out: str | os.PathLike, **overrid
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / STATS_FILE).exists() or not (out / STATS_FILE).samefile(stats_file):
-        atomic_save(out / STATS_FILE, lambda tmp: shutil.copyfile(stats_file, tmp))
+        atomic_write(out / STATS_FILE, lambda tmp: shutil.copyfile(stats_file, tmp))
     return Calibration(stats, choices, write_outputs(out, stats, choices))
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from nabla_convert.calibrate import calibrate, recalibrate
-from nabla_convert.eval import DTYPES, load_prompts
+from nabla_convert.eval import load_prompts
+from nabla_convert.io import DTYPES
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "calibration" / "prompts.txt"
 

@@ -43,7 +43,7 @@ from nabla_convert.attention import (
 )
 from nabla_convert.attention.mask import block_scores
 from nabla_convert.config import ConfigError, LayerSettings, NablaConfig, NablaError, check_threshold, parse_window
-from nabla_convert.eval import atomic_save
+from nabla_convert.io import atomic_write
 from nabla_convert.models.wan import NablaAttnProcessor, apply_nabla, nabla_state, remove_nabla
 
 DEFAULT_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -227,7 +227,7 @@ class Stats:
             for layer, block_map in comp.maps.items():
                 tensors[f"{name}.map.{layer}"] = block_map.contiguous()
         meta = json.dumps({**self.meta, "components": components})
-        atomic_save(
+        atomic_write(
             Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"format": STATS_FORMAT, "meta": meta})
         )
 

@@ -23,8 +23,7 @@ from matplotlib.figure import Figure
 from nabla_convert.attention import select_by_mass, sta_block_mask
 from nabla_convert.calibrate.collect import Stats
 from nabla_convert.calibrate.search import ComponentChoice
-from nabla_convert.config import atomic_write_text
-from nabla_convert.eval import atomic_save, markdown_table
+from nabla_convert.io import atomic_write, atomic_write_text, markdown_table
 
 CONFIG_FILE = "nabla_config.json"
 REPORT_FILE = "report.md"
@@ -32,7 +31,7 @@ SUMMARY_FILE = "calibration.json"
 
 
 def save_figure(fig: Figure, path: Path) -> None:
-    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
 def plot_layers(choice: ComponentChoice, path: Path) -> None:

@@ -7,7 +7,6 @@ What the folder does not say (a license, a base model id) is left out rather tha
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from nabla_convert.hub.checks import REPORTS_DIR, Checkpoint, TransformerInfo
+from nabla_convert.io import markdown_table
 
 PIPELINE_TAGS = {
     "WanPipeline": "text-to-video",
@@ -207,19 +207,3 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def window(sta: tuple[int, int, int] | None) -> str:
     return "-".join(str(size) for size in sta) if sta else "none"
-
-
-def cell(value: Any) -> str:
-    if isinstance(value, float):
-        text = f"{value:.4g}"
-    elif isinstance(value, str):
-        text = value
-    else:
-        text = json.dumps(value)
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(header: list[Any], rows: list[Any]) -> str:
-    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
-    return "\n".join(lines)

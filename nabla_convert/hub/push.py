@@ -29,7 +29,6 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import RepoFile
 
-from nabla_convert.config import atomic_write_text
 from nabla_convert.hub.card import generate_card
 from nabla_convert.hub.checks import Checkpoint, ManifestEntry, build_manifest, check_checkpoint
 from nabla_convert.hub.errors import (
@@ -42,6 +41,7 @@ from nabla_convert.hub.errors import (
     PushError,
     VerificationError,
 )
+from nabla_convert.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

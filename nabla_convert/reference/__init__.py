@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nabla_convert.io import read_prompts
 from nabla_convert.reference.scenes import Scene, render, sample_scenes
 
 REFERENCE_PIPELINE = Path(__file__).parent / "pipeline"
@@ -26,10 +27,7 @@ def heldout_scenes(count: int = HELDOUT_COUNT) -> list[Scene]:
 
 def heldout_prompts(path: str | Path | None = None) -> list[str]:
     """Prompts of a file (one per line, blank lines skipped); the bundled held-out set when no path is given."""
-    path = Path(path) if path else PROMPTS_HELDOUT
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return read_prompts(path or PROMPTS_HELDOUT)
 
 
 def heldout_videos(count: int = HELDOUT_COUNT, device: str = "cpu"):

@@ -90,7 +90,7 @@ def main() -> None:
     models = {}
     for index, (name, config) in enumerate(settings.items()):
         models[name] = convert(REFERENCE_PIPELINE, args.out / "models" / str(index), config, overwrite=True)
-    models.update(dict(item.split("=", 1) for item in args.extra))
+    models.update(dict(item.rsplit("=", 1) for item in args.extra))
 
     results_file = args.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}

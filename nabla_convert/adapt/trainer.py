@@ -53,7 +53,7 @@ from nabla_convert.adapt.data import (
 from nabla_convert.adapt.losses import LOSSES, DenseTeacher, loss_target, relative_error, velocity, weighted_mse
 from nabla_convert.config import CONFIG_KEY, NablaConfig, NablaError
 from nabla_convert.convert import transformer_folders
-from nabla_convert.io import atomic_write_text
+from nabla_convert.io import atomic_write_text, read_prompts
 from nabla_convert.models.wan import NablaWanTransformer3DModel, layer_densities, reset_densities
 
 LORA_FOLDER = "lora"
@@ -272,7 +272,10 @@ def teacher_rollouts(
         return
     if not settings.prompts:
         raise AdaptError("distillation without --data needs prompts to make teacher rollouts (--prompts FILE)")
-    prompts = [line.strip() for line in Path(settings.prompts).read_text().splitlines() if line.strip()]
+    try:
+        prompts = read_prompts(settings.prompts)
+    except FileNotFoundError as err:
+        raise AdaptError(str(err)) from None
     if len(prompts) < 2:
         raise AdaptError(f"{settings.prompts} needs at least 2 prompts (one is held out), found {len(prompts)}")
     if not (root / "text_encoder").is_dir():

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
@@ -406,6 +406,17 @@ def _save_checkpoint(accelerator: Accelerator, paths: RunPaths, step: int, keep:
     accelerator.wait_for_everyone()
 
 
+def _fsdp_checkpoints(accelerator: Accelerator) -> bool:
+    """Whether FSDP checkpoints each block itself (recipes/accelerate/fsdp.yaml).
+
+    Under FSDP2, checkpointing must sit inside each sharded block: FSDP casts a block's inputs to
+    bf16 in its forward hook but not when the block is recomputed in backward, so diffusers' own
+    checkpointing around the block recomputes with fp32 inputs and torch refuses the mismatch.
+    """
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return accelerator.distributed_type == DistributedType.FSDP and bool(plugin and plugin.activation_checkpointing)
+
+
 def _mixed_precision(settings: AdaptSettings) -> str:
     if settings.mixed_precision == "auto":
         return "bf16" if torch.cuda.is_available() else "no"
@@ -443,7 +454,7 @@ def adapt(
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
 
     student = load_student(folder, settings, half if settings.lora_rank else torch.float32).to(accelerator.device)
-    if settings.gradient_checkpointing:
+    if settings.gradient_checkpointing and not _fsdp_checkpoints(accelerator):
         student.enable_gradient_checkpointing()
     frozen = None
     if not settings.lora_rank:

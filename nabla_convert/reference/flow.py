@@ -31,12 +31,13 @@ def flow_matching_loss(
     transformer, latents: torch.Tensor, prompt_embeds: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor
 ) -> torch.Tensor:
     """Per-sample mean squared error of the velocity prediction at noise levels `sigmas` (shape (B,))."""
+    dtype = getattr(transformer, "module", transformer).dtype  # the model, also inside a DistributedDataParallel
     s = sigmas.view(-1, 1, 1, 1, 1).to(latents.dtype)
     noisy = (1 - s) * latents + s * noise
     prediction = transformer(
-        hidden_states=noisy.to(transformer.dtype),
+        hidden_states=noisy.to(dtype),
         timestep=sigmas * 1000,
-        encoder_hidden_states=prompt_embeds.to(transformer.dtype),
+        encoder_hidden_states=prompt_embeds.to(dtype),
         return_dict=False,
     )[0]
     return F.mse_loss(prediction.float(), (noise - latents).float(), reduction="none").mean(dim=(1, 2, 3, 4))

@@ -29,6 +29,7 @@ from nabla_convert.reference.scenes import VOCABULARY, render, sample_scenes
 SCHEDULER_SHIFT = 3.0
 TEXT_DIM = 64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU runs are smoke tests of the GPU scripts
+POOL_STRIDE = 1_000_000  # clip-index distance between the pools of two processes
 
 
 def build_pipeline(seed: int = 0):
@@ -157,42 +158,67 @@ def cmd_vae(args: argparse.Namespace) -> None:
 
 
 @torch.no_grad()
-def build_pool(pipe, count: int, batch: int, seconds: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised latents and padded prompt embeddings of up to `count` training clips, within `seconds`."""
-    latents, embeds, start = [], [], time.time()
-    for first in tqdm(range(0, count, batch), desc="pool", mininterval=15):
-        scenes = sample_scenes(TRAIN_SEED, first, min(batch, count - first))
+def build_pool(pipe, start: int, count: int, batch: int, seconds: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised latents and padded prompt embeddings of training clips start, start + 1, ... (up to `count`,
+    within `seconds`)."""
+    latents, embeds, began = [], [], time.time()
+    for first in tqdm(range(start, start + count, batch), desc="pool", mininterval=15):
+        scenes = sample_scenes(TRAIN_SEED, first, min(batch, start + count - first))
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             latents.append(normalise_latents(pipe.vae, render(scenes, NUM_FRAMES, HEIGHT, WIDTH, DEVICE)).bfloat16())
         prompt_embeds, _ = pipe.encode_prompt([s.caption() for s in scenes], do_classifier_free_guidance=False)
         embeds.append(prompt_embeds.bfloat16())
-        if time.time() - start > seconds:
+        if time.time() - began > seconds:
             break
     return torch.cat(latents), torch.cat(embeds)
 
 
+def cached_pool(pipe, args: argparse.Namespace, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's latent pool: its own clips (rank r starts at clip --pool-start + r * POOL_STRIDE), kept in
+    --pool-cache so a later call on the same machine trains on without rebuilding it."""
+    cache = Path(args.pool_cache) / f"pool-{rank}.pt" if args.pool_cache else None
+    if cache is not None and cache.is_file():
+        pool = torch.load(cache, map_location=DEVICE)
+        return pool["latents"], pool["embeds"]
+    latents, embeds = build_pool(pipe, args.pool_start + rank * POOL_STRIDE, args.pool, 32, args.pool_seconds)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"latents": latents, "embeds": embeds}, cache.with_suffix(".tmp"))
+        os.replace(cache.with_suffix(".tmp"), cache)
+    return latents, embeds
+
+
 def cmd_dit(args: argparse.Namespace) -> None:
-    """Flow matching with logit-normal shifted noise levels, 10% empty prompts for guidance, and an EMA copy."""
+    """Flow matching with logit-normal shifted noise levels, 10% empty prompts for guidance, and an EMA copy.
+
+    One process per GPU under `accelerate launch --multi_gpu` (DDP): each draws its own pool of clips and batches
+    (--batch per GPU); the main process evaluates and saves.
+    """
+    from accelerate import Accelerator
     from safetensors.torch import load_file, save_file
 
+    accelerator = Accelerator()  # explicit bf16 autocast below, as on one GPU
+    rank, main = accelerator.process_index, accelerator.is_main_process
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args.pipeline, DEVICE)
     if args.resume:
         pipe.transformer.load_state_dict(load_file(Path(args.resume) / "raw_transformer.safetensors"))
-    pool_latents, pool_embeds = build_pool(pipe, args.pool, 32, args.pool_seconds)
-    print(f"pool: {len(pool_latents)} clips, latents {tuple(pool_latents.shape[1:])}")
+    pool_latents, pool_embeds = cached_pool(pipe, args, rank)
+    print(f"rank {rank}: pool of {len(pool_latents)} clips, latents {tuple(pool_latents.shape[1:])}")
     model = pipe.transformer.train()
     ema = [p.detach().clone() for p in model.parameters()]
     if args.resume:
         ema_state = load_file(Path(args.resume) / "transformer" / "diffusion_pytorch_model.safetensors")
         ema = [ema_state[name].to(DEVICE, torch.float32) for name, _ in model.named_parameters()]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
-    generator = torch.Generator(DEVICE).manual_seed(args.seed)
+    trained = accelerator.prepare_model(model)
+    generator = torch.Generator(DEVICE).manual_seed(args.seed + 1000 * rank)
     budget = args.minutes * 60 - (time.time() - args.t0)
-    start, step, log, smooth = time.time(), 0, [], None
-    bar = tqdm(desc="dit", mininterval=15)
-    while (elapsed := time.time() - start) < budget:
+    start, step, log, smooth, stop = time.time(), 0, [], None, False
+    bar = tqdm(desc="dit", mininterval=15, disable=not main)
+    while not stop:
+        elapsed = time.time() - start
         index = torch.randint(len(pool_latents), (args.batch,), device=DEVICE, generator=generator)
         latents, embeds = pool_latents[index].float(), pool_embeds[index]
         keep = torch.rand(args.batch, device=DEVICE, generator=generator) >= args.drop_prompt
@@ -203,20 +229,25 @@ def cmd_dit(args: argparse.Namespace) -> None:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(args.lr, step, args.warmup, elapsed / budget)
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            loss = flow_matching_loss(model, latents, embeds.float(), sigmas, noise).mean()
+            loss = flow_matching_loss(trained, latents, embeds.float(), sigmas, noise).mean()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        accelerator.backward(loss)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         decay = min(args.ema, (1 + step) / (10 + step))
         torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - decay)
-        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
-        if step % 25 == 0:
+        if step % 25 == 0:  # every process stops at the same step: the main process's clock decides
+            smooth = loss.item() if smooth is None else 0.6 * smooth + 0.4 * loss.item()
             log.append({"step": step, "time": round(elapsed, 1), "loss": loss.item(), "smooth": smooth})
+            bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
+            flag = torch.tensor([float(elapsed >= budget)], device=accelerator.device)
+            stop = accelerator.reduce(flag, "sum").item() > 0
         step += 1
         bar.update()
-        bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
     bar.close()
+    accelerator.wait_for_everyone()
+    if not main:
+        return
     raw = {name: p.detach().bfloat16().contiguous() for name, p in model.named_parameters()}
     save_file(raw, out / "raw_transformer.safetensors")
     with torch.no_grad():
@@ -230,10 +261,12 @@ def cmd_dit(args: argparse.Namespace) -> None:
         train_videos = render(train_scenes, NUM_FRAMES, HEIGHT, WIDTH, DEVICE)
         loss_train = heldout_loss(pipe, train_videos, [s.caption() for s in train_scenes])
     model.to(torch.bfloat16).save_pretrained(out / "transformer")
-    record = {**device_record(), "steps": step, "batch": args.batch, "pool": len(pool_latents), "lr": args.lr,
-              "resumed": bool(args.resume), "heldout_loss": loss_heldout, "train_scene_loss": loss_train, "log": log}  # fmt: skip
+    record = {**device_record(), "steps": step, "batch": args.batch, "processes": accelerator.num_processes,
+              "pool": len(pool_latents) * accelerator.num_processes, "lr": args.lr, "resumed": bool(args.resume),
+              "heldout_loss": loss_heldout, "train_scene_loss": loss_train, "log": log}  # fmt: skip
     save_json(out / "dit_log.json", record)
-    print(f"dit: {step} steps, held-out loss {loss_heldout:.4f}, unseen training-distribution loss {loss_train:.4f}")
+    print(f"dit: {step} steps x {accelerator.num_processes} x {args.batch}, held-out loss {loss_heldout:.4f}, "
+          f"unseen training-distribution loss {loss_train:.4f}")  # fmt: skip
 
 
 def cmd_heldout(args: argparse.Namespace) -> None:
@@ -264,6 +297,7 @@ def main() -> None:
     dit.add_argument("--minutes", type=float, default=8.5, help="wall-clock budget including the latent pool")
     dit.add_argument("--pool", type=int, default=8192)
     dit.add_argument("--pool-seconds", type=float, default=90)
+    dit.add_argument("--pool-start", type=int, default=0, help="first training clip of the pool (new clips: > 0)")
     dit.add_argument("--batch", type=int, default=32)
     dit.add_argument("--lr", type=float, default=3e-4)
     dit.add_argument("--warmup", type=int, default=200)
@@ -271,6 +305,7 @@ def main() -> None:
     dit.add_argument("--drop-prompt", type=float, default=0.1)
     dit.add_argument("--seed", type=int, default=0)
     dit.add_argument("--resume", help="OUT folder of an earlier dit run")
+    dit.add_argument("--pool-cache", help="folder that keeps each process's latent pool between runs")
     dit.add_argument("--eval-clips", type=int, default=16)
     held = sub.add_parser("heldout")
     held.add_argument("pipeline")

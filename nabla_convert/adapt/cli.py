@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from accelerate import PartialState
 
 from nabla_convert.adapt.trainer import AdaptSettings, adapt, run_folder
 from nabla_convert.recipes import load_recipe
@@ -64,6 +65,8 @@ def adapt_command(converted, out, recipe, resume, stop_after, **options) -> None
         options[name] = str(options[name]) if options[name] else None
     settings = AdaptSettings.from_dict(plan, **options)
     written = adapt(converted, out, settings, resume=resume, stop_after=stop_after)
+    if not PartialState().is_main_process:  # one line per run, not per GPU
+        return
     if written is None:
         click.echo(f"stopped with a checkpoint in {run_folder(out)}; continue with --resume")
     else:

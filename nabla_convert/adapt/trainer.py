@@ -265,8 +265,8 @@ def teacher_rollouts(
 ) -> None:
     """A latent dataset made by the dense teacher: prompts encoded, then Euler steps from noise.
 
-    Each process makes the prompts p, p + world, ... into its own shard; done.json marks completion,
-    so a resumed run reuses it.
+    Each process makes one contiguous share of the prompts into its own shard, so the dataset is the
+    same for any process count; done.json marks completion, so a resumed run reuses it.
     """
     if (folder / "done.json").is_file():
         return
@@ -281,7 +281,12 @@ def teacher_rollouts(
     if not (root / "text_encoder").is_dir():
         raise AdaptError(f"{root} has no text_encoder to encode prompts; pass a latent dataset with --data")
     device = accelerator.device
-    mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if len(prompts) < world:
+        raise AdaptError(
+            f"{settings.prompts} has {len(prompts)} prompts for {world} processes; give each one at least one"
+        )
+    mine = range(len(prompts) * rank // world, len(prompts) * (rank + 1) // world)  # shards in prompt order
     encoder = WanPipeline.from_pretrained(root, transformer=None, transformer_2=None, vae=None).to(device)
     embeds, _ = encoder.encode_prompt(
         [prompts[i] for i in mine], do_classifier_free_guidance=False, max_sequence_length=settings.text_length
@@ -406,6 +411,20 @@ def _save_checkpoint(accelerator: Accelerator, paths: RunPaths, step: int, keep:
     accelerator.wait_for_everyone()
 
 
+def sample_noise(
+    seed: int, first: int, shape: torch.Size, sampler: TimestepSampler
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noise, sigmas, timesteps) of the samples numbered first, first + 1, ... of the run.
+
+    Each sample draws from its own generator keyed by its global number, so N processes with batch b
+    draw exactly what one process with batch N * b draws: the run does not depend on the GPU count.
+    """
+    generators = [step_generator(seed, first + i) for i in range(shape[0])]
+    noise = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators])
+    sigmas, timesteps = (torch.cat(t) for t in zip(*(sampler.sample(1, g) for g in generators), strict=True))
+    return noise, sigmas, timesteps
+
+
 def _fsdp_checkpoints(accelerator: Accelerator) -> bool:
     """Whether FSDP checkpoints each block itself (recipes/accelerate/fsdp.yaml).
 
@@ -517,12 +536,10 @@ def adapt(
         total_loss = torch.zeros((), device=accelerator.device)
         for micro in range(settings.grad_accum):
             with accelerator.accumulate(model):
-                generator = step_generator(settings.seed, state.step, micro, rank)
                 first = ((state.step * settings.grad_accum + micro) * world + rank) * settings.batch_size
                 positions = sample_positions(settings.seed, len(train), first, settings.batch_size)
                 batch = dataset.batch([train[p] for p in positions])
-                noise = torch.randn(batch["latents"].shape, generator=generator)
-                sigmas, timesteps = sampler.sample(settings.batch_size, generator)
+                noise, sigmas, timesteps = sample_noise(settings.seed, first, batch["latents"].shape, sampler)
                 latents, noise, embeds = (
                     t.to(accelerator.device) for t in (batch["latents"], noise, batch["prompt_embeds"])
                 )

@@ -12,6 +12,7 @@ from nabla_convert.reference import (
     heldout_prompts,
     heldout_scenes,
 )
+from nabla_convert.reference.flow import flow_matching_loss, latent_coverage
 from nabla_convert.reference.scenes import (
     COLOURS,
     HELDOUT_PAIRS,
@@ -99,3 +100,49 @@ def test_bundled_training_prompts_are_training_captions():
     prompts = heldout_prompts(PROMPTS_TRAIN)
     assert prompts == [s.caption() for s in sample_scenes(TRAIN_SEED, 0, len(prompts))]
     assert not any(f"{colour} {shape}" in p for p in prompts for colour, shape in HELDOUT_PAIRS)
+
+
+def test_coverage_marks_the_object_pixels_and_leaves_the_frames_unchanged():
+    scenes = sample_scenes(3, 0, 2)
+    frames, coverage = render(scenes, 9, 64, 64, coverage=True)
+    assert torch.equal(frames, render(scenes, 9, 64, 64))
+    assert coverage.shape == (2, 9, 64, 64) and coverage.amax(dim=(1, 2, 3)).min() == 1  # every clip has objects
+    square, square_coverage = render([_single("stays", "still")], 9, 64, 64, coverage=True)
+    assert square_coverage.shape == (1, 9, 64, 64) and 0 <= square_coverage.min() <= square_coverage.max() <= 1
+    red = ((square[0, 0] + 1) / 2 > 0.8) & ((square[0, 1] + 1) / 2 < 0.3)  # the red square, found by colour
+    assert torch.equal(square_coverage[0] > 0.5, red)
+
+
+def test_latent_coverage_takes_the_most_covered_pixel_of_each_causal_latent_cell():
+    coverage = torch.rand(2, 9, 16, 24)
+    cells = latent_coverage(coverage)
+    assert cells.shape == (2, 1, 3, 2, 3)
+    groups = [[0], [1, 2, 3, 4], [5, 6, 7, 8]]  # the causal VAE: frame 0 alone, then 4 frames per latent frame
+    for b in range(2):
+        for t, frames in enumerate(groups):
+            for i in range(2):
+                for j in range(3):
+                    block = coverage[b, frames, 8 * i : 8 * i + 8, 8 * j : 8 * j + 8]
+                    assert cells[b, 0, t, i, j] == block.max()
+
+
+def test_weighted_flow_matching_loss_is_the_weighted_mean_of_the_squared_error():
+    class Oracle(torch.nn.Module):  # predicts a fixed velocity, whatever the input
+        dtype = torch.float32
+
+        def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict):
+            return (prediction,)
+
+    latents, noise = torch.randn(2, 4, 3, 4, 4), torch.randn(2, 4, 3, 4, 4)
+    prediction = torch.randn(2, 4, 3, 4, 4)
+    sigmas, embeds = torch.tensor([0.3, 0.8]), torch.zeros(2, 5, 8)
+    error = (prediction - (noise - latents)) ** 2
+    plain = flow_matching_loss(Oracle(), latents, embeds, sigmas, noise)
+    torch.testing.assert_close(plain, error.mean(dim=(1, 2, 3, 4)))
+    ones = flow_matching_loss(Oracle(), latents, embeds, sigmas, noise, torch.ones(2, 1, 3, 4, 4))
+    torch.testing.assert_close(ones, plain)
+    weight = 1 + 4 * (torch.rand(2, 1, 3, 4, 4) > 0.7).float()
+    weighted = flow_matching_loss(Oracle(), latents, embeds, sigmas, noise, weight)
+    for b in range(2):
+        w = weight[b].expand(4, -1, -1, -1)
+        torch.testing.assert_close(weighted[b], (w * error[b]).sum() / w.sum())

@@ -22,15 +22,32 @@ def normalise_latents(vae, videos: torch.Tensor) -> torch.Tensor:
     return (latents - mean) / std
 
 
+def latent_coverage(coverage: torch.Tensor, temporal: int = 4, spatial: int = 8) -> torch.Tensor:
+    """Object coverage of pixels (B, T, H, W) on the VAE's latent grid, (B, 1, 1 + (T - 1) // temporal, H // spatial,
+    W // spatial): the most covered pixel of each latent cell (frame 0 alone, then groups of `temporal` frames, as
+    the causal VAE encodes them)."""
+    rest = coverage[:, 1:].unflatten(1, (-1, temporal)).amax(dim=2)
+    frames = torch.cat([coverage[:, :1], rest], dim=1)
+    return F.max_pool2d(frames, spatial).unsqueeze(1)
+
+
 def shifted_sigmas(uniform: torch.Tensor, shift: float) -> torch.Tensor:
     """Map values in (0, 1) to noise levels with the scheduler's timestep shift (more weight on high noise)."""
     return shift * uniform / (1 + (shift - 1) * uniform)
 
 
 def flow_matching_loss(
-    transformer, latents: torch.Tensor, prompt_embeds: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor
+    transformer,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise: torch.Tensor,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-sample mean squared error of the velocity prediction at noise levels `sigmas` (shape (B,))."""
+    """Per-sample mean squared error of the velocity prediction at noise levels `sigmas` (shape (B,)).
+
+    `weight` (broadcast to the latents, e.g. (B, 1, T, H, W)) makes it a weighted mean per sample.
+    """
     dtype = getattr(transformer, "module", transformer).dtype  # the model, also inside a DistributedDataParallel
     s = sigmas.view(-1, 1, 1, 1, 1).to(latents.dtype)
     noisy = (1 - s) * latents + s * noise
@@ -40,7 +57,11 @@ def flow_matching_loss(
         encoder_hidden_states=prompt_embeds.to(dtype),
         return_dict=False,
     )[0]
-    return F.mse_loss(prediction.float(), (noise - latents).float(), reduction="none").mean(dim=(1, 2, 3, 4))
+    error = F.mse_loss(prediction.float(), (noise - latents).float(), reduction="none")
+    if weight is None:
+        return error.mean(dim=(1, 2, 3, 4))
+    weight = weight.float().expand_as(error)
+    return (weight * error).sum(dim=(1, 2, 3, 4)) / weight.sum(dim=(1, 2, 3, 4))
 
 
 @torch.no_grad()

@@ -251,9 +251,18 @@ def _background(scene: Scene, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def render(
-    scenes: Sequence[Scene], num_frames: int, height: int, width: int, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Frames of the scenes as a (B, 3, num_frames, height, width) float32 tensor in [-1, 1] (Wan VAE input)."""
+    scenes: Sequence[Scene],
+    num_frames: int,
+    height: int,
+    width: int,
+    device: torch.device | str = "cpu",
+    coverage: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Frames of the scenes as a (B, 3, num_frames, height, width) float32 tensor in [-1, 1] (Wan VAE input).
+
+    With coverage=True also the share of each pixel covered by objects, (B, num_frames, height, width) in [0, 1]:
+    where the caption's object words apply (a training loss can weight them up).
+    """
     times = np.linspace(0.0, 1.0, num_frames)
     arrays = _trajectories(scenes, times)
     kinds = arrays.pop("kind")
@@ -262,10 +271,11 @@ def render(
     xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
     y, x = torch.meshgrid(ys, xs, indexing="ij")
     t = torch.as_tensor(times, dtype=torch.float32, device=device)[:, None, None]
-    videos = []
+    videos, covered = [], []
     for b, scene in enumerate(scenes):
         camera = torch.as_tensor(_camera_velocity(scene.pan), dtype=torch.float32, device=device)
         image = _background(scene, x + camera[0] * t, y + camera[1] * t)
+        uncovered = torch.ones_like(image[0])
         for k in range(len(scene.objects)):
             cx, cy = track["centre"][b, k, :, 0, None, None], track["centre"][b, k, :, 1, None, None]
             cos, sin = torch.cos(track["angle"][b, k])[:, None, None], torch.sin(track["angle"][b, k])[:, None, None]
@@ -276,5 +286,8 @@ def render(
             alpha = ((1.0 - field) * r * height + 0.5).clamp(0.0, 1.0)  # about one pixel of antialiasing
             rgb = track["colour"][b, k].T[:, :, None, None]
             image = image + alpha * (rgb - image)
+            uncovered = uncovered * (1.0 - alpha)
         videos.append(image)
-    return torch.stack(videos).clamp(0.0, 1.0) * 2.0 - 1.0
+        covered.append(1.0 - uncovered)
+    frames = torch.stack(videos).clamp(0.0, 1.0) * 2.0 - 1.0
+    return (frames, torch.stack(covered)) if coverage else frames

@@ -23,7 +23,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nabla_convert.reference import HEIGHT, NUM_FRAMES, TRAIN_SEED, WIDTH, heldout_videos
-from nabla_convert.reference.flow import flow_matching_loss, heldout_loss, normalise_latents, shifted_sigmas
+from nabla_convert.reference.flow import (
+    flow_matching_loss,
+    heldout_loss,
+    latent_coverage,
+    normalise_latents,
+    shifted_sigmas,
+)
 from nabla_convert.reference.scenes import VOCABULARY, render, sample_scenes
 
 SCHEDULER_SHIFT = 3.0
@@ -158,34 +164,35 @@ def cmd_vae(args: argparse.Namespace) -> None:
 
 
 @torch.no_grad()
-def build_pool(pipe, start: int, count: int, batch: int, seconds: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised latents and padded prompt embeddings of training clips start, start + 1, ... (up to `count`,
-    within `seconds`)."""
-    latents, embeds, began = [], [], time.time()
+def build_pool(pipe, start: int, count: int, batch: int, seconds: float) -> dict[str, torch.Tensor]:
+    """Normalised latents, padded prompt embeddings and latent-grid object coverage of training clips start,
+    start + 1, ... (up to `count`, within `seconds`)."""
+    parts, began = {"latents": [], "embeds": [], "coverage": []}, time.time()
     for first in tqdm(range(start, start + count, batch), desc="pool", mininterval=15):
         scenes = sample_scenes(TRAIN_SEED, first, min(batch, start + count - first))
+        videos, coverage = render(scenes, NUM_FRAMES, HEIGHT, WIDTH, DEVICE, coverage=True)
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            latents.append(normalise_latents(pipe.vae, render(scenes, NUM_FRAMES, HEIGHT, WIDTH, DEVICE)).bfloat16())
+            parts["latents"].append(normalise_latents(pipe.vae, videos).bfloat16())
+        parts["coverage"].append(latent_coverage(coverage).bfloat16())
         prompt_embeds, _ = pipe.encode_prompt([s.caption() for s in scenes], do_classifier_free_guidance=False)
-        embeds.append(prompt_embeds.bfloat16())
+        parts["embeds"].append(prompt_embeds.bfloat16())
         if time.time() - began > seconds:
             break
-    return torch.cat(latents), torch.cat(embeds)
+    return {name: torch.cat(values) for name, values in parts.items()}
 
 
-def cached_pool(pipe, args: argparse.Namespace, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cached_pool(pipe, args: argparse.Namespace, rank: int) -> dict[str, torch.Tensor]:
     """This process's latent pool: its own clips (rank r starts at clip --pool-start + r * POOL_STRIDE), kept in
     --pool-cache so a later call on the same machine trains on without rebuilding it."""
     cache = Path(args.pool_cache) / f"pool-{rank}.pt" if args.pool_cache else None
     if cache is not None and cache.is_file():
-        pool = torch.load(cache, map_location=DEVICE)
-        return pool["latents"], pool["embeds"]
-    latents, embeds = build_pool(pipe, args.pool_start + rank * POOL_STRIDE, args.pool, 32, args.pool_seconds)
+        return torch.load(cache, map_location=DEVICE)
+    pool = build_pool(pipe, args.pool_start + rank * POOL_STRIDE, args.pool, 32, args.pool_seconds)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"latents": latents, "embeds": embeds}, cache.with_suffix(".tmp"))
+        torch.save(pool, cache.with_suffix(".tmp"))
         os.replace(cache.with_suffix(".tmp"), cache)
-    return latents, embeds
+    return pool
 
 
 def cmd_dit(args: argparse.Namespace) -> None:
@@ -204,8 +211,10 @@ def cmd_dit(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args.pipeline, DEVICE)
     if args.resume:
         pipe.transformer.load_state_dict(load_file(Path(args.resume) / "raw_transformer.safetensors"))
-    pool_latents, pool_embeds = cached_pool(pipe, args, rank)
-    print(f"rank {rank}: pool of {len(pool_latents)} clips, latents {tuple(pool_latents.shape[1:])}")
+    pool = cached_pool(pipe, args, rank)
+    pool_latents, pool_embeds, pool_coverage = pool["latents"], pool["embeds"], pool["coverage"]
+    print(f"rank {rank}: pool of {len(pool_latents)} clips, latents {tuple(pool_latents.shape[1:])}, "
+          f"objects cover {pool_coverage.float().mean().item():.1%} of the latent cells")  # fmt: skip
     model = pipe.transformer.train()
     ema = [p.detach().clone() for p in model.parameters()]
     if args.resume:
@@ -228,8 +237,9 @@ def cmd_dit(args: argparse.Namespace) -> None:
         noise = torch.randn(latents.shape, device=DEVICE, generator=generator)
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(args.lr, step, args.warmup, elapsed / budget)
+        weight = 1 + args.object_weight * pool_coverage[index].float() if args.object_weight else None
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            loss = flow_matching_loss(trained, latents, embeds.float(), sigmas, noise).mean()
+            loss = flow_matching_loss(trained, latents, embeds.float(), sigmas, noise, weight).mean()
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -262,6 +272,7 @@ def cmd_dit(args: argparse.Namespace) -> None:
         loss_train = heldout_loss(pipe, train_videos, [s.caption() for s in train_scenes])
     model.to(torch.bfloat16).save_pretrained(out / "transformer")
     record = {**device_record(), "steps": step, "batch": args.batch, "processes": accelerator.num_processes,
+              "object_weight": args.object_weight,
               "pool": len(pool_latents) * accelerator.num_processes, "lr": args.lr, "resumed": bool(args.resume),
               "heldout_loss": loss_heldout, "train_scene_loss": loss_train, "log": log}  # fmt: skip
     save_json(out / "dit_log.json", record)
@@ -303,6 +314,12 @@ def main() -> None:
     dit.add_argument("--warmup", type=int, default=200)
     dit.add_argument("--ema", type=float, default=0.999)
     dit.add_argument("--drop-prompt", type=float, default=0.1)
+    dit.add_argument(
+        "--object-weight",
+        type=float,
+        default=0.0,
+        help="loss weight 1 + W x object coverage per latent cell (0: plain mean; objects are a few %% of the cells)",
+    )
     dit.add_argument("--seed", type=int, default=0)
     dit.add_argument("--resume", help="OUT folder of an earlier dit run")
     dit.add_argument("--pool-cache", help="folder that keeps each process's latent pool between runs")

@@ -54,13 +54,15 @@ def load_reference():
 
 
 def plot_stages(ax, paths: list[str], key: str) -> dict:
-    """One curve per training stage (a GPU call), steps continued across stages; returns the last log."""
+    """One curve per training stage (a GPU call), against clips seen (steps x batch x processes), continued across
+    stages so one- and two-GPU stages share the axis; returns the last log."""
     offset = 0
     for stage, path in enumerate(paths):
         record = json.loads(Path(path).read_text())
-        steps = [offset + r["step"] for r in record["log"]]
-        ax.semilogy(steps, [r[key] for r in record["log"]], lw=0.8, color=f"C{stage}", label=Path(path).parent.name)
-        offset += record["steps"]
+        per_step = record["batch"] * record.get("processes", 1)
+        seen = [(offset + r["step"] * per_step) / 1000 for r in record["log"]]
+        ax.semilogy(seen, [r[key] for r in record["log"]], lw=0.8, color=f"C{stage}", label=Path(path).parent.name)
+        offset += record["steps"] * per_step
     ax.legend(fontsize=7)
     return record
 
@@ -68,9 +70,13 @@ def plot_stages(ax, paths: list[str], key: str) -> dict:
 def cmd_loss(args: argparse.Namespace) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
     vae = plot_stages(left, args.vae, "mse")
-    left.set(title=f"VAE reconstruction MSE ({vae['card']})", xlabel="step", ylabel="MSE, pixels in [-1, 1]")
-    dit = plot_stages(right, args.dit, "smooth")
-    right.set(title=f"DiT flow-matching loss (EMA of batches of {dit['batch']})", xlabel="step", ylabel="loss")
+    left.set(
+        title=f"VAE reconstruction MSE ({vae['card']})",
+        xlabel="clips seen (thousands)",
+        ylabel="MSE, pixels in [-1, 1]",
+    )
+    plot_stages(right, args.dit, "smooth")
+    right.set(title="DiT flow-matching loss (smoothed)", xlabel="clips seen (thousands)", ylabel="loss")
     print(save_figure(fig, "loss.png"))
 
 

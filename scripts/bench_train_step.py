@@ -20,21 +20,9 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from nabla_convert import NablaConfig, apply_nabla, layer_densities, reset_densities
+from nabla_convert.bench import ARCHS
 
-WAN_1_3B = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 12,
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 8960,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "rope_max_seq_len": 1024,
-}
+WAN_1_3B = ARCHS["wan2.1-t2v-1.3b"]  # the public checkpoint's config (the rest are diffusers defaults)
 
 
 def parse_args() -> argparse.Namespace:
@@ -97,7 +85,7 @@ def main() -> None:
     args = parse_args()
     frames, height, width = (int(v) for v in args.latent.split(","))
     torch.manual_seed(0)
-    model = WanTransformer3DModel(num_layers=args.layers, **WAN_1_3B).cuda()
+    model = WanTransformer3DModel(**{**WAN_1_3B, "num_layers": args.layers}).cuda()
     model.enable_gradient_checkpointing()
     inputs = {
         "hidden_states": torch.randn(1, 16, frames, height, width, device="cuda"),

@@ -18,23 +18,10 @@ import torch
 from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from safetensors.torch import save_file
 
+from nabla_convert.bench import ARCHS
 from nabla_convert.calibrate import calibrate
 
-WAN_1_3B = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=12,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=8960,
-    num_layers=30,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
-)
+WAN_1_3B = ARCHS["wan2.1-t2v-1.3b"]  # the public checkpoint's config (the rest are diffusers defaults)
 SMALL = dict(num_layers=2, attention_head_dim=24, ffn_dim=64, text_dim=32, num_attention_heads=2)
 
 
@@ -59,8 +46,8 @@ def main() -> None:
 
     generator = torch.Generator().manual_seed(1)
     embeds = {
-        "prompt_embeds": torch.randn(args.prompts, 512, config["text_dim"], generator=generator),
-        "negative_prompt_embeds": torch.randn(1, 512, config["text_dim"], generator=generator),
+        "prompt_embeds": torch.randn(args.prompts, 512, transformer.config.text_dim, generator=generator),
+        "negative_prompt_embeds": torch.randn(1, 512, transformer.config.text_dim, generator=generator),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     embeds_file = args.out / "embeds.safetensors"

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from nabla_convert.io import atomic_write
 from nabla_convert.reference import (
     HEIGHT,
     NUM_FRAMES,
@@ -36,11 +37,7 @@ SHOWN_FRAMES = (0, 8, 16, 24, 32)
 
 def save_figure(fig, name: str) -> Path:
     """Write through a temporary file so an interrupted run leaves no half image."""
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    path = IMAGES / name
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=80, bbox_inches="tight")
-    tmp.replace(path)
+    path = atomic_write(IMAGES / name, lambda tmp: fig.savefig(tmp, format="png", dpi=80, bbox_inches="tight"))
     plt.close(fig)
     return path
 

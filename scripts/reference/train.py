@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from nabla_convert.io import atomic_write, atomic_write_text
 from nabla_convert.reference import HEIGHT, NUM_FRAMES, TRAIN_SEED, WIDTH, heldout_videos
 from nabla_convert.reference.flow import (
     flow_matching_loss,
@@ -86,9 +86,7 @@ def load_pipeline(path: str, device: str):
 
 
 def save_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=1))
 
 
 def device_record() -> dict:
@@ -189,9 +187,7 @@ def cached_pool(pipe, args: argparse.Namespace, rank: int) -> dict[str, torch.Te
         return torch.load(cache, map_location=DEVICE)
     pool = build_pool(pipe, args.pool_start + rank * POOL_STRIDE, args.pool, 32, args.pool_seconds)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(pool, cache.with_suffix(".tmp"))
-        os.replace(cache.with_suffix(".tmp"), cache)
+        atomic_write(cache, lambda tmp: torch.save(pool, tmp))
     return pool
 
 

@@ -16,7 +16,9 @@ from nabla_convert.reference.flow import flow_matching_loss, latent_coverage
 from nabla_convert.reference.scenes import (
     COLOURS,
     HELDOUT_PAIRS,
+    SHAPES,
     VOCABULARY,
+    ZOOM,
     Scene,
     SceneObject,
     render,
@@ -35,7 +37,8 @@ def test_scenes_are_deterministic_by_seed_and_index():
 def test_heldout_pairs_never_appear_in_training_and_lead_heldout_scenes():
     training_pairs = {(o.colour, o.shape) for s in sample_scenes(0, 0, 3000) for o in s.objects}
     assert not training_pairs & HELDOUT_PAIRS
-    assert len(training_pairs) == len(COLOURS) * 10 - len(HELDOUT_PAIRS)  # every other pair is seen
+    assert len(training_pairs) == len(COLOURS) * len(SHAPES) - len(HELDOUT_PAIRS)  # every other pair is seen
+    assert {c for c, _ in HELDOUT_PAIRS} == set(COLOURS) and {s for _, s in HELDOUT_PAIRS} == set(SHAPES)
     assert all((s.objects[0].colour, s.objects[0].shape) in HELDOUT_PAIRS for s in heldout_scenes())
 
 
@@ -43,19 +46,45 @@ def test_bundled_heldout_prompts_are_the_heldout_scene_captions():
     assert heldout_prompts() == [scene.caption() for scene in heldout_scenes()]
 
 
-def test_captions_use_the_vocabulary_and_tokenize_without_unknowns():
+def test_captions_use_the_whole_vocabulary_and_tokenize_without_unknowns():
+    import json
+
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(REFERENCE_PIPELINE / "tokenizer")
-    captions = [s.caption() for s in sample_scenes(1, 0, 200)] + heldout_prompts()
-    assert {w for c in captions for w in c.split()} <= set(VOCABULARY)
+    captions = [s.caption() for s in sample_scenes(1, 0, 2000)] + heldout_prompts()
+    assert {w for c in captions for w in c.split()} == set(VOCABULARY)  # every word is used, no other
+    assert len(VOCABULARY) >= 90
     ids = tokenizer(captions)["input_ids"]
     assert all(tokenizer.unk_token_id not in row for row in ids)
+    text_encoder = json.loads((REFERENCE_PIPELINE / "text_encoder" / "config.json").read_text())
+    assert text_encoder["vocab_size"] == len(tokenizer) == len(VOCABULARY) + 3  # a row per word and special token
 
 
-def _single(motion: str, detail: str = "", speed: str = "", shape: str = "square") -> Scene:
-    obj = SceneObject("red", shape, "big", motion, detail, speed, (0.5, 0.5), (0.0, 0.0), 0.0)
-    return Scene((obj,), "black", "", (0.0,) * 6)
+def _single(
+    motion: str,
+    detail: str = "",
+    speed: str = "",
+    shape: str = "square",
+    zoom: str = "",
+    hollow: bool = False,
+    start: tuple[float, float] = (0.5, 0.5),
+) -> Scene:
+    obj = SceneObject("red", shape, "big", motion, detail, speed, start, (0.0, 0.0), 0.0, hollow)
+    return Scene((obj,), "black", "", (0.0,) * 6, zoom)
+
+
+def _red_pixels(scene: Scene, frames: int = 9) -> torch.Tensor:
+    """(frames, 64, 64) mask of the red object, found by colour."""
+    video = (render([scene], frames, 64, 64)[0] + 1) / 2
+    return (video[0] > 0.8) & (video[1] < 0.3)
+
+
+def _centroids(red: torch.Tensor) -> torch.Tensor:
+    """(frames, 2) mean (x, y) pixel of each frame's mask."""
+    ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    area = red.flatten(1).sum(1)
+    return torch.stack([(red * xs).flatten(1).sum(1) / area, (red * ys).flatten(1).sum(1) / area], dim=1)
 
 
 def test_render_draws_the_captioned_colour_and_motion():
@@ -74,6 +103,51 @@ def test_turns_changes_colour_and_grows_changes_area():
     growing = (render([_single("grows", shape="circle")], 9, 64, 64)[0] + 1) / 2
     area = (growing[0] > 0.8).flatten(1).sum(1)
     assert area[-1] > 4 * area[0]  # radius 0.6 -> 1.4 of the base: area x 5.4
+
+
+def test_zoom_magnifies_the_whole_frame_by_ZOOM():
+    still = _red_pixels(_single("stays", "still")).flatten(1).sum(1).float()
+    zoom_in = _red_pixels(_single("stays", "still", zoom="in")).flatten(1).sum(1).float()
+    zoom_out = _red_pixels(_single("stays", "still", zoom="out")).flatten(1).sum(1).float()
+    assert zoom_in[0] == still[0] and zoom_out[-1] == still[-1]
+    torch.testing.assert_close(zoom_in[-1] / still[-1], torch.tensor(ZOOM**2), rtol=0.05, atol=0)
+    torch.testing.assert_close(zoom_out[0] / still[0], torch.tensor(ZOOM**2), rtol=0.05, atol=0)
+
+
+def test_opacity_motions_hide_and_show_the_same_drawing():
+    still = _red_pixels(_single("stays", "still"), 33)
+    fades, appears, blinks = (_red_pixels(_single(m), 33) for m in ("fades", "appears", "blinks"))
+    assert torch.equal(fades[0], still[0]) and not fades[-1].any()
+    assert not appears[0].any() and torch.equal(appears[-1], still[-1])
+    shown = blinks.flatten(1).any(1)
+    assert 6 <= (~shown).sum() <= 16 and torch.equal(blinks[shown], still[shown])  # off a third of the time
+
+
+def test_hollow_shapes_are_outlines_of_the_solid_ones():
+    for shape in ("square", "heart", "crescent"):
+        solid = _red_pixels(_single("stays", "still", shape=shape))[0]
+        hollow = _red_pixels(_single("stays", "still", shape=shape, hollow=True))[0]
+        assert not (hollow & ~solid).any()  # inside the solid shape
+        assert 0.3 * solid.sum() < hollow.sum() < 0.8 * solid.sum()  # less its shrunk copy (0.62^2 of the area)
+    assert not _red_pixels(_single("stays", "still", hollow=True))[0, 32, 32]  # the centre shows the background
+
+
+def test_paths_of_falling_jumping_circling_and_zigzagging_objects():
+    fall = _centroids(_red_pixels(_single("falls", start=(0.5, 0.25)), 17))
+    steps = fall[1:, 1] - fall[:-1, 1]
+    assert (steps >= 0).all() and steps[-4:].sum() > 3 * steps[:4].sum()  # always down, accelerating
+    torch.testing.assert_close(fall[-1, 1] - fall[0, 1], torch.tensor(0.5 * 64), atol=1, rtol=0)  # FALL_DISTANCE
+    jump = _centroids(_red_pixels(_single("jumps"), 17))
+    assert (jump[:, 1] <= jump[0, 1] + 0.5).all() and jump[:, 1].min() < jump[0, 1] - 8  # hops up from its line
+    circle = _centroids(_red_pixels(_single("circles"), 17))
+    centre = torch.tensor([31.5, 31.5])
+    torch.testing.assert_close(circle[-1], circle[0], atol=0.6, rtol=0)  # one full turn
+    radius = (circle - centre).norm(dim=1)
+    assert (radius - radius.mean()).abs().max() < 1.5 and radius.mean() > 6  # CIRCLE_RADIUS x 64 = 9 pixels
+    zigzag = _centroids(_red_pixels(_single("zigzags", "right"), 33))
+    assert (zigzag[1:, 0] > zigzag[:-1, 0]).all()  # steadily right
+    turns = ((zigzag[2:, 1] - zigzag[1:-1, 1]) * (zigzag[1:-1, 1] - zigzag[:-2, 1]) < 0).sum()
+    assert 4 <= turns <= 6  # three up-down strokes
 
 
 def test_shipped_pipeline_geometry_and_size():

@@ -1,6 +1,8 @@
 """Build and train the embedded reference pipeline (nabla_convert/reference/pipeline).
 
     python scripts/reference/train.py init PIPELINE          # CPU: tokenizer, frozen text encoder, untrained VAE + DiT
+    python scripts/reference/train.py vocab PIPELINE         # CPU: add new VOCABULARY words, keep the old ones' rows
+    python scripts/reference/train.py prompts                # CPU: rewrite the bundled training/held-out prompt files
     python scripts/reference/train.py vae PIPELINE OUT        # GPU: VAE reconstruction, latent statistics
     python scripts/reference/train.py dit PIPELINE OUT        # GPU: transformer flow matching (--resume OUT_OF_LAST)
     python scripts/reference/train.py heldout PIPELINE        # any device: held-out flow-matching loss
@@ -22,7 +24,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nabla_convert.io import atomic_write, atomic_write_text
-from nabla_convert.reference import HEIGHT, NUM_FRAMES, TRAIN_SEED, WIDTH, heldout_videos
+from nabla_convert.reference import (
+    HEIGHT,
+    NUM_FRAMES,
+    PROMPTS_HELDOUT,
+    PROMPTS_TRAIN,
+    TRAIN_SEED,
+    WIDTH,
+    heldout_scenes,
+    heldout_videos,
+)
 from nabla_convert.reference.flow import (
     flow_matching_loss,
     heldout_loss,
@@ -38,22 +49,35 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU runs are smoke te
 POOL_STRIDE = 1_000_000  # clip-index distance between the pools of two processes
 
 
+def build_tokenizer(vocab: dict[str, int]):
+    """A whole-word tokenizer (stock transformers class) over `vocab`, which starts with <pad>, </s>, <unk>."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
+
+
+def name_portable_tokenizer_class(pipeline: Path) -> None:
+    """transformers 5 saves its fast tokenizer as "TokenizersBackend"; name the class that 4.x also has (an alias
+    in 5)."""
+    for name in ("model_index.json", "tokenizer/tokenizer_config.json"):
+        path = pipeline / name
+        path.write_text(path.read_text().replace('"TokenizersBackend"', '"PreTrainedTokenizerFast"'))
+
+
 def build_pipeline(seed: int = 0):
     """The untrained pipeline: every component a stock class, sized for CPU inference in seconds."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     from nabla_convert.models.tiny import tiny_text_encoder
 
     torch.manual_seed(seed)
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(VOCABULARY)}}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
-    )
+    tokenizer = build_tokenizer({"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(VOCABULARY)}})
     vae = AutoencoderKLWan(
         base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True]
     )
@@ -102,15 +126,43 @@ def cmd_init(args: argparse.Namespace) -> None:
     pipe = build_pipeline()
     pipe.transformer.to(torch.bfloat16)  # the untrained skeleton only has to carry configs and a frozen text encoder
     pipe.save_pretrained(args.pipeline)
-    # transformers 5 saves its fast tokenizer as "TokenizersBackend"; name the class that 4.x also has (an alias in 5).
-    for name in ("model_index.json", "tokenizer/tokenizer_config.json"):
-        path = Path(args.pipeline) / name
-        path.write_text(path.read_text().replace('"TokenizersBackend"', '"PreTrainedTokenizerFast"'))
+    name_portable_tokenizer_class(Path(args.pipeline))
     counts = {
         name: sum(p.numel() for p in getattr(pipe, name).parameters())
         for name in ("text_encoder", "vae", "transformer")
     }
     print(json.dumps(counts))
+
+
+def cmd_vocab(args: argparse.Namespace) -> None:
+    """Grow a trained pipeline's vocabulary to VOCABULARY: new words get the next ids and fresh random rows of the
+    frozen text encoder (drawn at the old rows' scale); old words keep ids and rows, so the transformer keeps what
+    it learned and only has to learn the new words."""
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    pipeline = Path(args.pipeline)
+    vocab = AutoTokenizer.from_pretrained(pipeline / "tokenizer").get_vocab()
+    new_words = [word for word in VOCABULARY if word not in vocab]
+    if not new_words:
+        print("vocab: nothing to add")
+        return
+    vocab |= {word: len(vocab) + i for i, word in enumerate(new_words)}
+    encoder = UMT5EncoderModel.from_pretrained(pipeline / "text_encoder")
+    old_rows = encoder.get_input_embeddings().weight.detach()
+    generator = torch.Generator().manual_seed(args.seed)
+    new_rows = torch.randn(len(new_words), old_rows.shape[1], generator=generator) * old_rows.std()
+    encoder.set_input_embeddings(torch.nn.Embedding.from_pretrained(torch.cat([old_rows, new_rows]), freeze=True))
+    encoder.config.vocab_size = len(vocab)
+    encoder.save_pretrained(pipeline / "text_encoder")
+    build_tokenizer(vocab).save_pretrained(pipeline / "tokenizer")
+    name_portable_tokenizer_class(pipeline)
+    print(f"vocab: {len(vocab) - 3} words, added {len(new_words)}: {' '.join(new_words)}")
+
+
+def cmd_prompts(args: argparse.Namespace) -> None:
+    """The bundled prompt files: captions of the first training clips and of the held-out scenes."""
+    atomic_write_text(PROMPTS_TRAIN, "".join(s.caption() + "\n" for s in sample_scenes(TRAIN_SEED, 0, args.train)))
+    atomic_write_text(PROMPTS_HELDOUT, "".join(s.caption() + "\n" for s in heldout_scenes()))
 
 
 def cmd_vae(args: argparse.Namespace) -> None:
@@ -287,6 +339,11 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     init = sub.add_parser("init")
     init.add_argument("pipeline")
+    grow = sub.add_parser("vocab")
+    grow.add_argument("pipeline")
+    grow.add_argument("--seed", type=int, default=1)
+    prompts = sub.add_parser("prompts")
+    prompts.add_argument("--train", type=int, default=64)
     vae = sub.add_parser("vae")
     vae.add_argument("pipeline")
     vae.add_argument("out")
@@ -326,7 +383,9 @@ def main() -> None:
     held.add_argument("--device", default="cpu")
     args = parser.parse_args()
     args.t0 = time.time()
-    {"init": cmd_init, "vae": cmd_vae, "dit": cmd_dit, "heldout": cmd_heldout}[args.command](args)
+    commands = {"init": cmd_init, "vocab": cmd_vocab, "prompts": cmd_prompts}
+    commands |= {"vae": cmd_vae, "dit": cmd_dit, "heldout": cmd_heldout}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

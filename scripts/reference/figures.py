@@ -58,7 +58,10 @@ def plot_stages(ax, paths: list[str], key: str) -> dict:
         record = json.loads(Path(path).read_text())
         per_step = record["batch"] * record.get("processes", 1)
         seen = [(offset + r["step"] * per_step) / 1000 for r in record["log"]]
-        ax.semilogy(seen, [r[key] for r in record["log"]], lw=0.8, color=f"C{stage}", label=Path(path).parent.name)
+        label = Path(path).parent.name
+        if record.get("object_weight"):  # a different objective: object cells weighted 1 + W
+            label += f" (objects x{1 + record['object_weight']:g})"
+        ax.semilogy(seen, [r[key] for r in record["log"]], lw=0.8, color=f"C{stage}", label=label)
         offset += record["steps"] * per_step
     ax.legend(fontsize=7)
     return record

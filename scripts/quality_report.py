@@ -22,7 +22,7 @@ from nabla_convert import NablaConfig, convert
 from nabla_convert.calibrate import calibrate
 from nabla_convert.config import load_config_file
 from nabla_convert.eval import run_eval
-from nabla_convert.io import markdown_table
+from nabla_convert.io import atomic_write, atomic_write_text, markdown_table
 from nabla_convert.recipes import load_recipe
 from nabla_convert.reference import (
     HEIGHT,
@@ -53,7 +53,8 @@ def heldout_latents(out: Path, count: int) -> Path:
         prompts, videos = heldout_videos(count)
         with torch.no_grad():
             latents = torch.cat([normalise_latents(vae, video[None]) for video in videos])
-        save_file({"latents": latents.contiguous()}, path, metadata={"prompts": json.dumps(prompts)})
+        tensors, metadata = {"latents": latents.contiguous()}, {"prompts": json.dumps(prompts)}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
 
@@ -101,7 +102,7 @@ def main() -> None:
             REFERENCE_PIPELINE, folder, args.out / "eval" / str(index), prompts_file=prompts_file, latents_file=latents
         )
         results[name] = result.summary()
-        results_file.write_text(json.dumps(results, indent=1, default=str))
+        atomic_write_text(results_file, json.dumps(results, indent=1, default=str))
 
     rows = [
         [

@@ -63,7 +63,8 @@ PAN_DISTANCE = 0.35  # frame widths travelled by the camera over one clip
 ZOOM = 1.4  # scale reached (zooming in) or left (zooming out) over one clip
 HOLLOW_SHARE = 0.2  # of objects drawn as outlines ("hollow"), rings excepted
 HOLLOW_INNER = 0.62  # size of the cut-out against the shape
-JUMP_HEIGHT, FALL_DISTANCE, CIRCLE_RADIUS, ZIGZAG_AMPLITUDE = 0.22, 0.5, 0.14, 0.08
+JUMP_HEIGHT, FALL_DISTANCE, CIRCLE_RADIUS = 0.22, 0.5, 0.14  # frame units
+ZIGZAG_SPEED, ZIGZAG_AMPLITUDE = 0.45, 0.08
 MAX_OBJECTS = 3
 
 
@@ -143,13 +144,13 @@ def _zoom_scale(zoom: str, times: np.ndarray) -> np.ndarray:
     return np.ones_like(times)
 
 
-def _drift(obj: SceneObject) -> np.ndarray:
-    """Screen displacement of the object's own motion over the clip (before the camera's)."""
-    if obj.motion == "moves":
-        return SPEEDS[obj.speed] * np.asarray(DIRECTIONS[obj.detail])
-    if obj.motion == "zigzags":
-        return 0.45 * np.asarray(DIRECTIONS[obj.detail])
-    if obj.motion == "falls":
+def _drift(motion: str, detail: str, speed: str) -> np.ndarray:
+    """Screen displacement of an object's own motion over the clip (before the camera's)."""
+    if motion == "moves":
+        return SPEEDS[speed] * np.asarray(DIRECTIONS[detail])
+    if motion == "zigzags":
+        return ZIGZAG_SPEED * np.asarray(DIRECTIONS[detail])
+    if motion == "falls":
         return np.asarray([0.0, FALL_DISTANCE])
     return np.zeros(2)
 
@@ -181,7 +182,7 @@ def _sample_object(
         detail = str(rng.choice([c for c in COLOURS if c != colour]))
     # Keep the whole trajectory on screen: the screen moves against the camera, and a zoom shows less of it.
     margin = SIZES[size] * {"grows": 1.4, "pulses": 1.3}.get(motion, 1.0) + 0.02 + inset
-    travel = _drift(SceneObject(colour, shape, size, motion, detail, speed, (0, 0), velocity, 0.0)) - camera
+    travel = _drift(motion, detail, speed) - camera
     if motion == "bounces":
         travel = np.zeros(2)
     reach_low, reach_high = np.maximum(0.0, -travel), np.maximum(0.0, travel)
@@ -243,7 +244,7 @@ def _trajectories(scenes: Sequence[Scene], times: np.ndarray) -> dict[str, np.nd
                 folded = np.mod(free, 2 * span)
                 pos = base_radius + np.where(folded > span, 2 * span - folded, folded)
             else:
-                pos = start + np.outer(times, _drift(obj) - camera)
+                pos = start + np.outer(times, _drift(obj.motion, obj.detail, obj.speed) - camera)
             if obj.motion == "falls":  # accelerating: the same end point as a steady drift, reached as t^2
                 pos[:, 1] += FALL_DISTANCE * (times**2 - times)
             elif obj.motion == "jumps":  # three hops up from the start line
@@ -343,7 +344,7 @@ def _background(scene: Scene, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     def tint(rgb: tuple[float, float, float], amount: torch.Tensor) -> torch.Tensor:
         return torch.stack([c + amount for c in rgb])
 
-    def blend(dark: tuple[float, float, float], light: tuple[float, float, float], amount: torch.Tensor):
+    def blend(dark: tuple[float, float, float], light: tuple[float, float, float], amount: torch.Tensor) -> torch.Tensor:
         return torch.stack([a + (b - a) * amount for a, b in zip(dark, light, strict=True)])
 
     name = scene.background

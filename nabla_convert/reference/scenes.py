@@ -344,7 +344,9 @@ def _background(scene: Scene, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     def tint(rgb: tuple[float, float, float], amount: torch.Tensor) -> torch.Tensor:
         return torch.stack([c + amount for c in rgb])
 
-    def blend(dark: tuple[float, float, float], light: tuple[float, float, float], amount: torch.Tensor) -> torch.Tensor:
+    def blend(
+        dark: tuple[float, float, float], light: tuple[float, float, float], amount: torch.Tensor
+    ) -> torch.Tensor:
         return torch.stack([a + (b - a) * amount for a, b in zip(dark, light, strict=True)])
 
     name = scene.background

@@ -41,7 +41,7 @@ from nabla_convert.reference.flow import (
     normalise_latents,
     shifted_sigmas,
 )
-from nabla_convert.reference.scenes import VOCABULARY, render, sample_scenes
+from nabla_convert.reference.scenes import VOCABULARY, Scene, SceneObject, render, sample_scenes
 
 SCHEDULER_SHIFT = 3.0
 TEXT_DIM = 64
@@ -165,6 +165,20 @@ def cmd_prompts(args: argparse.Namespace) -> None:
     atomic_write_text(PROMPTS_HELDOUT, "".join(s.caption() + "\n" for s in heldout_scenes()))
 
 
+@torch.no_grad()
+def colour_errors(vae, colours: tuple[str, ...] = ("red", "green", "blue", "yellow")) -> dict[str, float]:
+    """Largest channel error (pixels in [0, 1]) at the decoded centre of a big square of each colour on black: a VAE
+    that keeps brightness but not hue passes the MSE and fails here."""
+    errors, middle = {}, slice(HEIGHT // 2 - 4, HEIGHT // 2 + 4)
+    for colour in colours:
+        square = SceneObject(colour, "square", "big", "stays", "", "", (0.5, 0.5), (0.0, 0.0), 0.0)
+        video = render([Scene((square,), "black", "", (0.0,) * 6)], 9, HEIGHT, WIDTH, DEVICE)
+        recon = vae.decode(vae.encode(video.to(vae.dtype)).latent_dist.mode()).sample.float()
+        centre = recon[0, :, 4, middle, middle].mean(dim=(1, 2))
+        errors[colour] = round((centre - video[0, :, 4, HEIGHT // 2, WIDTH // 2]).abs().max().item() / 2, 3)
+    return errors
+
+
 def cmd_vae(args: argparse.Namespace) -> None:
     """Reconstruction (MSE + small KL) on short clips; the causal VAE then encodes any 1 + 4k frames."""
     out = Path(args.out)
@@ -180,15 +194,17 @@ def cmd_vae(args: argparse.Namespace) -> None:
     bar = tqdm(desc="vae", mininterval=15)
     while (elapsed := time.time() - start) < args.minutes * 60:
         scenes = sample_scenes(TRAIN_SEED + 1, args.seed_offset + step * args.batch, args.batch)
-        videos = render(scenes, args.frames, HEIGHT, WIDTH, DEVICE)
+        videos, coverage = render(scenes, args.frames, HEIGHT, WIDTH, DEVICE, coverage=True)
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(args.lr, step, 100, elapsed / (args.minutes * 60))
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             posterior = vae.encode(videos).latent_dist
             recon = vae.decode(posterior.mode() if args.decoder_only else posterior.sample()).sample
-        mse = F.mse_loss(recon.float(), videos)
+        error = (recon.float() - videos) ** 2
+        mse = error.mean()
+        weight = 1 + args.object_weight * coverage.unsqueeze(1)  # object pixels count 1 + W (hue and edges)
         kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1 - posterior.logvar.float()).mean()
-        loss = mse + (0.0 if args.decoder_only else args.kl) * kl
+        loss = (weight * error).mean() / weight.mean() + (0.0 if args.decoder_only else args.kl) * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -204,13 +220,15 @@ def cmd_vae(args: argparse.Namespace) -> None:
         latents = torch.cat([vae.encode(v[None]).latent_dist.mode().float() for v in videos])
         recon = vae.decode(latents[:2]).sample.float()
         psnr = -10 * torch.log10(F.mse_loss(recon, videos[:2]) / 4).item()  # pixel range 2
+        hue = colour_errors(vae)
     if not args.decoder_only:
         mean, std = latents.mean(dim=(0, 2, 3, 4)), latents.std(dim=(0, 2, 3, 4))
         vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
     vae.save_pretrained(out / "vae")
     save_json(out / "vae_log.json", {**device_record(), "steps": step, "batch": args.batch, "frames": args.frames, "decoder_only": args.decoder_only,
-                                     "psnr_33_frames": psnr, "log": log})  # fmt: skip
-    print(f"vae: {step} steps, 33-frame PSNR {psnr:.2f} dB")
+                                     "object_weight": args.object_weight, "psnr_33_frames": psnr, "colour_errors": hue,
+                                     "log": log})  # fmt: skip
+    print(f"vae: {step} steps, 33-frame PSNR {psnr:.2f} dB, colour errors {hue}")
 
 
 @torch.no_grad()
@@ -355,6 +373,9 @@ def main() -> None:
     vae.add_argument("--eval-clips", type=int, default=16)
     vae.add_argument("--decoder-only", action="store_true", help="fine-tune the decoder, keep encoder and latents")
     vae.add_argument("--seed-offset", type=int, default=0, help="start of the clip stream (continue, not repeat)")
+    vae.add_argument(
+        "--object-weight", type=float, default=0.0, help="reconstruction weight 1 + W x object coverage per pixel"
+    )
     dit = sub.add_parser("dit")
     dit.add_argument("pipeline")
     dit.add_argument("out")

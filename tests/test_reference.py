@@ -74,10 +74,15 @@ def _single(
     return Scene((obj,), "black", "", (0.0,) * 6, zoom)
 
 
+def _red_mask(video: torch.Tensor) -> torch.Tensor:
+    """(T, H, W) mask of the red object in one rendered clip (3, T, H, W) in [-1, 1], found by colour."""
+    rgb = (video + 1) / 2
+    return (rgb[0] > 0.8) & (rgb[1] < 0.3)
+
+
 def _red_pixels(scene: Scene, frames: int = 9) -> torch.Tensor:
-    """(frames, 64, 64) mask of the red object, found by colour."""
-    video = (render([scene], frames, 64, 64)[0] + 1) / 2
-    return (video[0] > 0.8) & (video[1] < 0.3)
+    """(frames, 64, 64) mask of the red object of `scene`."""
+    return _red_mask(render([scene], frames, 64, 64)[0])
 
 
 def _centroids(red: torch.Tensor) -> torch.Tensor:
@@ -88,11 +93,10 @@ def _centroids(red: torch.Tensor) -> torch.Tensor:
 
 
 def test_render_draws_the_captioned_colour_and_motion():
-    video = (render([_single("moves", "left", "quickly")], 9, 64, 64)[0] + 1) / 2  # (3, T, H, W) in [0, 1]
-    red = (video[0] > 0.8) & (video[1] < 0.3)
-    columns = torch.arange(64).float()
-    centroid_x = [(red[t].float().sum(0) * columns).sum() / red[t].sum() for t in (0, 8)]
-    assert centroid_x[1] < centroid_x[0] - 10  # moved left by 0.6 frame widths: about 38 pixels
+    clip = render([_single("moves", "left", "quickly")], 9, 64, 64)[0]
+    centroid_x = _centroids(_red_mask(clip))[:, 0]
+    assert centroid_x[8] < centroid_x[0] - 10  # moved left by 0.6 frame widths: about 38 pixels
+    video = (clip + 1) / 2  # (3, T, H, W) in [0, 1]
     assert torch.allclose(video[:, 0, 32, 30], torch.tensor(COLOURS["red"]), atol=1e-6)
     assert video[:, 0, 2, 60].max() < 0.15  # black background far from the object
 
@@ -183,7 +187,7 @@ def test_coverage_marks_the_object_pixels_and_leaves_the_frames_unchanged():
     assert coverage.shape == (2, 9, 64, 64) and coverage.amax(dim=(1, 2, 3)).min() == 1  # every clip has objects
     square, square_coverage = render([_single("stays", "still")], 9, 64, 64, coverage=True)
     assert square_coverage.shape == (1, 9, 64, 64) and 0 <= square_coverage.min() <= square_coverage.max() <= 1
-    red = ((square[0, 0] + 1) / 2 > 0.8) & ((square[0, 1] + 1) / 2 < 0.3)  # the red square, found by colour
+    red = _red_mask(square[0])
     assert torch.equal(square_coverage[0] > 0.5, red)
 
 

@@ -60,8 +60,14 @@ def flow_matching_loss(
     error = F.mse_loss(prediction.float(), (noise - latents).float(), reduction="none")
     if weight is None:
         return error.mean(dim=(1, 2, 3, 4))
-    weight = weight.float().expand_as(error)
-    return (weight * error).sum(dim=(1, 2, 3, 4)) / weight.sum(dim=(1, 2, 3, 4))
+    return weighted_mean(error, weight, dim=(1, 2, 3, 4))
+
+
+def weighted_mean(values: torch.Tensor, weight: torch.Tensor, dim: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Mean of `values` over `dim` (all dims when None) with `weight` broadcast to them, e.g. object pixels counted
+    1 + W times (the reference model's flow-matching and VAE losses)."""
+    weight = weight.float().expand_as(values)
+    return (weight * values).sum(dim=dim) / weight.sum(dim=dim)
 
 
 @torch.no_grad()

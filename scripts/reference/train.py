@@ -40,6 +40,7 @@ from nabla_convert.reference.flow import (
     latent_coverage,
     normalise_latents,
     shifted_sigmas,
+    weighted_mean,
 )
 from nabla_convert.reference.scenes import VOCABULARY, Scene, SceneObject, render, sample_scenes
 
@@ -204,7 +205,7 @@ def cmd_vae(args: argparse.Namespace) -> None:
         mse = error.mean()
         weight = 1 + args.object_weight * coverage.unsqueeze(1)  # object pixels count 1 + W (hue and edges)
         kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1 - posterior.logvar.float()).mean()
-        loss = (weight * error).mean() / weight.mean() + (0.0 if args.decoder_only else args.kl) * kl
+        loss = weighted_mean(error, weight) + (0.0 if args.decoder_only else args.kl) * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -3,7 +3,7 @@
     python scripts/reference/train.py init PIPELINE          # CPU: tokenizer, frozen text encoder, untrained VAE + DiT
     python scripts/reference/train.py vocab PIPELINE         # CPU: add new VOCABULARY words, keep the old ones' rows
     python scripts/reference/train.py prompts                # CPU: rewrite the bundled training/held-out prompt files
-    python scripts/reference/train.py vae PIPELINE OUT        # GPU: VAE reconstruction, latent statistics
+    python scripts/reference/train.py vae PIPELINE OUT        # GPU(s): VAE reconstruction, latent statistics
     python scripts/reference/train.py dit PIPELINE OUT        # GPU: transformer flow matching (--resume OUT_OF_LAST)
     python scripts/reference/train.py heldout PIPELINE        # any device: held-out flow-matching loss
 
@@ -180,8 +180,30 @@ def colour_errors(vae, colours: tuple[str, ...] = ("red", "green", "blue", "yell
     return errors
 
 
+class Autoencode(torch.nn.Module):
+    """Encode, take a latent (sampled, or the mode when only the decoder learns) and decode in one forward call, so
+    DDP sees the whole VAE step and averages its gradients across processes."""
+
+    def __init__(self, vae, sample: bool) -> None:
+        super().__init__()
+        self.vae, self.sample = vae, sample
+
+    def forward(self, videos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(videos).latent_dist
+        recon = self.vae.decode(posterior.sample() if self.sample else posterior.mode()).sample
+        return recon, posterior.mean, posterior.logvar
+
+
 def cmd_vae(args: argparse.Namespace) -> None:
-    """Reconstruction (MSE + small KL) on short clips; the causal VAE then encodes any 1 + 4k frames."""
+    """Reconstruction (MSE + small KL) on short clips; the causal VAE then encodes any 1 + 4k frames.
+
+    Runs as one process or one per GPU under `accelerate launch --multi_gpu` (DDP, --batch per process, each process
+    its own clips); the main process evaluates and saves.
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    rank, processes = accelerator.process_index, accelerator.num_processes
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args.pipeline, DEVICE)
@@ -191,30 +213,38 @@ def cmd_vae(args: argparse.Namespace) -> None:
             module.requires_grad_(False)
     trainable = [p for p in vae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    start, step, log = time.time(), 0, []
-    bar = tqdm(desc="vae", mininterval=15)
-    while (elapsed := time.time() - start) < args.minutes * 60:
-        scenes = sample_scenes(TRAIN_SEED + 1, args.seed_offset + step * args.batch, args.batch)
-        videos, coverage = render(scenes, args.frames, HEIGHT, WIDTH, DEVICE, coverage=True)
+    autoencode = accelerator.prepare_model(Autoencode(vae, sample=not args.decoder_only))
+    start, step, log, stop = time.time(), 0, [], False
+    bar = tqdm(desc="vae", mininterval=15, disable=not accelerator.is_main_process)
+    while not stop:
+        elapsed = time.time() - start
+        first = args.seed_offset + (step * processes + rank) * args.batch
+        videos, coverage = render(sample_scenes(TRAIN_SEED + 1, first, args.batch), args.frames, HEIGHT, WIDTH,
+                                  DEVICE, coverage=True)  # fmt: skip
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(args.lr, step, 100, elapsed / (args.minutes * 60))
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            posterior = vae.encode(videos).latent_dist
-            recon = vae.decode(posterior.mode() if args.decoder_only else posterior.sample()).sample
+            recon, mean, logvar = autoencode(videos)
         error = (recon.float() - videos) ** 2
         mse = error.mean()
         weight = 1 + args.object_weight * coverage.unsqueeze(1)  # object pixels count 1 + W (hue and edges)
-        kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1 - posterior.logvar.float()).mean()
+        kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).mean()
         loss = weighted_mean(error, weight) + (0.0 if args.decoder_only else args.kl) * kl
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        accelerator.backward(loss)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
-        log.append({"step": step, "time": round(elapsed, 1), "mse": mse.item(), "kl": kl.item()})
+        if step % 10 == 0:  # every process stops at the same step: the main process's clock decides
+            log.append({"step": step, "time": round(elapsed, 1), "mse": mse.item(), "kl": kl.item()})
+            flag = torch.tensor([float(elapsed >= args.minutes * 60)], device=accelerator.device)
+            stop = accelerator.reduce(flag, "sum").item() > 0
         step += 1
         bar.update()
         bar.set_postfix(mse=f"{mse.item():.5f}", refresh=False)
     bar.close()
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
     vae.eval()
     with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
         videos = render(sample_scenes(TRAIN_SEED + 2, 0, args.eval_clips), NUM_FRAMES, HEIGHT, WIDTH, DEVICE)
@@ -226,10 +256,11 @@ def cmd_vae(args: argparse.Namespace) -> None:
         mean, std = latents.mean(dim=(0, 2, 3, 4)), latents.std(dim=(0, 2, 3, 4))
         vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
     vae.save_pretrained(out / "vae")
-    save_json(out / "vae_log.json", {**device_record(), "steps": step, "batch": args.batch, "frames": args.frames, "decoder_only": args.decoder_only,
+    save_json(out / "vae_log.json", {**device_record(), "steps": step, "batch": args.batch, "processes": processes,
+                                     "frames": args.frames, "decoder_only": args.decoder_only,
                                      "object_weight": args.object_weight, "psnr_33_frames": psnr, "colour_errors": hue,
                                      "log": log})  # fmt: skip
-    print(f"vae: {step} steps, 33-frame PSNR {psnr:.2f} dB, colour errors {hue}")
+    print(f"vae: {step} steps x {processes} x {args.batch}, 33-frame PSNR {psnr:.2f} dB, colour errors {hue}")
 
 
 @torch.no_grad()

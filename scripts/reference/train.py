@@ -224,11 +224,11 @@ def cmd_vae(args: argparse.Namespace) -> None:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(args.lr, step, 100, elapsed / (args.minutes * 60))
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            recon, mean, logvar = autoencode(videos)
+            recon, posterior_mean, logvar = autoencode(videos)
         error = (recon.float() - videos) ** 2
         mse = error.mean()
         weight = 1 + args.object_weight * coverage.unsqueeze(1)  # object pixels count 1 + W (hue and edges)
-        kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).mean()
+        kl = 0.5 * (posterior_mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).mean()
         loss = weighted_mean(error, weight) + (0.0 if args.decoder_only else args.kl) * kl
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)

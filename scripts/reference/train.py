@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from nabla_convert.eval import psnr
 from nabla_convert.io import atomic_write, atomic_write_text
 from nabla_convert.reference import (
     HEIGHT,
@@ -249,9 +249,10 @@ def cmd_vae(args: argparse.Namespace) -> None:
         videos = render(sample_scenes(TRAIN_SEED + 2, 0, args.eval_clips), NUM_FRAMES, HEIGHT, WIDTH, DEVICE)
         latents = torch.cat([vae.encode(v[None]).latent_dist.mode().float() for v in videos])
         recon = vae.decode(latents[:2]).sample.float()
-        psnr = -10 * torch.log10(F.mse_loss(recon, videos[:2]) / 4).item()  # pixel range 2
-        # a causal VAE trained on 17-frame clips breaks past frame 17 (the receptive field meets no start padding)
-        psnr_late = -10 * torch.log10(F.mse_loss(recon[:, :, 17:], videos[:2, :, 17:]) / 4).item()
+        pixels_psnr = psnr(videos[:2], recon, data_range=2.0)
+        # a causal VAE trained on 17-frame clips breaks past frame 17 (likely where its receptive field stops
+        # reaching the padding at the clip start): check those frames on their own
+        psnr_late = psnr(videos[:2, :, 17:], recon[:, :, 17:], data_range=2.0)
         hue = colour_errors(vae)
     if not args.decoder_only:
         mean, std = latents.mean(dim=(0, 2, 3, 4)), latents.std(dim=(0, 2, 3, 4))
@@ -259,10 +260,10 @@ def cmd_vae(args: argparse.Namespace) -> None:
     vae.save_pretrained(out / "vae")
     save_json(out / "vae_log.json", {**device_record(), "steps": step, "batch": args.batch, "processes": processes,
                                      "frames": args.frames, "decoder_only": args.decoder_only,
-                                     "object_weight": args.object_weight, "psnr_33_frames": psnr,
+                                     "object_weight": args.object_weight, "psnr_33_frames": pixels_psnr,
                                      "psnr_frames_17_32": psnr_late, "colour_errors": hue,
                                      "log": log})  # fmt: skip
-    print(f"vae: {step} steps x {processes} x {args.batch}, 33-frame PSNR {psnr:.2f} dB (frames 17-32: "
+    print(f"vae: {step} steps x {processes} x {args.batch}, 33-frame PSNR {pixels_psnr:.2f} dB (frames 17-32: "
           f"{psnr_late:.2f} dB), colour errors {hue}")  # fmt: skip
 
 

@@ -119,6 +119,12 @@ def device_record() -> dict:
     return {"card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
 
 
+def out_of_time(accelerator, elapsed: float, budget: float) -> bool:
+    """True on every process once any process's clock passed the budget, so all stop at the same step (DDP)."""
+    flag = torch.tensor([float(elapsed >= budget)], device=accelerator.device)
+    return accelerator.reduce(flag, "sum").item() > 0
+
+
 def cosine_lr(base: float, step: int, warmup: int, progress: float) -> float:
     return base * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
@@ -235,8 +241,7 @@ def cmd_vae(args: argparse.Namespace) -> None:
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         log.append({"step": step, "time": round(elapsed, 1), "mse": mse.item(), "kl": kl.item()})
-        flag = torch.tensor([float(elapsed >= args.minutes * 60)], device=accelerator.device)
-        stop = accelerator.reduce(flag, "sum").item() > 0  # every process stops at the same step
+        stop = out_of_time(accelerator, elapsed, args.minutes * 60)
         step += 1
         bar.update()
         bar.set_postfix(mse=f"{mse.item():.5f}", refresh=False)
@@ -348,12 +353,11 @@ def cmd_dit(args: argparse.Namespace) -> None:
         optimizer.step()
         decay = min(args.ema, (1 + step) / (10 + step))
         torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - decay)
-        if step % 25 == 0:  # every process stops at the same step: the main process's clock decides
+        if step % 25 == 0:
             smooth = loss.item() if smooth is None else 0.6 * smooth + 0.4 * loss.item()
             log.append({"step": step, "time": round(elapsed, 1), "loss": loss.item(), "smooth": smooth})
             bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
-            flag = torch.tensor([float(elapsed >= budget)], device=accelerator.device)
-            stop = accelerator.reduce(flag, "sum").item() > 0
+            stop = out_of_time(accelerator, elapsed, budget)
         step += 1
         bar.update()
     bar.close()

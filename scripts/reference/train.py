@@ -115,8 +115,11 @@ def save_json(path: Path, payload: dict) -> None:
 
 
 def device_record() -> dict:
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    """Card, versions, date and peak GPU memory of this process, for the training logs."""
+    if not torch.cuda.is_available():
+        return {"card": "cpu", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    return {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}  # fmt: skip
 
 
 def out_of_time(accelerator, elapsed: float, budget: float) -> bool:

@@ -50,10 +50,10 @@ def load_reference():
     return pipe
 
 
-def plot_stages(ax, paths: list[str], key: str) -> dict:
+def plot_stages(ax, paths: list[str], key: str) -> list[str]:
     """One curve per training stage (a GPU call), against clips seen (steps x batch x processes), continued across
-    stages so one- and two-GPU stages share the axis; returns the last log."""
-    offset = 0
+    stages so one- and many-GPU stages share the axis; returns the cards the stages ran on."""
+    offset, cards = 0, []
     for stage, path in enumerate(paths):
         record = json.loads(Path(path).read_text())
         per_step = record["batch"] * record.get("processes", 1)
@@ -63,15 +63,17 @@ def plot_stages(ax, paths: list[str], key: str) -> dict:
             label += f" (objects x{1 + record['object_weight']:g})"
         ax.semilogy(seen, [r[key] for r in record["log"]], lw=0.8, color=f"C{stage}", label=label)
         offset += record["steps"] * per_step
+        if record["card"] not in cards:
+            cards.append(record["card"])
     ax.legend(fontsize=7)
-    return record
+    return cards
 
 
 def cmd_loss(args: argparse.Namespace) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
-    vae = plot_stages(left, args.vae, "mse")
+    cards = plot_stages(left, args.vae, "mse")
     left.set(
-        title=f"VAE reconstruction MSE ({vae['card']})",
+        title=f"VAE reconstruction MSE ({', '.join(cards)})",
         xlabel="clips seen (thousands)",
         ylabel="MSE, pixels in [-1, 1]",
     )

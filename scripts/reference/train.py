@@ -116,10 +116,12 @@ def save_json(path: Path, payload: dict) -> None:
 
 def device_record() -> dict:
     """Card, versions, date and peak GPU memory of this process, for the training logs."""
-    if not torch.cuda.is_available():
-        return {"card": "cpu", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    return {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}  # fmt: skip
+    record = {"card": "cpu", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    if torch.cuda.is_available():
+        record.update(
+            card=torch.cuda.get_device_name(), peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1)
+        )
+    return record
 
 
 def out_of_time(accelerator, elapsed: float, budget: float) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import click
@@ -45,14 +46,44 @@ def nabla_settings(
     return NablaConfig(threshold=threshold, sta=sta, dense_steps=dense_steps or 0)
 
 
+# name -> (module:attribute of the Click command, the one line `nabla-convert --help` shows for it)
+LAZY_COMMANDS = {
+    "calibrate": ("nabla_convert.calibrate.cli:calibrate_command", "Measure layers on prompts; choose thresholds."),
+    "adapt": ("nabla_convert.adapt.cli:adapt_command", "Fine-tune a converted model back to its dense self."),
+    "push": ("nabla_convert.hub.cli:push", "Check, upload and verify a converted checkpoint on the Hub."),
+    "eval": ("nabla_convert.eval_cli:eval_command", "Compare two pipelines on the same prompts and seeds."),
+    "bench": ("nabla_convert.bench_cli:bench", "Time NABLA against dense attention on this GPU."),
+}
+
+
 class NablaGroup(click.Group):
-    """Lists commands in pipeline order; reports NablaError (bad input, missing files, corrupt checkpoints)
-    as a one-line error, exit code 1."""
+    """Loads each stage's command only when it runs (so `--help` and `convert` import no training or plotting
+    stack), lists commands in pipeline order, and reports NablaError as a one-line error with its exit code."""
 
     order = ("calibrate", "convert", "adapt", "push", "eval", "bench")
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(self.commands, key=lambda name: self.order.index(name) if name in self.order else len(self.order))
+        names = {*self.commands, *LAZY_COMMANDS}
+        return sorted(names, key=lambda name: self.order.index(name) if name in self.order else len(self.order))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.commands or name not in LAZY_COMMANDS:
+            return self.commands.get(name)
+        module, attribute = LAZY_COMMANDS[name][0].split(":")
+        command = getattr(importlib.import_module(module), attribute)
+        self.add_command(command, name)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list without importing the lazy commands."""
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in LAZY_COMMANDS:
+                rows.append((name, LAZY_COMMANDS[name][1]))
+            else:
+                rows.append((name, self.commands[name].get_short_help_str(formatter.width - 6 - len(name))))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -99,21 +130,6 @@ def convert_command(model, out, config, recipe, threshold, sta, dense_steps, rev
         model or default_model(), out, settings, revision=revision, token=token, overwrite=overwrite, reports=reports
     )
     click.echo(f"wrote NABLA checkpoint to {written}")
-
-
-def _register_commands() -> None:
-    """Each stage's command lives beside its API; the group only collects them."""
-    from nabla_convert.adapt.cli import adapt_command
-    from nabla_convert.bench_cli import bench
-    from nabla_convert.calibrate.cli import calibrate_command
-    from nabla_convert.eval_cli import eval_command
-    from nabla_convert.hub.cli import push
-
-    for command in (calibrate_command, adapt_command, push, eval_command, bench):
-        main.add_command(command)
-
-
-_register_commands()
 
 
 if __name__ == "__main__":  # accelerate launch -m nabla_convert.cli adapt ...

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nabla_convert.attention.flex import BACKENDS
 from nabla_convert.io import atomic_write_text
 
 SCHEMA_VERSION = 1
+BACKENDS = ("auto", "flex", "flex_eager", "reference")
 CONFIG_KEY = "_nabla"
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from nabla_convert.config import CONFIG_KEY, NablaConfig, NablaError
 from nabla_convert.convert import resolve_model
-from nabla_convert.io import DTYPES, atomic_write, atomic_write_text, markdown_table, resolve_device
+from nabla_convert.io import DTYPES, atomic_write, atomic_write_text, markdown_table, resolve_device, torch_dtype
 from nabla_convert.models.wan import layer_densities, reset_densities
 from nabla_convert.reference import HEIGHT, NUM_FRAMES, RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS, WIDTH, heldout_prompts
 from nabla_convert.reference.flow import flow_matching_loss as velocity_loss
@@ -504,7 +504,7 @@ def load_pipeline(path: str | os.PathLike, device: str = "auto", dtype: str = "f
 
     if dtype not in DTYPES:
         raise EvalError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DiffusionPipeline.from_pretrained(pipeline_folder(path), torch_dtype=DTYPES[dtype]).to(
+    return DiffusionPipeline.from_pretrained(pipeline_folder(path), torch_dtype=torch_dtype(dtype)).to(
         resolve_device(device)
     )
 

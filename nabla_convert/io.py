@@ -7,11 +7,12 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads when a device or dtype is needed, not for every command's --help
+    import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -63,8 +64,17 @@ def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype named by one of DTYPES."""
+    import torch
+
+    return getattr(torch, name)
+
+
 def resolve_device(device: str) -> torch.device:
     """ "auto" -> the GPU when there is one, else the CPU; anything else as torch reads it."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

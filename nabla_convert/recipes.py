@@ -17,8 +17,9 @@ from typing import Any
 import yaml
 
 from nabla_convert.config import ConfigError, NablaConfig
+from nabla_convert.shipped import shipped_folder
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = shipped_folder("recipes")
 RECIPE_KEYS = {"name", "description", "nabla", "calibrate", "adapt"}
 
 

@@ -43,7 +43,7 @@ from nabla_convert.calibrate.report import write_outputs
 from nabla_convert.calibrate.search import ComponentChoice, Target, evaluate, search
 from nabla_convert.config import NablaConfig
 from nabla_convert.convert import resolve_model, transformer_folders
-from nabla_convert.io import DTYPES, atomic_write, resolve_device
+from nabla_convert.io import DTYPES, atomic_write, resolve_device, torch_dtype
 from nabla_convert.recipes import Recipe, load_recipe
 
 STATS_FILE = "stats.safetensors"
@@ -131,12 +131,12 @@ def load_pipeline(model: str | os.PathLike, *, text_encoder: bool, device: str =
     if "" in transformer_folders(folder):
         if text_encoder:
             raise CalibrationError(f"{model} is a transformer folder without a text encoder: give --prompt-embeds")
-        transformer = WanTransformer3DModel.from_pretrained(folder, torch_dtype=DTYPES[dtype])
+        transformer = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch_dtype(dtype))
         scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
         pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
     else:
         skipped = {"vae": None} if text_encoder else {"vae": None, "text_encoder": None, "tokenizer": None}
-        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=DTYPES[dtype], **skipped)
+        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype(dtype), **skipped)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(torch_device)
 

@@ -9,8 +9,9 @@ import click
 from nabla_convert.calibrate import calibrate, recalibrate
 from nabla_convert.eval import load_prompts
 from nabla_convert.io import DTYPES
+from nabla_convert.shipped import shipped_folder
 
-DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "calibration" / "prompts.txt"
+DEFAULT_PROMPTS = shipped_folder("calibration") / "prompts.txt"
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import zipfile
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
@@ -82,3 +85,51 @@ def test_wheel_ships_recipes_and_prompts_and_converts_from_elsewhere(tmp_path):
         check=True,
     )
     assert Path(where.stdout.strip()) == target / "nabla_convert" / "data" / "calibration"
+
+
+def imported_distributions() -> dict[str, set[str]]:
+    """Distribution -> modules of nabla_convert importing it, from every non-optional import statement.
+
+    Imports inside `try: ... except ImportError` are optional (triton on CPU-only installs) and not counted.
+    """
+    optional: set[int] = set()
+    found: dict[str, set[str]] = {}
+    top_level = packages_distributions()
+    for path in sorted((ROOT / "nabla_convert").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Try) and any(
+                isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+                for h in node.handlers
+            ):
+                optional |= {id(inner) for statement in node.body for inner in ast.walk(statement)}
+        for node in ast.walk(tree):
+            if id(node) in optional:
+                continue
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                name = module.split(".")[0]
+                if name in sys.stdlib_module_names or name == "nabla_convert":
+                    continue
+                for distribution in top_level.get(name, [name]):
+                    found.setdefault(canonical(distribution), set()).add(path.relative_to(ROOT).as_posix())
+    return found
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_imported_package_is_a_declared_dependency():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {
+        canonical(re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0]) for requirement in project["dependencies"]
+    }
+    undeclared = {name: sorted(users) for name, users in imported_distributions().items() if name not in declared}
+    assert undeclared == {}

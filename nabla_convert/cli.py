@@ -58,7 +58,7 @@ LAZY_COMMANDS = {
 
 class NablaGroup(click.Group):
     """Loads each stage's command only when it runs (so `--help` and `convert` import no training or plotting
-    stack), lists commands in pipeline order, and reports NablaError as a one-line error with its exit code."""
+    stack), lists commands in pipeline order, and reports errors as one line with their exit code."""
 
     order = ("calibrate", "convert", "adapt", "push", "eval", "bench")
 
@@ -86,10 +86,14 @@ class NablaGroup(click.Group):
             formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context):
+        """The exit-code policy of nabla_convert.errors: a NablaError exits with its code, a file the operating
+        system refuses with 1, each as one "Error: ..." line; Click's usage errors exit with 2."""
         try:
             return super().invoke(ctx)
-        except NablaError as err:
-            raise click.ClickException(str(err)) from None
+        except (NablaError, OSError) as err:
+            failure = click.ClickException(" ".join(str(err).split()))
+            failure.exit_code = getattr(err, "exit_code", 1)
+            raise failure from None
 
 
 @click.group(cls=NablaGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -127,7 +131,13 @@ def convert_command(model, out, config, recipe, threshold, sta, dense_steps, rev
     calibration = config.parent / "calibration.json" if config else None
     reports = {"calibration": calibration} if calibration and calibration.is_file() else None
     written = convert(
-        model or default_model(), out, settings, revision=revision, token=token, overwrite=overwrite, reports=reports
+        default_model() if model is None else model,
+        out,
+        settings,
+        revision=revision,
+        token=token,
+        overwrite=overwrite,
+        reports=reports,
     )
     click.echo(f"wrote NABLA checkpoint to {written}")
 

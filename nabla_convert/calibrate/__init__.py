@@ -43,7 +43,7 @@ from nabla_convert.calibrate.report import write_outputs
 from nabla_convert.calibrate.search import ComponentChoice, Target, evaluate, search
 from nabla_convert.config import NablaConfig
 from nabla_convert.convert import resolve_model, transformer_folders
-from nabla_convert.io import DTYPES, atomic_write, resolve_device, torch_dtype
+from nabla_convert.io import DTYPES, atomic_write, open_safetensors, resolve_device, torch_dtype
 from nabla_convert.recipes import Recipe, load_recipe
 
 STATS_FILE = "stats.safetensors"
@@ -84,12 +84,8 @@ def embedding_samples(path: str | os.PathLike, seeds: Sequence[int], guidance: f
     "negative_prompt_embeds" (N or 1, L, D) and optional metadata "prompts" (a JSON list of N labels)."""
     import json
 
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise CalibrationError(f"prompt embeddings file not found: {path}")
-    with safe_open(str(path), framework="pt") as handle:
+    with open_safetensors(path, "prompt embeddings file") as handle:
         names = set(handle.keys())
         if "prompt_embeds" not in names:
             raise CalibrationError(f"{path}: no tensor named 'prompt_embeds' (N, L, D)")

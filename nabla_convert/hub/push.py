@@ -31,6 +31,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id
 
+from nabla_convert.errors import InputFileError
 from nabla_convert.hub.card import generate_card
 from nabla_convert.hub.checks import Checkpoint, ManifestEntry, build_manifest, check_checkpoint
 from nabla_convert.hub.errors import (
@@ -43,7 +44,7 @@ from nabla_convert.hub.errors import (
     PushError,
     VerificationError,
 )
-from nabla_convert.io import atomic_write_text
+from nabla_convert.io import atomic_write_text, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,10 @@ def prepare_push(
     checkpoint = check_checkpoint(folder)
     card_path = folder / CARD_NAME
     if card_path.is_file() and not regenerate_card:
-        card, card_is_new = card_path.read_text(encoding="utf-8"), False
+        try:
+            card, card_is_new = read_text(card_path, CARD_NAME), False
+        except InputFileError as err:
+            raise InvalidCheckpointError(f"{err}; fix it or pass --regenerate-card") from None
         try:
             ModelCard(card)
         except (ValueError, yaml.YAMLError) as err:

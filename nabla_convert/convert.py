@@ -57,10 +57,14 @@ def resolve_model(
     )
     from huggingface_hub.utils import validate_repo_id
 
+    from nabla_convert.hub.push import check_token
+
     try:
         validate_repo_id(str(model))
     except HFValidationError:
         raise ConvertError(f"model folder not found, and {model!r} is not a valid Hub id (namespace/name)") from None
+    if token:
+        check_token(token)
     try:
         local = snapshot_download(str(model), revision=revision, token=token)
     except RepositoryNotFoundError:

@@ -215,3 +215,15 @@ def test_adapt_learning_rate_must_be_finite(tiny_pipeline_dir, tmp_path, value):
     )
     code, line = run("adapt", converted, "--out", tmp_path / "adapted", "--steps", "1", "--lr", value)
     assert code == 1 and "lr must be a finite number" in line
+
+
+def test_a_token_that_cannot_be_a_header_is_refused_unprinted(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    args = ["convert", "someone/model", "--out", tmp_path / "out", "--threshold", "0.5"]
+    code, line = run(*args, "--token", "hf_first\nhf_second")
+    assert code == 4 and "token" in line and "hf_first" not in line and "hf_second" not in line

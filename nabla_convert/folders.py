@@ -16,6 +16,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -101,7 +102,7 @@ def check_output(
     out: str | os.PathLike,
     inputs: Mapping[str, str | os.PathLike | None],
     *,
-    overwrite: bool = False,
+    overwrite: bool | None = False,
     reuse: str | None = None,
 ) -> Path:
     """Refuse an output that is, contains or lies inside one of `inputs` (label -> path; None skipped), that is a
@@ -109,6 +110,7 @@ def check_output(
 
     An existing non-empty output is accepted with `overwrite` when an earlier nabla-convert run wrote it (it has a
     marker), and without `overwrite` when that run was the command `reuse` (calibrate resumes its own folder).
+    `overwrite=None`: the command has no --overwrite, a non-empty output is always refused.
     """
     out = Path(out)
     target = real(out)
@@ -133,6 +135,8 @@ def check_output(
     marker = read_marker(out)
     if marker is not None and reuse is not None and marker.get("command") == reuse:
         return target
+    if overwrite is None:
+        raise FolderError(f"--out {out} exists and is not empty; choose another folder or remove it")
     if not overwrite:
         raise FolderError(f"--out {out} exists and is not empty; pass --overwrite to replace it, or choose another")
     if marker is None:
@@ -212,16 +216,17 @@ def _temp_prefix(target: Path) -> str:
     return f".{target.name}.{TEMP_TAG}-{socket.gethostname()}-"
 
 
-def remove_stale_temps(target: Path) -> None:
-    """Remove temporary folders for `target` left by killed processes of this host (their pid is gone)."""
-    prefix = _temp_prefix(target)
-    if not target.parent.is_dir():
+def remove_stale_temps(parent: Path, name: str = "*") -> None:
+    """Remove the temporary folders (for the output `name`, or any) in `parent` that killed processes of this host
+    left behind: their pid is no longer running."""
+    if not parent.is_dir():
         return
-    for path in target.parent.iterdir():
-        if not path.name.startswith(prefix) or path.is_symlink() or not path.is_dir():
-            continue
-        pid = path.name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+    pattern = re.compile(
+        rf"\.{re.escape(name) if name != '*' else '.+'}\.{TEMP_TAG}-{re.escape(socket.gethostname())}-(\d+)-"
+    )
+    for path in parent.iterdir():
+        found = pattern.match(path.name)
+        if found and path.is_dir() and not path.is_symlink() and not _alive(int(found.group(1))):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -243,7 +248,7 @@ def staging(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(target)
+    remove_stale_temps(target.parent, target.name)
     work = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(target)}{os.getpid()}-", dir=target.parent))
     try:
         with sigterm_raises():

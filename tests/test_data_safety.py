@@ -255,3 +255,128 @@ def test_provenance_records_the_folder_name_not_the_local_path(model, tmp_path):
     text = (out / "transformer" / "config.json").read_text()
     assert json.loads(text)["_nabla"]["provenance"]["base_model"] == "wan"
     assert str(tmp_path) not in text
+
+
+# --- adapt -------------------------------------------------------------------------------------------------------
+
+TINY_ADAPT = {"latent_shape": (2, 16, 32), "rollout_steps": 2, "text_length": 8, "validation_samples": 1}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("safety-adapt")
+    convert_dir = convert(_tiny_dense(root), root / "converted", NablaConfig(threshold=0.3))
+    (root / "prompts.txt").write_text("a red ball\na blue cube\na green field\n")
+    return convert_dir
+
+
+def _tiny_dense(root: Path) -> Path:
+    from nabla_convert.models.tiny import tiny_wan_pipeline
+
+    tiny_wan_pipeline(0).save_pretrained(root / "dense")
+    return root / "dense"
+
+
+def adapt_settings(converted: Path, **overrides):
+    from nabla_convert.adapt import AdaptSettings
+
+    plan = {"prompts": str(converted.parent / "prompts.txt"), "warmup_steps": 0, "steps": 2, **TINY_ADAPT}
+    return AdaptSettings(**{**plan, **overrides})
+
+
+@pytest.mark.parametrize("where", ["inside", "itself", "parent"])
+def test_adapt_out_aliasing_the_converted_folder_is_refused(converted, where):
+    out = {"inside": converted / "x", "itself": converted, "parent": converted.parent}[where]
+    before = snapshot(converted)
+    args = ["adapt", str(converted), "--out", str(out), "--steps", "1", "--latent-shape", "2,16,32"]
+    line = one_line_error(CliRunner().invoke(main, args))
+    assert "CONVERTED folder" in line
+    assert snapshot(converted) == before and not (converted / "x.run").exists()
+
+
+def test_adapt_refuses_links_out_of_its_run_folder(converted, tmp_path):
+    from nabla_convert.adapt import adapt
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    run = tmp_path / "out.run"
+    run.mkdir()
+    (run / MARKER).write_text(json.dumps({"tool": "nabla-convert", "command": "adapt"}))
+    (run / "metrics.jsonl").symlink_to(victim)  # appending metrics would write into it
+    with pytest.raises(Exception, match="links that leave it") as raised:
+        adapt(converted, tmp_path / "out", adapt_settings(converted), progress=False)
+    assert "metrics.jsonl" in str(raised.value) and victim.read_text() == "keep me"
+
+
+class Payload:
+    """A pickle that, when loaded, writes a file: proof that something unpickled it."""
+
+    def __init__(self, flag: Path) -> None:
+        self.flag = flag
+
+    def __reduce__(self):
+        return (Path.write_text, (self.flag, "unpickled"))
+
+
+@pytest.mark.slow
+def test_resume_never_loads_a_planted_pickle(converted, tmp_path):
+    import pickle
+
+    from nabla_convert.adapt import adapt
+    from nabla_convert.adapt.checkpoint import CheckpointError
+
+    plan = adapt_settings(converted, steps=2, validate_every=0, checkpoint_every=0)
+    assert adapt(converted, tmp_path / "out", plan, stop_after=1, progress=False) is None
+    checkpoint = tmp_path / "out.run" / "checkpoints" / "step-000001"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "optimizer.safetensors",
+        "state.json",
+        "trainable.safetensors",
+    ]
+    flag = tmp_path / "pwned"
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin", "model.bin"):
+        (checkpoint / name).write_bytes(pickle.dumps(Payload(flag)))
+    assert adapt(converted, tmp_path / "out", plan, resume=True, progress=False) == tmp_path / "out"
+    assert not flag.exists()
+
+    # an older version's checkpoint (accelerate save_state: pickles only) is refused, not loaded
+    (tmp_path / "old.run" / "checkpoints" / "step-000001").mkdir(parents=True)
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin"):
+        (tmp_path / "old.run" / "checkpoints" / "step-000001" / name).write_bytes(pickle.dumps(Payload(flag)))
+    (tmp_path / "old.run" / MARKER).write_text(json.dumps({"tool": "nabla-convert", "command": "adapt"}))
+    with pytest.raises(CheckpointError, match="never loaded"):
+        adapt(converted, tmp_path / "old", plan, resume=True, progress=False)
+    assert not flag.exists()
+
+
+@pytest.mark.slow
+def test_non_finite_gradient_stops_adapt_and_keeps_the_last_good_checkpoint(converted, tmp_path):
+    from nabla_convert.adapt import AdaptError, adapt, write_latent_shard
+    from nabla_convert.adapt.data import sample_positions, split_heldout
+
+    count, poisoned_step, heldout_fraction = 6, 2, 0.2  # the third step (0-based 2) trains on the NaN sample
+    train, _ = split_heldout(count, heldout_fraction)
+    poisoned = train[sample_positions(0, len(train), poisoned_step, 1)[0]]
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(count, 16, 2, 16, 32, generator=generator)
+    latents[poisoned, 0, 0, 0, 0] = float("nan")
+    write_latent_shard(tmp_path / "data" / "shard.safetensors", latents, torch.randn(count, 8, 32, generator=generator))
+    plan = adapt_settings(
+        converted,
+        steps=4,
+        loss="flow",
+        data=str(tmp_path / "data"),
+        validate_every=0,
+        checkpoint_every=1,
+        heldout_fraction=heldout_fraction,
+    )
+
+    with pytest.raises(AdaptError, match="step 3: the gradient norm is nan") as raised:
+        adapt(converted, tmp_path / "out", plan, progress=False)
+
+    assert "last good checkpoint" in str(raised.value) and "step-000002" in str(raised.value)
+    assert not (tmp_path / "out").exists()
+    kept = sorted(p.name for p in (tmp_path / "out.run" / "checkpoints").iterdir())
+    assert kept == ["step-000001", "step-000002"]
+    weights = load_file(tmp_path / "out.run" / "checkpoints" / "step-000002" / "trainable.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())

@@ -179,12 +179,17 @@ def links_leaving(root: str | os.PathLike, skip: Callable[[str], bool] | None = 
     return found
 
 
-def check_links(root: str | os.PathLike, what: str, skip: Callable[[str], bool] | None = None) -> None:
+def check_links(
+    root: str | os.PathLike,
+    what: str,
+    skip: Callable[[str], bool] | None = None,
+    error: type[NablaError] = FolderError,
+) -> None:
     """Refuse a folder with links that leave it, listing them (at most 5) in one line."""
     found = links_leaving(root, skip)
     if found:
         listed = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-        raise FolderError(
+        raise error(
             f"{what} {root} has links that leave it (not followed): {listed}; replace them with the files themselves"
         )
 

@@ -147,6 +147,23 @@ def check_output(
     return target
 
 
+def check_output_file(
+    out: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None], ours: Callable[[Path], bool]
+) -> Path:
+    """A report file to write: not an input nor inside one, not a link, and an existing file is replaced only when
+    `ours` recognises an earlier report of the same command in it."""
+    out = Path(out)
+    target = real(out)
+    for label, given in inputs.items():
+        if given is not None and Path(given).exists() and within(target, real(given)):
+            raise FolderError(f"--out {out} lies inside the {label} {given}; choose a file outside it")
+    if out.is_symlink():
+        raise FolderError(f"--out {out} is a link; give another file")
+    if out.exists() and (not out.is_file() or not ours(out)):
+        raise FolderError(f"--out {out} exists and is not a report this command wrote; choose another file")
+    return target
+
+
 def _allowed_roots(root: Path) -> list[Path]:
     """Where links under `root` may point: inside it, and for a Hugging Face cache snapshot, its repo's blobs."""
     roots = [root]

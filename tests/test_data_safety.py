@@ -380,3 +380,50 @@ def test_non_finite_gradient_stops_adapt_and_keeps_the_last_good_checkpoint(conv
     assert kept == ["step-000001", "step-000002"]
     weights = load_file(tmp_path / "out.run" / "checkpoints" / "step-000002" / "trainable.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+# --- eval and bench ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["model", "inside", "parent"])
+def test_eval_out_never_touches_a_model(model, where):
+    out = {"model": model, "inside": model / "eval", "parent": model.parent}[where]
+    before = snapshot(model.parent)
+    line = one_line_error(CliRunner().invoke(main, ["eval", str(model), str(model), "--out", str(out)]))
+    assert "MODEL_A" in line
+    assert snapshot(model.parent) == before
+
+
+def test_eval_replaces_only_its_own_report_and_names_models_without_their_path(model, tmp_path):
+    from nabla_convert.eval import EvalSettings, run_eval
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\n")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my report")
+    args = ["eval", str(model), str(model), "--out", str(mine), "--prompts", str(prompts), "--overwrite"]
+    assert "not written by nabla-convert" in one_line_error(CliRunner().invoke(main, args))
+    assert (mine / "report.md").read_text() == "my report"
+
+    settings = EvalSettings(steps=1, height=32, width=32, frames=5, preview_samples=1)
+    out = tmp_path / "eval"
+    run_eval(model, model, out, prompts_file=prompts, settings=settings, device="cpu", progress=False)
+    text = (out / "eval.json").read_text() + (out / "report.md").read_text()
+    assert json.loads((out / "eval.json").read_text())["summary"]["model_a"] == "wan" and str(tmp_path) not in text
+    assert read_marker(out)["command"] == "eval"
+    with pytest.raises(Exception, match="pass --overwrite"):
+        run_eval(model, model, out, prompts_file=prompts, settings=settings, device="cpu", progress=False)
+    run_eval(model, model, out, prompts_file=prompts, settings=settings, device="cpu", progress=False, overwrite=True)
+
+
+def test_bench_out_never_lands_in_the_model_or_on_a_foreign_file(model, tmp_path):
+    before = snapshot(model)
+    for target in (model / "model_index.json", model / "transformer" / "bench.json"):
+        result = CliRunner().invoke(main, ["bench", str(model), "--out", str(target)])
+        assert "lies inside the MODEL" in one_line_error(result)
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}')
+    result = CliRunner().invoke(main, ["bench", "--arch", "wan2.1-t2v-1.3b", "--out", str(notes)])
+    assert "not a report this command wrote" in one_line_error(result)
+    assert snapshot(model) == before and notes.read_text() == '{"mine": true}'

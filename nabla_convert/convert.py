@@ -178,12 +178,14 @@ def check_transformer_weights(folder: Path, root: Path) -> None:
         stored.update(tensor_header(folder / shard, root))
     expected = expected_tensors(folder)
     missing, extra = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
-    if missing or extra:
-        problem = f"lacks {len(missing)} tensors (e.g. {missing[0]})" if missing else ""
-        problem += (" and " if missing and extra else "") + (
-            f"has {len(extra)} unknown (e.g. {extra[0]})" if extra else ""
+    if missing:
+        raise ConvertError(
+            f"{where}: the weights lack {len(missing)} tensor(s) config.json asks for (e.g. {missing[0]})"
         )
-        raise ConvertError(f"{where}: the weights do not fit config.json: they {problem}")
+    if extra:
+        raise ConvertError(
+            f"{where}: the weights hold {len(extra)} tensor(s) config.json does not know (e.g. {extra[0]})"
+        )
     for name, tensor in expected.items():
         dtype, shape = stored[name]
         if list(shape) != list(tensor.shape):

@@ -183,7 +183,7 @@ def wrong_dtype(model: Path) -> str:
 
 def missing_tensor(model: Path) -> str:
     rewrite_first_shard(model, lambda tensors: tensors.pop(sorted(tensors)[0]))
-    return "lacks 1 tensors"
+    return "lack 1 tensor(s)"
 
 
 @pytest.mark.parametrize("damage", [truncate, truncate_vae, wrong_shape, wrong_dtype, missing_tensor])

@@ -564,52 +564,52 @@ def _train(
         disable=not (progress and accelerator.is_local_main_process),
     )
     world, rank = accelerator.num_processes, accelerator.process_index
-    while step < last_step:
-        started = time.perf_counter()
-        total_loss = torch.zeros((), device=accelerator.device)
-        for micro in range(settings.grad_accum):
-            with accelerator.accumulate(model):
-                first = ((step * settings.grad_accum + micro) * world + rank) * settings.batch_size
-                positions = sample_positions(settings.seed, len(train), first, settings.batch_size)
-                batch = dataset.batch([train[p] for p in positions])
-                noise, sigmas, timesteps = sample_noise(settings.seed, first, batch["latents"].shape, sampler)
-                latents, noise, embeds = (
-                    t.to(accelerator.device) for t in (batch["latents"], noise, batch["prompt_embeds"])
-                )
-                timesteps = timesteps.to(accelerator.device)
-                noisy = add_noise(latents, noise, sigmas)
-                with accelerator.autocast():
-                    target = loss_target(settings.loss, teacher, latents, noise, noisy, timesteps, embeds)
-                prediction = velocity(model, noisy, timesteps, embeds)
-                loss = weighted_mse(prediction, target, sigmas, settings.weighting_scheme)
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-                    _check_finite(grad_norm, loss.detach(), step + 1, paths)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-                total_loss += loss.detach() / settings.grad_accum
-        step += 1
-        mean_loss = float(accelerator.reduce(total_loss, "mean"))
-        log.write(
-            {
-                "step": step,
-                "loss": mean_loss,
-                "lr": lr_scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "seconds": time.perf_counter() - started,
-            }
-        )
-        bar.set_postfix(loss=f"{mean_loss:.4g}")
-        bar.update(1)
-        if settings.validate_every and step % settings.validate_every == 0 and step < settings.steps:
-            validate()
-        every = settings.checkpoint_every
-        if (every and step % every == 0) or step == last_step < settings.steps:
-            _save_checkpoint(accelerator, paths, model, optimizer, lr_scheduler, step, settings.keep_checkpoints)
-    bar.close()
+    with bar:  # closed (its line ended) also when a step fails, so the error gets its own line
+        while step < last_step:
+            started = time.perf_counter()
+            total_loss = torch.zeros((), device=accelerator.device)
+            for micro in range(settings.grad_accum):
+                with accelerator.accumulate(model):
+                    first = ((step * settings.grad_accum + micro) * world + rank) * settings.batch_size
+                    positions = sample_positions(settings.seed, len(train), first, settings.batch_size)
+                    batch = dataset.batch([train[p] for p in positions])
+                    noise, sigmas, timesteps = sample_noise(settings.seed, first, batch["latents"].shape, sampler)
+                    latents, noise, embeds = (
+                        t.to(accelerator.device) for t in (batch["latents"], noise, batch["prompt_embeds"])
+                    )
+                    timesteps = timesteps.to(accelerator.device)
+                    noisy = add_noise(latents, noise, sigmas)
+                    with accelerator.autocast():
+                        target = loss_target(settings.loss, teacher, latents, noise, noisy, timesteps, embeds)
+                    prediction = velocity(model, noisy, timesteps, embeds)
+                    loss = weighted_mse(prediction, target, sigmas, settings.weighting_scheme)
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+                        _check_finite(grad_norm, loss.detach(), step + 1, paths)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+                    total_loss += loss.detach() / settings.grad_accum
+            step += 1
+            mean_loss = float(accelerator.reduce(total_loss, "mean"))
+            log.write(
+                {
+                    "step": step,
+                    "loss": mean_loss,
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "seconds": time.perf_counter() - started,
+                }
+            )
+            bar.set_postfix(loss=f"{mean_loss:.4g}")
+            bar.update(1)
+            if settings.validate_every and step % settings.validate_every == 0 and step < settings.steps:
+                validate()
+            every = settings.checkpoint_every
+            if (every and step % every == 0) or step == last_step < settings.steps:
+                _save_checkpoint(accelerator, paths, model, optimizer, lr_scheduler, step, settings.keep_checkpoints)
     if step < settings.steps:
         return None
     after = validate()

@@ -76,9 +76,11 @@ def test_malformed_recipe_files(tiny_pipeline_dir, tmp_path, text, message):
     assert code == 1 and message in line
 
 
-def test_recipe_names_stay_inside_the_shipped_folder(tiny_pipeline_dir, tmp_path):
-    code, line = run("convert", tiny_pipeline_dir, "--out", tmp_path / "out", "--recipe", "../pyproject")
-    assert code == 1 and "recipe not found" in line and "wan2.1-t2v-14b-720p-nabla0.7" in line
+def test_recipe_names_do_not_walk_out_of_the_shipped_folder(tiny_pipeline_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative to here, nothing exists: only a lookup in recipes/ could find it
+    walk = "../recipes/wan2.1-t2v-14b-720p-nabla0.7"  # recipes/../recipes/NAME: a path, not a name
+    code, line = run("convert", tiny_pipeline_dir, "--out", tmp_path / "out", "--recipe", walk)
+    assert code == 1 and "recipe not found" in line and "shipped recipes: kandinsky5" in line
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,13 @@ def default_model() -> str:
     return str(REFERENCE_PIPELINE)
 
 
+def model_argument(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A MODEL folder or Hub id: an empty one is a mistake (it would mean the current folder), not the default."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("empty; give a folder or a Hub id, or leave it out for the reference model")
+    return value
+
+
 def _window(ctx: click.Context, param: click.Parameter, value: str | None):
     try:
         return parse_window(value)
@@ -104,7 +111,7 @@ def main() -> None:
 
 
 @main.command("convert")
-@click.argument("model", required=False)
+@click.argument("model", required=False, callback=model_argument)
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output folder (created).")
 @click.option(
     "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="NABLA config JSON (from calibrate)."

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from nabla_convert import reference
+from nabla_convert.cli import model_argument
 from nabla_convert.io import DTYPES
 
 
@@ -21,8 +22,8 @@ def _seeds(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int,
 
 
 @click.command("eval")
-@click.argument("model_a")
-@click.argument("model_b")
+@click.argument("model_a", callback=model_argument)
+@click.argument("model_b", callback=model_argument)
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option(
     "--prompts",

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from nabla_convert.calibrate import calibrate, recalibrate
+from nabla_convert.cli import model_argument
 from nabla_convert.eval import load_prompts
 from nabla_convert.io import DTYPES
 from nabla_convert.shipped import shipped_folder
@@ -24,7 +25,7 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 @click.command("calibrate")
-@click.argument("model", required=False)
+@click.argument("model", required=False, callback=model_argument)
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option(
     "--prompts",

@@ -14,6 +14,17 @@ from click.testing import CliRunner
 from nabla_convert.cli import main
 
 
+@pytest.fixture
+def no_downloads(monkeypatch):
+    """Any Hub download fails the test: these inputs must be refused before a request."""
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+
+
 def run(*args) -> tuple[int, str]:
     """Exit code and the one error line; fails the test on a traceback or on output beside the error line."""
     result = CliRunner().invoke(main, [str(a) for a in args])
@@ -60,21 +71,25 @@ def test_config_and_recipe_schemas_refuse_instead_of_coercing(tiny_pipeline_dir,
 
 
 @pytest.mark.parametrize(
-    ("text", "message"),
+    ("option", "text", "message"),
     [
-        ("nabla: [1, 2]", "nabla must be a mapping"),
-        ("nabla: {threshold: 0.5}\ncalibrate: [1]", "calibrate must be a mapping"),
-        ("nabla: {threshold: 0.5}\nextra: 1", "unknown recipe keys ['extra']"),
-        ("name: [1]\nnabla: {threshold: 0.5}", "name must be text"),
-        ("- 1\n- 2", "a recipe must be a mapping"),
-        ("nabla: {threshold: [", "is not valid YAML"),
-        ("# caf\xe9\nnabla: {threshold: 0.5}", "not UTF-8 text (byte 0xe9 at offset 5)"),
+        ("--recipe", "nabla: [1, 2]", "nabla must be a mapping"),
+        ("--recipe", "nabla: {threshold: 0.5}\ncalibrate: [1]", "calibrate must be a mapping"),
+        ("--recipe", "nabla: {threshold: 0.5}\nextra: 1", "unknown recipe keys ['extra']"),
+        ("--recipe", "name: [1]\nnabla: {threshold: 0.5}", "name must be text"),
+        ("--recipe", "- 1\n- 2", "a recipe must be a mapping"),
+        ("--recipe", "nabla: {threshold: [", "is not valid YAML"),
+        ("--recipe", "# caf\xe9\nnabla: {threshold: 0.5}", "not UTF-8 text (byte 0xe9 at offset 5)"),
+        ("--config", '{"threshold": ', "is not valid JSON"),
+        ("--config", "", "is not valid JSON"),
+        ("--config", "[1]", "must be a mapping of settings, got list"),
+        ("--config", '{"transformer": 5}', "must be a mapping of settings, got int"),
     ],
 )
-def test_malformed_recipe_files(tiny_pipeline_dir, tmp_path, text, message):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_bytes(text.encode("latin-1"))
-    code, line = run("convert", tiny_pipeline_dir, "--out", tmp_path / "out", "--recipe", recipe)
+def test_malformed_recipe_and_config_files(tiny_pipeline_dir, tmp_path, option, text, message):
+    path = tmp_path / ("recipe.yaml" if option == "--recipe" else "nabla_config.json")
+    path.write_bytes(text.encode("latin-1"))
+    code, line = run("convert", tiny_pipeline_dir, "--out", tmp_path / "out", option, path)
     assert code == 1 and message in line
 
 
@@ -86,35 +101,13 @@ def test_recipe_names_do_not_walk_out_of_the_shipped_folder(tiny_pipeline_dir, t
 
 
 @pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ('{"threshold": ', "is not valid JSON"),
-        ("", "is not valid JSON"),
-        ("[1]", "must be a mapping of settings, got list"),
-        ('{"transformer": 5}', "must be a mapping of settings, got int"),
-    ],
-)
-def test_malformed_config_files(tiny_pipeline_dir, tmp_path, text, message):
-    config = tmp_path / "nabla_config.json"
-    config.write_text(text)
-    code, line = run("convert", tiny_pipeline_dir, "--out", tmp_path / "out", "--config", config)
-    assert code == 1 and message in line
-
-
-@pytest.mark.parametrize(
     ("model", "message"),
     [
         ("bad id/with space", "not a valid Hub id"),
         ("bad--id/x", "not a valid Hub id"),
     ],
 )
-def test_malformed_model_ids_are_refused_before_any_request(tmp_path, model, message, monkeypatch):
-    import huggingface_hub
-
-    def no_download(*args, **kwargs):
-        raise AssertionError("a download was attempted")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+def test_malformed_model_ids_are_refused_before_any_request(tmp_path, model, message, monkeypatch, no_downloads):
     monkeypatch.chdir(tmp_path)  # an empty MODEL must not mean the current folder
     code, line = run("convert", model, "--out", tmp_path / "out", "--threshold", "0.5")
     assert code == 1 and message in line
@@ -220,13 +213,7 @@ def test_adapt_learning_rate_must_be_finite(tiny_pipeline_dir, tmp_path, value):
     assert code == 1 and "lr must be a finite number" in line
 
 
-def test_a_token_that_cannot_be_a_header_is_refused_unprinted(tmp_path, monkeypatch):
-    import huggingface_hub
-
-    def no_download(*args, **kwargs):
-        raise AssertionError("a download was attempted")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+def test_a_token_that_cannot_be_a_header_is_refused_unprinted(tmp_path, no_downloads):
     args = ["convert", "someone/model", "--out", tmp_path / "out", "--threshold", "0.5"]
     code, line = run(*args, "--token", "hf_first\nhf_second")
     assert code == 4 and "token" in line and "hf_first" not in line and "hf_second" not in line

@@ -94,22 +94,56 @@ def check_threshold(value: Any, where: str = "threshold") -> float:
     return threshold
 
 
+Threshold = float | tuple[float, ...]
+
+
+def check_layer_threshold(value: Any, where: str = "threshold") -> Threshold:
+    """One threshold for every head, or a list of one threshold per attention head (each in (0, 1])."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ConfigError(f"{where} must be a number or a non-empty list of per-head numbers, got {value!r}")
+        return tuple(check_threshold(item, f"{where} of head {head}") for head, item in enumerate(value))
+    return check_threshold(value, where)
+
+
 @dataclass(frozen=True)
 class LayerSettings:
-    """One self-attention layer: dense, or NABLA at `threshold` (1.0 keeps every block) OR `sta`."""
+    """One self-attention layer: dense, or NABLA at `threshold` (1.0 keeps every block) OR `sta`.
 
-    threshold: float = 0.7
+    `threshold` is one number for every head or a tuple of one per head (`NablaConfig.check_num_heads`).
+    """
+
+    threshold: Threshold = 0.7
     sta: tuple[int, int, int] | None = None
     dense: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "threshold", check_threshold(self.threshold))
+        object.__setattr__(self, "threshold", check_layer_threshold(self.threshold))
         object.__setattr__(self, "sta", parse_window(self.sta))
         if not isinstance(self.dense, bool):
             raise ConfigError(f"dense must be true or false, got {self.dense!r}")
 
+    @property
+    def per_head(self) -> bool:
+        return isinstance(self.threshold, tuple)
+
+    @property
+    def keeps_all(self) -> bool:
+        """Dense in effect: no STA window and every head's threshold keeps every block."""
+        values = self.threshold if isinstance(self.threshold, tuple) else (self.threshold,)
+        return self.dense or (self.sta is None and min(values) >= 1.0)
+
+    def thresholds(self, num_heads: int) -> tuple[float, ...]:
+        """One threshold per head (a single threshold repeated)."""
+        if isinstance(self.threshold, tuple):
+            if len(self.threshold) != num_heads:
+                raise ConfigError(f"{len(self.threshold)} per-head thresholds for {num_heads} attention heads")
+            return self.threshold
+        return (self.threshold,) * num_heads
+
     def to_dict(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "sta": list(self.sta) if self.sta else None, "dense": self.dense}
+        threshold = list(self.threshold) if isinstance(self.threshold, tuple) else self.threshold
+        return {"threshold": threshold, "sta": list(self.sta) if self.sta else None, "dense": self.dense}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "layer") -> LayerSettings:
@@ -182,6 +216,14 @@ class NablaConfig:
             raise ConfigError(
                 f"config names layers {sorted(set(bad))}, the model has {num_layers} (0..{num_layers - 1})"
             )
+
+    def check_num_heads(self, num_heads: int) -> None:
+        """Per-head thresholds must give one value per attention head of the model."""
+        for index, settings in self.layers.items():
+            if settings.per_head and len(settings.threshold) != num_heads:
+                raise ConfigError(
+                    f"layer {index} has {len(settings.threshold)} per-head thresholds, the model has {num_heads} heads"
+                )
 
     def with_provenance(self, **entries: Any) -> NablaConfig:
         return replace(self, provenance={**self.provenance, **entries})

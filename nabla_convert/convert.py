@@ -235,6 +235,8 @@ def _rewrite_transformer_config(folder: Path, config: NablaConfig) -> None:
         raise ConvertError(f"{folder}/config.json has no num_layers")
     try:
         config.check_num_layers(num_layers)
+        if isinstance(data.get("num_attention_heads"), int):
+            config.check_num_heads(data["num_attention_heads"])
     except ConfigError as err:
         raise ConvertError(f"{folder.name or folder}: {err}") from None
     data["_class_name"] = NABLA_CLASS[1]

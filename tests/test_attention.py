@@ -125,6 +125,24 @@ def test_block_selection_matches_brute_force(threshold, sta, grid):
     assert unsure.float().mean() < 0.05
 
 
+@pytest.mark.parametrize("sta", [None, (3, 1, 1)])
+@pytest.mark.parametrize("grid", GRIDS)
+def test_per_head_thresholds_match_brute_force_per_head(sta, grid):
+    """Head h of a per-head selection is the brute-force selection of head h alone at its own threshold."""
+    torch.manual_seed(hash((sta, grid)) % 2**31)
+    layout = TileLayout(*grid)
+    thresholds = (0.3, 1.0, 0.8)
+    q, k = (torch.randn(2, len(thresholds), layout.padded_len, 8) * 3 for _ in range(2))
+    keep = nabla_block_mask(q, k, threshold=thresholds, grid=layout, sta=sta)
+    for head, threshold in enumerate(thresholds):
+        part = slice(head, head + 1)
+        expected, unsure = brute_keep(q[:, part], k[:, part], layout, threshold, sta, 64, 64)
+        assert torch.equal(keep[:, part][~unsure], expected[~unsure])
+        assert unsure.float().mean() < 0.05
+    same = nabla_block_mask(q, k, threshold=torch.tensor([0.6] * 3), grid=layout, sta=sta)
+    assert torch.equal(same, nabla_block_mask(q, k, threshold=0.6, grid=layout, sta=sta))
+
+
 @pytest.mark.parametrize("grid", [(2, 16, 16), (3, 12, 20)])
 def test_query_blocks_of_two_tiles(grid):
     torch.manual_seed(1)
@@ -149,6 +167,10 @@ def test_bad_threshold_and_shape_are_clear_errors():
         nabla_block_mask(q, q, threshold=1.5, grid=(1, 2, 2))
     with pytest.raises(ValueError, match="layout"):
         nabla_block_mask(q, q, threshold=0.5, grid=(1, 2, 3))
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
+        nabla_block_mask(q, q, threshold=[0.5, 0.0], grid=(1, 2, 2))
+    with pytest.raises(ValueError, match="2 per-head thresholds for scores of shape"):
+        nabla_block_mask(q, q, threshold=[0.5, 0.7], grid=(1, 2, 2))
 
 
 def test_compact_indices_lists_selected_columns_first():

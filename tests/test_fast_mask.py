@@ -36,6 +36,14 @@ def test_cut_selection_matches_sorted_rule(threshold: float) -> None:
     assert torch.equal(select_by_cut(probs, threshold), sorted_selection(probs, threshold))
 
 
+def test_per_head_cut_selection_matches_sorted_rule_head_by_head() -> None:
+    torch.manual_seed(5)
+    probs = torch.softmax(torch.randn(3, len(THRESHOLDS), 7, 40) * 2.5, dim=-1)
+    keep = select_by_cut(probs, torch.tensor(THRESHOLDS))
+    for head, threshold in enumerate(THRESHOLDS):
+        assert torch.equal(keep[:, head], sorted_selection(probs[:, head], threshold))
+
+
 def test_cut_value_is_the_smallest_kept_value() -> None:
     torch.manual_seed(1)
     probs = torch.softmax(torch.randn(50, 33), dim=-1)
@@ -79,6 +87,15 @@ def test_selection_equals_core(token_grid, q_block, kv_block, sta, threshold: fl
     kwargs = dict(threshold=threshold, grid=layout, sta=sta, q_block=q_block, kv_block=kv_block)
     expected = nabla_block_mask(q, k, **kwargs)
     assert torch.equal(nabla_selection(q, k, **kwargs).keep, expected)
+
+
+@pytest.mark.parametrize(("token_grid", "q_block", "kv_block", "sta"), GRIDS)
+def test_per_head_selection_equals_core(token_grid, q_block, kv_block, sta) -> None:
+    torch.manual_seed(6)
+    layout = TileLayout.for_blocks(token_grid, (8, 8), q_block, kv_block)
+    q, k = (torch.randn(2, 3, layout.padded_len, 16) * 3 for _ in range(2))
+    kwargs = dict(threshold=(0.2, 0.9, 1.0), grid=layout, sta=sta, q_block=q_block, kv_block=kv_block)
+    assert torch.equal(nabla_selection(q, k, **kwargs).keep, nabla_block_mask(q, k, **kwargs))
 
 
 @pytest.mark.parametrize("token_grid", [(2, 16, 24), (3, 10, 16)])

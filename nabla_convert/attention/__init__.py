@@ -16,6 +16,7 @@ from nabla_convert.attention.flex import (
     to_block_mask,
 )
 from nabla_convert.attention.mask import (
+    Threshold,
     Window,
     block_density,
     nabla_block_mask,
@@ -32,7 +33,7 @@ def nabla_attention(
     v: torch.Tensor,
     *,
     grid: TileLayout | tuple[int, int, int],
-    threshold: float,
+    threshold: Threshold,
     sta: Window | None = None,
     q_block: int = 64,
     kv_block: int = 64,
@@ -53,6 +54,7 @@ __all__ = [
     "Backend",
     "BlockSelection",
     "RecompileLimitError",
+    "Threshold",
     "TileLayout",
     "Window",
     "block_density",

@@ -21,7 +21,15 @@ import math
 import torch
 
 from nabla_convert.attention.flex import BlockSelection, kv_whole_blocks
-from nabla_convert.attention.mask import Window, block_scores, check_threshold, checked_layout, sta_block_mask
+from nabla_convert.attention.mask import (
+    Threshold,
+    Window,
+    block_scores,
+    check_threshold,
+    checked_layout,
+    head_thresholds,
+    sta_block_mask,
+)
 from nabla_convert.attention.tiling import TileLayout
 
 try:
@@ -34,29 +42,29 @@ ONE_BITS = 0x3F800000  # float32 1.0: probabilities lie in [0, 1]
 SEARCH_STEPS = 31  # bisection over [0, ONE_BITS] converges in ceil(log2(ONE_BITS + 1)) = 30 steps
 
 
-def cut_values(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+def cut_values(probs: torch.Tensor, threshold: Threshold) -> torch.Tensor:
     """Per row of probs (..., n), the smallest c with sum(p for p > c) <= threshold, shape (..., 1).
 
-    Bisection over float32 bit patterns in [0, 1]; `probs >= cut` is the NABLA selection.
+    Bisection over float32 bit patterns in [0, 1]; `probs >= cut` is the NABLA selection (below a
+    threshold of 1). A per-head threshold (H,) needs probs (B, H, rows, n).
     """
     probs = probs.float()
+    limit = head_thresholds(threshold, probs)
     lo = torch.zeros((*probs.shape[:-1], 1), dtype=torch.int32, device=probs.device)
     hi = torch.full_like(lo, ONE_BITS)
     for _ in range(SEARCH_STEPS):
         mid = lo + (hi - lo) // 2
         mass = torch.where(probs > mid.view(torch.float32), probs, 0.0).sum(-1, keepdim=True)
-        fits = mass <= threshold
+        fits = mass <= limit
         hi = torch.where(fits, mid, hi)
         lo = torch.where(fits, lo, mid + 1)
     return hi.view(torch.float32)
 
 
-def select_by_cut(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+def select_by_cut(probs: torch.Tensor, threshold: Threshold) -> torch.Tensor:
     """Same selection as `mask.select_by_mass` (ties at the cut kept), by a cut-value search instead of a sort."""
     check_threshold(threshold)
-    if threshold >= 1.0:
-        return torch.ones_like(probs, dtype=torch.bool)
-    return probs >= cut_values(probs, threshold)
+    return (probs >= cut_values(probs, threshold)) | (head_thresholds(threshold, probs) >= 1.0)
 
 
 def fast_path_available(device: torch.device) -> bool:
@@ -67,7 +75,7 @@ def nabla_selection(
     q: torch.Tensor,
     k: torch.Tensor,
     *,
-    threshold: float,
+    threshold: Threshold,
     grid: TileLayout | tuple[int, int, int],
     sta: Window | None = None,
     q_block: int = 64,
@@ -76,7 +84,7 @@ def nabla_selection(
     """NABLA selection of q, k (B, H, S, D) in tile order, with its BlockMask index tensors.
 
     Same arguments and selection as `nabla_block_mask` (up to float rounding of the mass at the
-    cut). Fused Triton kernels on CUDA, torch ops elsewhere.
+    cut). Fused Triton kernels on CUDA, torch ops elsewhere. `threshold` is one number, or one per head (H,).
     """
     check_threshold(threshold)
     layout = checked_layout(q, k, grid, q_block, kv_block)
@@ -95,7 +103,7 @@ def nabla_selection(
 def _triton_selection(
     q: torch.Tensor,
     k: torch.Tensor,
-    threshold: float,
+    threshold: Threshold,
     valid: torch.Tensor | None,
     sta_blocks: torch.Tensor | None,
     q_block: int,
@@ -114,6 +122,7 @@ def _triton_selection(
     full_indices = torch.empty(B, H, nq, nk, dtype=torch.int32, device=q.device)
     partial_indices = torch.empty_like(full_indices)
     sta_rows = kv_real if sta_blocks is None else sta_blocks.to(torch.int8).contiguous()
+    limits = head_thresholds(threshold, logits).expand(H, 1, 1).contiguous()  # one float32 per head
     _select_kernel[(B * H * nq,)](
         logits,
         sta_rows,
@@ -124,12 +133,12 @@ def _triton_selection(
         full_indices,
         partial_count,
         partial_indices,
+        limits,
+        H,
         nq,
         nk,
         math.sqrt(D),
-        float(threshold),
         HAS_STA=sta_blocks is not None,
-        KEEP_ALL=threshold >= 1.0,
         BLOCK_K=triton.next_power_of_2(nk),
         ONE=ONE_BITS,
         STEPS=SEARCH_STEPS,
@@ -197,12 +206,12 @@ if triton is not None:
         full_indices_ptr,
         partial_count_ptr,
         partial_indices_ptr,
+        threshold_ptr,
+        H,
         nq,
         nk,
         sqrt_d,
-        threshold,
         HAS_STA: tl.constexpr,
-        KEEP_ALL: tl.constexpr,
         BLOCK_K: tl.constexpr,
         ONE: tl.constexpr,
         STEPS: tl.constexpr,
@@ -215,18 +224,16 @@ if triton is not None:
         logits = tl.load(logits_ptr + row_offset + cols, mask=inside & real, other=float("-inf")) / sqrt_d
         exps = tl.exp(logits - tl.max(logits, 0))
         probs = exps / tl.sum(exps, 0)
-        if KEEP_ALL:
-            keep = inside
-        else:
-            lo = tl.full((), 0, tl.int32)
-            hi = tl.full((), ONE, tl.int32)
-            for _ in range(STEPS):
-                mid = lo + (hi - lo) // 2
-                mass = tl.sum(tl.where(probs > mid.to(tl.float32, bitcast=True), probs, 0.0), 0)
-                fits = mass <= threshold
-                hi = tl.where(fits, mid, hi)
-                lo = tl.where(fits, lo, mid + 1)
-            keep = probs >= hi.to(tl.float32, bitcast=True)
+        threshold = tl.load(threshold_ptr + (row // nq) % H)  # this row's head
+        lo = tl.full((), 0, tl.int32)
+        hi = tl.full((), ONE, tl.int32)
+        for _ in range(STEPS):
+            mid = lo + (hi - lo) // 2
+            mass = tl.sum(tl.where(probs > mid.to(tl.float32, bitcast=True), probs, 0.0), 0)
+            fits = mass <= threshold
+            hi = tl.where(fits, mid, hi)
+            lo = tl.where(fits, lo, mid + 1)
+        keep = (probs >= hi.to(tl.float32, bitcast=True)) | (threshold >= 1.0)
         if HAS_STA:
             keep = keep | (tl.load(sta_ptr + (row % nq).to(tl.int64) * nk + cols, mask=inside, other=0) != 0)
         keep = keep & real & inside

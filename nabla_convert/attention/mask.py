@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import torch
 
 from nabla_convert.attention.tiling import TileLayout
 
 Window = tuple[int, int, int]
+Threshold = float | Sequence[float] | torch.Tensor  # one for every head, or one per head (H,)
 
 
 def as_layout(grid: TileLayout | tuple[int, int, int], q_block: int, kv_block: int) -> TileLayout:
@@ -28,9 +30,23 @@ def as_layout(grid: TileLayout | tuple[int, int, int], q_block: int, kv_block: i
     return TileLayout.for_blocks((T, Ht * 8, Wt * 8), (8, 8), q_block, kv_block)
 
 
-def check_threshold(threshold: float) -> None:
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+def check_threshold(threshold: Threshold) -> None:
+    """One threshold, or one per head, each in (0, 1]."""
+    values = torch.as_tensor(threshold, dtype=torch.float64)
+    if values.dim() > 1 or values.numel() == 0 or not bool(((values > 0.0) & (values <= 1.0)).all()):
+        raise ValueError(f"threshold must be in (0, 1] (one number, or one per head), got {threshold}")
+
+
+def head_thresholds(threshold: Threshold, scores: torch.Tensor) -> torch.Tensor:
+    """The threshold as float32 that broadcasts over scores (B, H, rows, cols): 0-dim, or (H, 1, 1) per head."""
+    values = torch.as_tensor(threshold, dtype=torch.float32, device=scores.device)
+    if values.dim() == 0:
+        return values
+    if scores.dim() < 3 or values.shape != scores.shape[-3:-2]:
+        raise ValueError(
+            f"{values.numel()} per-head thresholds for scores of shape {tuple(scores.shape)} (B, H, rows, cols)"
+        )
+    return values.view(-1, 1, 1)
 
 
 def checked_layout(
@@ -77,21 +93,21 @@ def block_scores(
     return torch.softmax(logits, dim=-1), kv_real
 
 
-def select_by_mass(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+def select_by_mass(probs: torch.Tensor, threshold: Threshold) -> torch.Tensor:
     """Per row, keep the smallest set of largest entries whose total mass reaches `threshold`.
 
     Same selection as the reference (sort ascending, cumsum, keep cumsum >= 1 - threshold) with one
     descending sort: an entry is kept when the mass of the entries above it is at most `threshold`.
-    Entries tied with the last kept value are kept too.
+    Entries tied with the last kept value are kept too; a threshold of 1 keeps every entry. A per-head
+    threshold (H,) applies to every row of head h of probs (B, H, rows, cols).
     """
     check_threshold(threshold)
-    if threshold >= 1.0:
-        return torch.ones_like(probs, dtype=torch.bool)
+    limit = head_thresholds(threshold, probs)
     desc, _ = probs.sort(dim=-1, descending=True)
     above = desc.cumsum(-1) - desc
-    count = (above <= threshold).sum(-1, keepdim=True)
+    count = (above <= limit).sum(-1, keepdim=True)
     cut = desc.gather(-1, count - 1)
-    return probs >= cut
+    return (probs >= cut) | (limit >= 1.0)
 
 
 def sta_tile_mask(grid: tuple[int, int, int], window: Window, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -127,7 +143,7 @@ def nabla_block_mask(
     q: torch.Tensor,
     k: torch.Tensor,
     *,
-    threshold: float,
+    threshold: Threshold,
     grid: TileLayout | tuple[int, int, int],
     sta: Window | None = None,
     q_block: int = 64,
@@ -139,7 +155,8 @@ def nabla_block_mask(
     8x8 tiles, or a TileLayout (which also describes padding). With q_block=128 and kv_block=64 a
     query block is two consecutive tiles in tile order (neighbours along the tile row, or the row
     wrap): Q is pooled over its 128 tokens and the selection is made once for the pair; the STA
-    window of the pair is the union of the windows of its two tiles.
+    window of the pair is the union of the windows of its two tiles. `threshold` is one number, or
+    one per head (H,).
     """
     layout = checked_layout(q, k, grid, q_block, kv_block)
     valid = layout.indices(q.device).valid if layout.is_padded else None

@@ -128,7 +128,8 @@ def transformer_tables(transformer: TransformerInfo) -> str:
     for index in indices:
         layer = nabla.layer(index)
         mode = "dense" if layer.dense else ("NABLA + STA" if layer.sta else "NABLA")
-        rows.append([index, mode, "-" if layer.dense else layer.threshold, "-" if layer.dense else window(layer.sta)])
+        threshold = " ".join(f"{t:g}" for t in layer.threshold) if layer.per_head else layer.threshold
+        rows.append([index, mode, "-" if layer.dense else threshold, "-" if layer.dense else window(layer.sta)])
     return (
         markdown_table(["setting", "value"], settings)
         + "\n\nPer layer:\n\n"

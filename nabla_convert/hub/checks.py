@@ -127,6 +127,8 @@ def check_transformer(folder: Path, subfolder: str, expected_class: str | None) 
         nabla = NablaConfig.from_dict(config[CONFIG_KEY])
         if "num_layers" in config:
             nabla.check_num_layers(int(config["num_layers"]))
+        if "num_attention_heads" in config:
+            nabla.check_num_heads(int(config["num_attention_heads"]))
     except ConfigError as err:
         raise InvalidCheckpointError(f"{where}: {err}") from None
     weights_dir = folder / subfolder

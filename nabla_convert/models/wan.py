@@ -101,12 +101,7 @@ class NablaAttnProcessor:
 
     def is_dense_now(self) -> bool:
         s = self.settings
-        return (
-            s.dense
-            or self.state.force_dense
-            or self.state.step < self.state.config.dense_steps
-            or (s.threshold >= 1.0 and s.sta is None)
-        )
+        return s.keeps_all or self.state.force_dense or self.state.step < self.state.config.dense_steps
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v (B, H, S, D) in tile order -> attention output in tile order."""
@@ -241,6 +236,7 @@ def apply_nabla(transformer: WanTransformer3DModel, config: NablaConfig) -> WanT
     if not isinstance(config, NablaConfig):
         raise ConfigError(f"apply_nabla expects a NablaConfig, got {type(config).__name__}")
     config.check_num_layers(len(transformer.blocks))
+    config.check_num_heads(transformer.config.num_attention_heads)
     remove_nabla(transformer)
     state = NablaState(config)
     for name, (module, hook_cls) in _hook_points(transformer).items():

@@ -17,6 +17,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 import nabla_convert
 from nabla_convert import NablaConfig, convert, load
 from nabla_convert.cli import main
+from nabla_convert.config import LayerSettings
 from nabla_convert.convert import ConvertError
 from nabla_convert.folders import FolderError
 from nabla_convert.models.tiny import tiny_wan_pipeline
@@ -62,6 +63,19 @@ def test_convert_pipeline_round_trip(tiny_pipeline_dir, tmp_path):
     # the transformer folder still loads as a plain dense model
     plain = WanTransformer3DModel.from_pretrained(out / "transformer")
     assert all(type(b.attn1.processor) is WanAttnProcessor for b in plain.blocks)
+
+
+def test_per_head_thresholds_round_trip_through_a_converted_folder(tiny_pipeline_dir, tmp_path):
+    config = NablaConfig(threshold=0.5, layers={1: LayerSettings(threshold=(0.25, 0.75))})
+    out = convert(tiny_pipeline_dir / "transformer", tmp_path / "t", config)
+    assert json.loads((out / "config.json").read_text())["_nabla"]["layers"]["1"]["threshold"] == [0.25, 0.75]
+    model = load(out)
+    assert model._nabla_state.config.layers == config.layers
+    assert model.blocks[1].attn1.processor.settings.threshold == (0.25, 0.75)
+    assert NablaConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    wrong = NablaConfig(layers={0: LayerSettings(threshold=(0.5, 0.5, 0.5))})
+    with pytest.raises(ConvertError, match="layer 0 has 3 per-head thresholds, the model has 2 heads"):
+        convert(tiny_pipeline_dir / "transformer", tmp_path / "wrong", wrong)
 
 
 def test_saving_a_loaded_model_keeps_its_settings(tiny_pipeline_dir, tmp_path):

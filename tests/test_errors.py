@@ -56,6 +56,11 @@ def run(*args) -> tuple[int, str]:
         ({"layers": {"x": {"threshold": 0.5}}}, "a layers key (a layer index) must be an integer, got 'x'"),
         ({"layers": {"0": 5}}, "layer 0 must be a mapping"),
         ({"layers": {"0": {"dense": "no"}}}, "dense must be true or false, got 'no'"),
+        ({"layers": {"0": {"threshold": [0.5, "0.7"]}}}, "threshold of head 1 must be a finite number, got '0.7'"),
+        ({"layers": {"0": {"threshold": [True, 0.5]}}}, "threshold of head 0 must be a finite number, got True"),
+        ({"layers": {"0": {"threshold": [0.5, 1.5]}}}, "layer 0: threshold of head 1 must be in (0, 1], got 1.5"),
+        ({"layers": {"0": {"threshold": []}}}, "threshold must be a number or a non-empty list of per-head numbers"),
+        ({"layers": {"0": {"threshold": "0.5,0.7"}}}, "threshold must be a finite number, got '0.5,0.7'"),
         ({"threshold": 0.5, "treshold": 0.6}, "unknown NABLA config keys ['treshold']"),
     ],
 )

@@ -37,12 +37,13 @@ class RasterNablaReference:
         ka = torch.einsum("bhsd,sn->bhnd", k.double(), pool)
         probs = torch.softmax(qa @ ka.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)
         keep = torch.zeros_like(probs, dtype=torch.bool)
+        thresholds = self.settings.thresholds(probs.shape[1])
         for index in torch.cartesian_prod(*(torch.arange(s) for s in probs.shape[:3])):
             b, h, i = index.tolist()
             cumulative = 0.0
             for j in probs[b, h, i].argsort().tolist():
                 cumulative += probs[b, h, i, j].item()
-                keep[b, h, i, j] = cumulative >= 1 - self.settings.threshold
+                keep[b, h, i, j] = cumulative >= 1 - thresholds[h]
         if self.settings.sta is not None:
             coords = torch.stack(torch.meshgrid(torch.arange(T), torch.arange(Ht), torch.arange(Wt), indexing="ij"), -1)
             coords = coords.reshape(-1, 3)
@@ -92,6 +93,7 @@ CONFIGS = [
     NablaConfig(threshold=0.5, backend="reference"),
     NablaConfig(threshold=0.3, sta=(1, 3, 1), backend="flex_eager"),
     NablaConfig(threshold=0.6, layers={1: LayerSettings(threshold=0.2, sta=(3, 1, 1))}, dense_layers=(0,)),
+    NablaConfig(layers={0: LayerSettings(threshold=(0.2, 0.9)), 1: LayerSettings(threshold=(1.0, 0.3), sta=(1, 3, 1))}),
 ]
 LATENTS = [(1, 16, 3, 32, 32), (2, 16, 2, 26, 42), (1, 16, 4, 18, 30)]  # the last two need padding
 
@@ -206,3 +208,15 @@ def test_grid_beyond_rope_table_is_a_clear_error():
 def test_config_naming_missing_layers_is_rejected():
     with pytest.raises(ValueError, match="the model has 2"):
         apply_nabla(tiny_transformer(), NablaConfig(dense_layers=(5,)))
+
+
+def test_per_head_thresholds_must_match_the_head_count():
+    config = NablaConfig(layers={1: LayerSettings(threshold=(0.5, 0.6, 0.7))})
+    with pytest.raises(ValueError, match="layer 1 has 3 per-head thresholds, the model has 2 heads"):
+        apply_nabla(tiny_transformer(), config)
+
+
+def test_per_head_thresholds_all_one_run_dense():
+    layers = {0: LayerSettings(threshold=(1.0, 1.0)), 1: LayerSettings(threshold=(1.0, 0.9))}
+    model = apply_nabla(tiny_transformer(), NablaConfig(layers=layers))
+    assert [block.attn1.processor.is_dense_now() for block in model.blocks] == [True, False]

@@ -39,10 +39,10 @@ from nabla_convert.calibrate import (
     search,
 )
 from nabla_convert.calibrate.cli import DEFAULT_PROMPTS
-from nabla_convert.calibrate.collect import Probe
-from nabla_convert.calibrate.search import spend_density
+from nabla_convert.calibrate.collect import ComponentStats, Probe
+from nabla_convert.calibrate.search import choose_head_options, choose_options, curves, spend_density
 from nabla_convert.cli import main
-from nabla_convert.config import NablaConfig, load_config_file
+from nabla_convert.config import ConfigError, NablaConfig, load_config_file
 from nabla_convert.convert import load
 from nabla_convert.models.tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_wan_pipeline
 from nabla_convert.models.wan import apply_nabla, layer_densities, remove_nabla, reset_densities
@@ -265,6 +265,56 @@ def test_choice_holds_on_held_out_prompts_and_seeds():
     assert chosen.mean_density < 1.0  # the budget leaves room for sparsity
 
 
+def test_per_head_choice_holds_on_held_out_prompts_and_seeds():
+    torch.manual_seed(1)
+    pipe = wan_pipeline(tiny_transformer(num_layers=4, heads=2))
+    prompts = [p for p in TEST_PROMPTS.read_text().split("\n") if p]
+    train = measure(pipe, prompts[:3], (0, 1), query_blocks=8)
+    held_out = measure(pipe, prompts[3:], (2, 3), query_blocks=8)
+    candidates = train.candidates
+
+    target = 0.5
+    chosen = search(train, Target("density", target), per_head=True)["transformer"]
+    assert any(layer.settings().per_head for layer in chosen.layers)  # heads really differ
+    assert chosen.mean_density <= target + 1e-6
+    check = evaluate(held_out.components["transformer"], candidates, chosen.config)
+    assert check.density.mean() <= target + 0.03
+    per_layer = search(train, Target("density", target))["transformer"]
+    assert (np.array([c.error for c in chosen.layers]) ** 2).sum() <= (
+        np.array([c.error for c in per_layer.layers]) ** 2
+    ).sum() + 1e-12
+    # the converted model's own density report on a held-out prompt and seed (sparse trajectory, per-head masks)
+    transformer = pipe.transformer
+    apply_nabla(transformer, chosen.config)
+    try:
+        pipe(
+            prompts[4],
+            num_inference_steps=2,
+            num_frames=SIZE["frames"],
+            height=SIZE["height"],
+            width=SIZE["width"],
+            output_type="latent",
+            generator=torch.Generator().manual_seed(3),
+        )
+        reported = np.mean(list(layer_densities(transformer).values()))
+    finally:
+        remove_nabla(transformer)
+    assert abs(reported - chosen.mean_density) < 0.05
+
+    budget = 0.1
+    chosen = search(train, Target("error", budget), per_head=True)["transformer"]
+    assert (np.array([c.error_quantile for c in chosen.layers]) <= budget + 1e-12).all()
+    per_layer = search(train, Target("error", budget))["transformer"]
+    assert all(h.density <= p.density + 1e-12 for h, p in zip(chosen.layers, per_layer.layers, strict=True))
+    check = evaluate(held_out.components["transformer"], candidates, chosen.config)
+    assert (check.error[:, 0] <= 1.15 * budget).all(), check.error[:, 0]
+
+
+def test_per_head_search_needs_one_sta_window():
+    with pytest.raises(ConfigError, match="per_head needs one STA window"):
+        make_plan(None, sta=(None, (1, 3, 3)), per_head=True)
+
+
 def local_and_global_transformer() -> torch.nn.Module:
     """Layer 0 attends locally, layer 1 almost uniformly.
 
@@ -299,6 +349,49 @@ def test_local_layer_gets_the_sparser_threshold_and_global_the_denser():
         assert local.density < 0.1 and local.error < 0.01
         uniform_threshold = 1.0 if uniform.candidate is None else uniform.candidate.threshold
         assert uniform_threshold >= 0.8 and uniform.density > 0.7, target
+
+
+def synthetic_stats(rng: np.random.Generator, layers: int, heads: int, samples: int) -> ComponentStats:
+    """Stats with convex per-head error curves over 4 candidates: heads differ in scale and shape, samples in scale."""
+    density = torch.tensor(np.linspace(0.1, 0.9, 4))[None, :, None].expand(layers, 4, heads)
+    scale = torch.tensor(rng.uniform(0.05, 2.0, size=(layers, 1, heads)))
+    power = torch.tensor(rng.uniform(1.0, 3.0, size=(layers, 1, heads)))
+    comp = ComponentStats(layers, heads)
+    for sample in range(samples):
+        comp.sample.append(sample)
+        comp.step.append(0)
+        comp.local_step.append(0)
+        comp.density.append(density.clone())
+        comp.err_num.append(scale * rng.uniform(0.5, 1.5) * (1.0 - density) ** power)
+        comp.err_den.append(torch.tensor(rng.uniform(0.5, 2.0, size=(layers, heads))))
+    return comp
+
+
+def test_per_head_search_matches_brute_force_on_convex_curves():
+    """Density target: least sum of squared layer errors over every per-head mix; error budget: the sparsest mix
+    within 0.02 of the brute force, never denser than the per-layer choice."""
+    rng = np.random.default_rng(4)
+    for _ in range(6):
+        layers, heads = 2, 2
+        curve = curves(synthetic_stats(rng, layers, heads, samples=3), quantile=0.5)
+        options = curve.head_density.shape[1]
+        mixes = np.array(list(itertools.product(range(options), repeat=layers * heads))).reshape(-1, layers, heads)
+        figures = [curve.pick(mix) for mix in mixes]
+        target = Target("density", float(rng.uniform(0.15, 0.9)), error_quantile=0.5)
+        picks = choose_head_options(curve, target, ())
+        chosen = curve.pick(picks)
+        assert chosen.density.mean() <= target.value * (1 + 1e-6)
+        best = min((f.error**2).sum() for f in figures if f.density.mean() <= target.value * (1 + 1e-6))
+        assert (chosen.error**2).sum() == pytest.approx(best, abs=1e-12)
+
+        target = Target("error", float(rng.uniform(0.05, 0.6)), error_quantile=0.5)
+        chosen = curve.pick(choose_head_options(curve, target, ()))
+        per_layer = curve.pick(np.repeat(np.array(choose_options(curve, target, ()))[:, None], heads, 1))
+        assert (chosen.error_quantile <= target.value + 1e-12).all()
+        assert (chosen.density <= per_layer.density + 1e-12).all()
+        for layer in range(layers):
+            fits = [f.density[layer, 0] for f in figures if f.error_quantile[layer, 0] <= target.value + 1e-12]
+            assert chosen.density[layer, 0] <= min(fits) + 0.02
 
 
 def test_density_search_matches_brute_force_on_convex_curves():

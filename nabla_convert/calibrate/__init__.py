@@ -22,6 +22,7 @@ Recipe `calibrate:` section (all keys optional; CLI options override them):
   query_blocks:   query blocks per attention call whose output error is computed exactly   default 16
   dense_layers:   layers kept dense                          default the recipe's nabla.dense_layers
   dense_steps:    first K steps run dense (not searched)     default the recipe's nabla.dense_steps
+  per_head:       one threshold per attention head (one STA window or none)   default false (one per layer)
 """
 
 from __future__ import annotations
@@ -185,14 +186,14 @@ def calibrate(
     stats = collect(
         pipe, samples, plan, base, stats_path=stats_path, model=name, progress=progress, overwrite=overwrite
     )
-    choices = search(stats, target, plan.dense_layers, plan.dense_steps)
+    choices = search(stats, target, plan.dense_layers, plan.dense_steps, plan.per_head)
     return Calibration(stats, choices, write_outputs(out, stats, choices))
 
 
 def recalibrate(
     stats_file: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, **overrides: Any
 ) -> Calibration:
-    """Re-run the search on saved stats with another target / dense layers / dense steps, without the model.
+    """Re-run the search on saved stats with another target / dense layers / dense steps / per_head, without the model.
 
     `out` may be the calibrate folder that holds `stats_file`; another calibrate folder's stats are replaced only
     with `overwrite`."""
@@ -204,7 +205,7 @@ def recalibrate(
     if given.keys() & {"target_density", "error_budget"}:
         measured.update(target_density=None, error_budget=None)
     plan = CalibrationPlan(**{**measured, **given})
-    choices = search(stats, Target.from_plan(plan), plan.dense_layers, plan.dense_steps)
+    choices = search(stats, Target.from_plan(plan), plan.dense_layers, plan.dense_steps, plan.per_head)
     out = Path(out)
     in_place = (out / STATS_FILE).exists() and (out / STATS_FILE).samefile(stats_file)
     check_output(out, {} if in_place else {"--from-stats file": stats_file}, overwrite=overwrite, reuse="calibrate")

@@ -51,6 +51,11 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 )
 @click.option("--dense-layers", callback=_int_list, help="Comma-separated layers kept dense.")
 @click.option("--dense-steps", type=click.IntRange(min=0), help="Run the first K steps dense (not searched).")
+@click.option(
+    "--per-head/--per-layer",
+    default=None,
+    help="Search one threshold per attention head, or one per layer [recipe, or per layer].",
+)
 @click.option("--query-blocks", type=click.IntRange(min=1), help="Query blocks per call whose error is computed [16].")
 @click.option(
     "--from-stats",
@@ -78,7 +83,7 @@ def calibrate_command(model, out, prompts, prompt_embeds, recipe, from_stats, ov
             raise click.UsageError(
                 "--from-stats re-runs the search only: drop MODEL, --prompts, --prompt-embeds, --recipe"
             )
-        search_only = ("target_density", "error_budget", "dense_layers", "dense_steps")
+        search_only = ("target_density", "error_budget", "dense_layers", "dense_steps", "per_head")
         ignored = sorted(key for key, value in plan.items() if value is not None and key not in search_only)
         if ignored:
             raise click.UsageError(f"--from-stats takes only the search options; drop {', '.join(ignored)}")

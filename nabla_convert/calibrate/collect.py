@@ -50,6 +50,7 @@ from nabla_convert.config import (
     LayerSettings,
     NablaConfig,
     NablaError,
+    Threshold,
     check_int,
     check_int_list,
     check_number,
@@ -72,9 +73,12 @@ class CalibrationError(NablaError, ValueError):
 
 @dataclass(frozen=True)
 class Candidate:
-    """One setting a layer may get: NABLA at `threshold`, OR-ed with an STA window when given."""
+    """One setting a layer may get: NABLA at `threshold`, OR-ed with an STA window when given.
 
-    threshold: float
+    Measured candidates have one threshold; a per-head search's choice has one per head.
+    """
+
+    threshold: Threshold
     sta: Window | None = None
 
     def settings(self) -> LayerSettings:
@@ -82,7 +86,11 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        return f"{self.threshold:g}" + (f"+sta{'-'.join(map(str, self.sta))}" if self.sta else "")
+        if isinstance(self.threshold, tuple):
+            threshold = f"per-head {min(self.threshold):g}-{max(self.threshold):g}"
+        else:
+            threshold = f"{self.threshold:g}"
+        return threshold + (f"+sta{'-'.join(map(str, self.sta))}" if self.sta else "")
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,7 @@ class CalibrationPlan:
     Recipe keys (all optional): thresholds, sta (list of windows, null = none), steps,
     sample_steps (a count spread evenly over the NABLA steps, or a list of step indices), seeds,
     height, width, frames, guidance, query_blocks, target_density | error_budget, error_quantile,
-    dense_layers, dense_steps.
+    dense_layers, dense_steps, per_head (search one threshold per attention head).
     """
 
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
@@ -110,6 +118,7 @@ class CalibrationPlan:
     error_quantile: float = 0.9
     dense_layers: tuple[int, ...] = ()
     dense_steps: int = 0
+    per_head: bool = False
 
     def __post_init__(self) -> None:
         thresholds = tuple(sorted({check_threshold(t, "calibrate.thresholds") for t in self.thresholds}))
@@ -150,6 +159,10 @@ class CalibrationPlan:
             raise ConfigError(f"error budget must be >= 0, got {self.error_budget}")
         if not 0.0 <= self.error_quantile <= 1.0:
             raise ConfigError(f"error_quantile must be in [0, 1], got {self.error_quantile}")
+        if not isinstance(self.per_head, bool):
+            raise ConfigError(f"calibrate.per_head must be true or false, got {self.per_head!r}")
+        if self.per_head and len(self.sta) > 1:
+            raise ConfigError("calibrate.per_head needs one STA window (or none): a layer has one window for all heads")
 
     @classmethod
     def from_recipe(cls, section: dict[str, Any], nabla: NablaConfig, where: str = "recipe") -> CalibrationPlan:

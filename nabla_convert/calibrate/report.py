@@ -100,14 +100,15 @@ def window_label(window: Any) -> str:
     return "STA " + "-".join(map(str, window)) if window else "no STA"
 
 
-def kept_blocks(stats: Stats, block_map: torch.Tensor, choice_layer: Any) -> torch.Tensor:
-    """The (nq, nk) blocks a layer's chosen setting keeps for one stored pooled map."""
+def kept_blocks(stats: Stats, block_map: torch.Tensor, choice_layer: Any, head: int) -> torch.Tensor:
+    """The (nq, nk) blocks a layer's chosen setting keeps for one stored pooled map of `head`."""
     layout, base = stats.layout, stats.base_config
     kv_real = layout.indices("cpu").valid.view(-1, base.kv_block).any(-1)
     candidate = choice_layer.candidate
     if candidate is None:
         return kv_real.expand_as(block_map).clone()
-    keep = select_by_mass(block_map, candidate.threshold)
+    threshold = candidate.threshold[head] if isinstance(candidate.threshold, tuple) else candidate.threshold
+    keep = select_by_mass(block_map, threshold)
     if candidate.sta:
         keep = keep | sta_block_mask(layout, candidate.sta, base.q_block, base.kv_block, "cpu")
     return keep & kv_real
@@ -123,7 +124,7 @@ def plot_masks(stats: Stats, choice: ComponentChoice, path: Path) -> bool:
     axes = np.atleast_2d(fig.subplots(len(panels), 2))
     for row, (layer, i, head) in enumerate(panels):
         block_map = comp.maps[layer][i]
-        kept = kept_blocks(stats, block_map, choice.layers[layer])
+        kept = kept_blocks(stats, block_map, choice.layers[layer], head)
         image = axes[row, 0].imshow(
             torch.log10(block_map.clamp(min=1e-8)).numpy(), cmap="magma", interpolation="nearest"
         )
@@ -195,7 +196,8 @@ def render_report(stats: Stats, choices: dict[str, ComponentChoice], images: dic
         f"- measured steps {stats.meta['measured_steps']}; searched over steps >= {any_choice.summary['dense_steps']} "
         "(earlier steps run dense)",
         f"- candidates: thresholds {list(plan['thresholds'])} x STA {[window_label(w) for w in plan['sta']]}, or dense",
-        f"- target: {any_choice.target.label}",
+        f"- target: {any_choice.target.label}; "
+        + ("one threshold per attention head" if any_choice.summary.get("per_head") else "one setting per layer"),
         "",
         "Density is the share of (query block, key block) pairs computed, over blocks holding real tokens. Error is the "
         "relative L2 distance of the layer's attention output from dense attention, exact on "

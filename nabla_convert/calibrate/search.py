@@ -16,6 +16,14 @@ Targets:
   remaining single-layer improvements; the result is never worse than the best single setting
   shared by all layers, which is tried too.
 A chosen setting that keeps every block runs dense (no mask to build).
+
+Per head (`per_head`, one STA window or none among the candidates): every head of a layer takes its own
+threshold, "dense" being threshold 1 for that head. The stats already hold each head's density and error
+terms, and a head's selection does not depend on the other heads, so any mix is measured exactly:
+- mean density D: minimise the sum of the layers' squared pooled errors (a head adds its own error term to its
+  layer's), greedy over all (layer, head) hulls at once, never worse than a setting shared by all heads;
+- error budget E: per layer, the sparsest mix whose quantile error is <= E among the per-head greedy mixes at a
+  ladder of layer densities and the per-layer settings (so never denser than the per-layer search).
 """
 
 from __future__ import annotations
@@ -66,9 +74,42 @@ class Curves:
     head_error: np.ndarray  # (layers, options, heads)
     samples: int
     records: int
+    head_num: np.ndarray  # (layers, options, heads): squared error of each head, summed over records
+    head_den: np.ndarray  # (layers, heads): squared dense output of each head, summed over records
+    sample_num: np.ndarray  # (samples, layers, options, heads): head_num of each calibration sample
+    sample_den: np.ndarray  # (samples, layers, heads)
+    quantile: float
+
+    def pick(self, picks: np.ndarray, layers: np.ndarray | None = None) -> Curves:
+        """The curves of one choice, a single option column: head h of layer `layers[i]` takes option picks[i, h].
+
+        `layers` defaults to every layer. A layer's figures are exact for any mix, since heads select alone.
+        """
+        layers = np.arange(len(picks)) if layers is None else np.asarray(layers)
+        rows, heads = layers[:, None], np.arange(picks.shape[1])[None, :]
+        head_density = self.head_density[rows, picks, heads]
+        head_num = self.head_num[rows, picks, heads]
+        sample_num = self.sample_num[:, rows, picks, heads]  # (S, n, H)
+        head_den, sample_den = self.head_den[layers], self.sample_den[:, layers]
+        per_sample = _relative(sample_num.sum(-1), sample_den.sum(-1))
+        return Curves(
+            density=head_density.mean(-1)[:, None],
+            error=_relative(head_num.sum(-1), head_den.sum(-1))[:, None],
+            error_quantile=np.quantile(per_sample, self.quantile, axis=0)[:, None],
+            head_density=head_density[:, None],
+            head_error=self.head_error[rows, picks, heads][:, None],
+            samples=self.samples,
+            records=self.records,
+            head_num=head_num[:, None],
+            head_den=head_den,
+            sample_num=sample_num[:, :, None],
+            sample_den=sample_den,
+            quantile=self.quantile,
+        )
 
 
 def _relative(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
     return np.sqrt(np.divide(num, den, out=np.zeros_like(num), where=den > 0))
 
 
@@ -82,13 +123,14 @@ def curves(comp: ComponentStats, dense_steps: int = 0, quantile: float = 0.9) ->
     num = torch.stack([comp.err_num[i] for i in picked]).numpy()
     den = torch.stack([comp.err_den[i] for i in picked]).numpy()[:, :, None, :]  # (R, L, 1, H)
     samples = np.array([comp.sample[i] for i in picked])
-    per_sample = np.stack(
-        [_relative(num[samples == s].sum((0, 3)), den[samples == s].sum((0, 3))) for s in np.unique(samples)]
-    )
-    layers = density.shape[1]
+    sample_num = np.stack([num[samples == s].sum(0) for s in np.unique(samples)])  # (S, L, C, H)
+    sample_den = np.stack([den[samples == s].sum(0)[:, 0] for s in np.unique(samples)])  # (S, L, H)
+    per_sample = _relative(sample_num.sum(-1), sample_den.sum(-1)[:, :, None])
 
-    def with_dense(values: np.ndarray, dense_value: float) -> np.ndarray:
-        return np.concatenate([values, np.full((layers, 1, *values.shape[2:]), dense_value)], axis=1)
+    def with_dense(values: np.ndarray, dense_value: float, axis: int = 1) -> np.ndarray:
+        shape = list(values.shape)
+        shape[axis] = 1
+        return np.concatenate([values, np.full(shape, dense_value)], axis=axis)
 
     return Curves(
         density=with_dense(density.mean((0, 3)), 1.0),
@@ -98,6 +140,11 @@ def curves(comp: ComponentStats, dense_steps: int = 0, quantile: float = 0.9) ->
         head_error=with_dense(_relative(num.sum(0), np.broadcast_to(den.sum(0), num.shape[1:])), 0.0),
         samples=len(np.unique(samples)),
         records=len(picked),
+        head_num=with_dense(num.sum(0), 0.0),
+        head_den=den.sum(0)[:, 0],
+        sample_num=with_dense(sample_num, 0.0, axis=2),
+        sample_den=sample_den,
+        quantile=quantile,
     )
 
 
@@ -241,32 +288,99 @@ def choose_options(curve: Curves, target: Target, dense_layers: tuple[int, ...])
     return best
 
 
+def sparsest_mix(curve: Curves, layer: int, budget: float, levels: int = 32) -> np.ndarray:
+    """Per head of `layer` an option, the mix of least density whose quantile error is <= `budget`.
+
+    Tried: every setting shared by all heads (the per-layer choices, dense among them) and the per-head greedy
+    mixes (least squared error for a density) at `levels` layer densities between the sparsest and dense.
+    """
+    density, error = curve.head_density[layer].T, curve.head_num[layer].T  # (heads, options)
+    heads, options = density.shape
+    mixes = [np.full(heads, option) for option in range(options)]
+    for level in np.linspace(density.min(1).sum(), heads, levels):
+        mixes.append(np.array(spend_density(density, error, level, {})))
+    figures = curve.pick(np.stack(mixes), np.full(len(mixes), layer))
+    fits = np.flatnonzero(figures.error_quantile[:, 0] <= budget + 1e-12)
+    best = min(fits, key=lambda i: (figures.density[i, 0], figures.error[i, 0]))
+    return mixes[best]
+
+
+def choose_head_options(curve: Curves, target: Target, dense_layers: tuple[int, ...]) -> np.ndarray:
+    """Per layer and head the chosen option index (layers, heads); the last index is dense (threshold 1)."""
+    layers, options, heads = curve.head_density.shape
+    dense = options - 1
+    if target.kind == "error":
+        return np.stack(
+            [
+                np.full(heads, dense) if layer in dense_layers else sparsest_mix(curve, layer, target.value)
+                for layer in range(layers)
+            ]
+        )
+    # a head's share of its layer's squared pooled error: the shares of a layer's heads add up to its error^2
+    layer_den = curve.head_den.sum(-1)[:, None, None]
+    share = np.divide(curve.head_num, layer_den, out=np.zeros_like(curve.head_num), where=layer_den > 0)
+    density = curve.head_density.transpose(0, 2, 1).reshape(layers * heads, options)
+    cost = share.transpose(0, 2, 1).reshape(layers * heads, options)
+    fixed = {layer * heads + head: dense for layer in dense_layers for head in range(heads)}
+    budget = target.value * layers * heads
+    tried = [np.array(spend_density(density, cost, budget, fixed)).reshape(layers, heads)]
+    for option in range(options):
+        uniform = np.full((layers, heads), option)
+        uniform[list(dense_layers)] = dense
+        tried.append(uniform)
+    units = np.arange(layers * heads)
+    fits = [p for p in tried if density[units, p.ravel()].sum() <= budget * (1.0 + SLACK)]
+    return min(fits, key=lambda p: cost[units, p.ravel()].sum())
+
+
+def head_candidate(candidates: list[Candidate], options: np.ndarray) -> Candidate | None:
+    """The setting of a layer whose head h takes option options[h]: one candidate, per-head thresholds, or dense."""
+    if (options == len(candidates)).all():
+        return None
+    if (options == options[0]).all():
+        return candidates[options[0]]
+    thresholds = tuple(1.0 if o == len(candidates) else candidates[o].threshold for o in options.tolist())
+    return Candidate(thresholds, candidates[0].sta)
+
+
 def search(
-    stats: Stats, target: Target, dense_layers: tuple[int, ...] = (), dense_steps: int = 0
+    stats: Stats,
+    target: Target,
+    dense_layers: tuple[int, ...] = (),
+    dense_steps: int = 0,
+    per_head: bool = False,
 ) -> dict[str, ComponentChoice]:
-    """Per transformer: the chosen per-layer settings and the NablaConfig that carries them."""
+    """Per transformer: the chosen per-layer (or per-head) settings and the NablaConfig that carries them."""
     candidates = stats.candidates
     base = stats.base_config
+    if per_head and len({c.sta for c in candidates}) > 1:
+        raise CalibrationError(
+            "a per-head search needs candidates with one STA window (or none): a layer has one window for all heads"
+        )
     chosen: dict[str, ComponentChoice] = {}
     for name, comp in stats.components.items():
         bad = [layer for layer in dense_layers if not 0 <= layer < comp.num_layers]
         if bad:
             raise CalibrationError(f"dense layers {bad} out of range: {name} has {comp.num_layers} layers")
         curve = curves(comp, dense_steps, target.error_quantile)
-        picks = choose_options(curve, target, tuple(dense_layers))
+        if per_head:
+            picks = choose_head_options(curve, target, tuple(dense_layers))
+        else:
+            picks = np.repeat(np.array(choose_options(curve, target, tuple(dense_layers)))[:, None], comp.num_heads, 1)
+        picked = curve.pick(picks)
         layers = []
-        for layer, option in enumerate(picks):
-            runs_dense = option == len(candidates) or curve.density[layer, option] >= FULL
+        for layer, options in enumerate(picks):
+            runs_dense = picked.density[layer, 0] >= FULL
             layers.append(
                 LayerChoice(
                     layer=layer,
-                    candidate=None if runs_dense else candidates[option],
+                    candidate=None if runs_dense else head_candidate(candidates, options),
                     forced_dense=layer in dense_layers,
-                    density=float(curve.density[layer, option]),
-                    error=float(curve.error[layer, option]),
-                    error_quantile=float(curve.error_quantile[layer, option]),
-                    head_density=curve.head_density[layer, option],
-                    head_error=curve.head_error[layer, option],
+                    density=float(picked.density[layer, 0]),
+                    error=float(picked.error[layer, 0]),
+                    error_quantile=float(picked.error_quantile[layer, 0]),
+                    head_density=picked.head_density[layer, 0],
+                    head_error=picked.head_error[layer, 0],
                 )
             )
         choice = ComponentChoice(name, target, layers, curve, base)
@@ -279,6 +393,7 @@ def search(
             "max_error": max(c.error for c in layers),
             "dense_layers": sum(c.candidate is None for c in layers),
             "dense_steps": dense_steps,
+            "per_head": per_head,
             "samples": curve.samples,
             "records": curve.records,
             "candidates": len(candidates),
@@ -295,28 +410,26 @@ def search(
 
 
 def evaluate(comp: ComponentStats, candidates: list[Candidate], config: NablaConfig, dense_steps: int = 0) -> Curves:
-    """The measured density and error of `config`'s per-layer settings on (other) stats: one option per layer.
+    """The measured density and error of `config`'s per-layer (or per-head) settings on (other) stats.
 
     Returns Curves with a single option column, for checking a choice on held-out prompts and seeds.
     """
     curve = curves(comp, dense_steps)
     index = {(c.threshold, c.sta): i for i, c in enumerate(candidates)}
+    dense = len(candidates)
     picks = []
     for layer in range(comp.num_layers):
         settings = config.layer(layer)
-        if settings.dense or (settings.threshold >= 1.0 and settings.sta is None):
-            picks.append(len(candidates))
-        elif (settings.threshold, settings.sta) in index:
-            picks.append(index[(settings.threshold, settings.sta)])
-        else:
-            raise CalibrationError(f"layer {layer}: {settings} is not among the measured candidates")
-    rows = np.arange(comp.num_layers)
-    return Curves(
-        density=curve.density[rows, picks][:, None],
-        error=curve.error[rows, picks][:, None],
-        error_quantile=curve.error_quantile[rows, picks][:, None],
-        head_density=curve.head_density[rows, picks][:, None],
-        head_error=curve.head_error[rows, picks][:, None],
-        samples=curve.samples,
-        records=curve.records,
-    )
+        if settings.keeps_all:
+            picks.append([dense] * comp.num_heads)
+            continue
+        row = []
+        for threshold in settings.thresholds(comp.num_heads):
+            if threshold >= 1.0:
+                row.append(dense)
+            elif (threshold, settings.sta) in index:
+                row.append(index[(threshold, settings.sta)])
+            else:
+                raise CalibrationError(f"layer {layer}: {settings} is not among the measured candidates")
+        picks.append(row)
+    return curve.pick(np.array(picks))

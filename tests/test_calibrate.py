@@ -127,6 +127,20 @@ def test_cli_end_to_end_from_stats_and_convert_round_trip(tiny_folder, tmp_path)
     assert strict["summary"]["target"] == "error"
     assert all(row["error_quantile"] <= 0.05 + 1e-9 for row in strict["layers"])
     assert strict["summary"]["mean_density"] > report["summary"]["mean_density"]
+    heads = tmp_path / "heads"
+    stats_file = str(out / "stats.safetensors")
+    result = CliRunner().invoke(
+        main, ["calibrate", "--from-stats", stats_file, "--out", str(heads), "--error-budget", "0.05", "--per-head"]
+    )
+    assert result.exit_code == 0, result.output
+    per_head = json.loads((heads / "calibration.json").read_text())
+    assert (
+        per_head["summary"]["per_head"] is True
+        and "one threshold per attention head" in (heads / "report.md").read_text()
+    )
+    assert all(row["error_quantile"] <= 0.05 + 1e-9 for row in per_head["layers"])
+    assert per_head["summary"]["mean_density"] <= strict["summary"]["mean_density"] + 1e-9
+    assert isinstance(load_config_file(heads / "nabla_config.json")["*"], NablaConfig)
 
     # calibrate -> convert --config -> load: the converted model carries the chosen per-layer settings
 

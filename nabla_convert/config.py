@@ -106,6 +106,12 @@ def check_layer_threshold(value: Any, where: str = "threshold") -> Threshold:
     return check_threshold(value, where)
 
 
+def threshold_text(threshold: Threshold | list[float]) -> str:
+    """A threshold for tables: "0.7", or the per-head values separated by spaces."""
+    values = threshold if isinstance(threshold, (list, tuple)) else (threshold,)
+    return " ".join(f"{value:g}" for value in values)
+
+
 @dataclass(frozen=True)
 class LayerSettings:
     """One self-attention layer: dense, or NABLA at `threshold` (1.0 keeps every block) OR `sta`.

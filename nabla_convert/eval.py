@@ -30,6 +30,7 @@ from nabla_convert.config import (
     check_int,
     check_number,
     check_video_size,
+    threshold_text,
 )
 from nabla_convert.convert import resolve_model
 from nabla_convert.folders import check_output, public_name, write_marker
@@ -460,7 +461,7 @@ def render_report(result: EvalResult) -> str:
                         r["transformer"],
                         r["layer"],
                         r["density"],
-                        r["threshold"],
+                        threshold_text(r["threshold"]),
                         r["sta"],
                         r["dense"],
                     )

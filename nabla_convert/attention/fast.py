@@ -233,7 +233,8 @@ if triton is not None:
             fits = mass <= threshold
             hi = tl.where(fits, mid, hi)
             lo = tl.where(fits, lo, mid + 1)
-        keep = (probs >= hi.to(tl.float32, bitcast=True)) | (threshold >= 1.0)
+        cut = tl.where(threshold >= 1.0, 0.0, hi.to(tl.float32, bitcast=True))  # a threshold of 1 keeps all
+        keep = probs >= cut
         if HAS_STA:
             keep = keep | (tl.load(sta_ptr + (row % nq).to(tl.int64) * nk + cols, mask=inside, other=0) != 0)
         keep = keep & real & inside

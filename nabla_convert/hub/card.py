@@ -14,6 +14,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from nabla_convert.config import threshold_text
 from nabla_convert.hub.checks import REPORTS_DIR, Checkpoint, TransformerInfo
 from nabla_convert.io import markdown_table
 
@@ -128,8 +129,14 @@ def transformer_tables(transformer: TransformerInfo) -> str:
     for index in indices:
         layer = nabla.layer(index)
         mode = "dense" if layer.dense else ("NABLA + STA" if layer.sta else "NABLA")
-        threshold = " ".join(f"{t:g}" for t in layer.threshold) if layer.per_head else layer.threshold
-        rows.append([index, mode, "-" if layer.dense else threshold, "-" if layer.dense else window(layer.sta)])
+        rows.append(
+            [
+                index,
+                mode,
+                "-" if layer.dense else threshold_text(layer.threshold),
+                "-" if layer.dense else window(layer.sta),
+            ]
+        )
     return (
         markdown_table(["setting", "value"], settings)
         + "\n\nPer layer:\n\n"

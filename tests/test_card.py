@@ -103,7 +103,8 @@ def test_card_of_plain_conversion_claims_nothing_it_does_not_know(tiny_pipeline_
 
 def test_two_transformers_get_one_table_each(tmp_path):
     tiny_wan_pipeline(two_transformers=True).save_pretrained(tmp_path / "a14b")
-    configs = {"transformer": NablaConfig(threshold=0.3), "transformer_2": NablaConfig(threshold=0.9)}
+    per_head = {0: LayerSettings(threshold=(0.25, 0.5))}
+    configs = {"transformer": NablaConfig(threshold=0.3), "transformer_2": NablaConfig(threshold=0.9, layers=per_head)}
     out = convert(tmp_path / "a14b", tmp_path / "nabla", configs)
     text = generate_card(check_checkpoint(out), REPO)
 
@@ -112,6 +113,7 @@ def test_two_transformers_get_one_table_each(tmp_path):
         high.split("### transformer\n")[1]
     )
     assert ("1", "NABLA", "0.9", "none") in table_rows(low.split("## Measurements")[0])
+    assert ("0", "NABLA", "0.25 0.5", "none") in table_rows(low.split("## Measurements")[0])
 
 
 def test_folder_card_is_kept_unless_regenerated_and_must_parse(calibrated_and_adapted):
@@ -124,3 +126,13 @@ def test_folder_card_is_kept_unless_regenerated_and_must_parse(calibrated_and_ad
     (calibrated_and_adapted / "README.md").write_text("---\nlicense: [mit\n---\n\nBroken.\n")
     with pytest.raises(InvalidCheckpointError, match=r"README\.md has invalid metadata"):
         prepare_push(calibrated_and_adapted, REPO)
+
+
+def test_checkpoint_with_per_head_thresholds_for_another_head_count_is_refused(tiny_pipeline_dir, tmp_path):
+    out = convert(tiny_pipeline_dir, tmp_path / "nabla", NablaConfig(layers={1: LayerSettings(threshold=(0.3, 0.6))}))
+    config_file = out / "transformer" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["_nabla"]["layers"]["1"]["threshold"] = [0.3, 0.6, 0.9]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(InvalidCheckpointError, match="layer 1 has 3 per-head thresholds, the model has 2 heads"):
+        check_checkpoint(out)

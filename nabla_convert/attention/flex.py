@@ -92,12 +92,23 @@ class BlockSelection:
         partial_count, partial_indices = compact_indices(keep & ~whole)
         return cls(keep, full_count, full_indices, partial_count, partial_indices, q_block, kv_block, valid)
 
+    def density(self, real_q_blocks: int, real_kv_blocks: int) -> torch.Tensor:
+        """Mean fraction of computed block pairs over the blocks that hold real tokens (0-dim, no sync).
+
+        Counted from the index tensors, so the keep mask need not exist in a compiled graph. Only the
+        trailing blocks of a padded layout can be all padding: the first `real_q_blocks` query rows
+        count, and the kernels never keep a key block without real tokens.
+        """
+        kept = (self.full_count + self.partial_count)[..., :real_q_blocks]
+        return kept.sum(-1, dtype=torch.float32).mean() / (real_q_blocks * real_kv_blocks)
+
     def block_mask(self, for_backward: bool = False, compiled: bool = False) -> BlockMask:
         """The FlexAttention BlockMask; `for_backward` adds the transposed indices (one sort, training only).
 
-        Compiled kernels evaluate the mask_mod only on the listed partial blocks, all kept, so there
-        it just drops padding keys (measured 1.2x faster at 1280x720 on H100 than the keep lookup);
-        eager flex ignores the block lists, so it gets the mask_mod that looks the block up.
+        Compiled CUDA kernels evaluate the mask_mod only on the listed partial blocks, all kept, so
+        there it just drops padding keys (measured 1.2x faster at 1280x720 on H100 than the keep
+        lookup); eager flex and inductor's CPU kernel do not skip unlisted blocks, so they get the
+        mask_mod that looks the block up.
         """
         nq, nk = self.keep.shape[-2:]
         if compiled and self.valid is not None:
@@ -189,7 +200,15 @@ def _compiled():
 
 
 def compiled_flex_attention(q, k, v, block_mask: BlockMask, *, scale: float | None = None, kernel_options=None):
-    """flex_attention compiled once per shape; hitting the recompile limit raises instead of going eager."""
+    """flex_attention compiled once per shape; hitting the recompile limit raises instead of going eager.
+
+    Inside a graph that torch.compile is already tracing (a compiled transformer block), flex_attention
+    is called as is: it becomes part of that graph, with the mask build in front of it.
+    """
+    if torch.compiler.is_compiling():
+        if not q.is_cuda:  # inductor's CPU flex template needs 4-D buffers, not views of the 5-D RoPE output
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, kernel_options=kernel_options)
     try:
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=FLEX_RECOMPILE_LIMIT):
             return _compiled()(q, k, v, block_mask=block_mask, scale=scale, kernel_options=kernel_options)
@@ -242,7 +261,7 @@ def block_sparse_attention(
     for_backward = torch.is_grad_enabled() and q.requires_grad
     if backend == "flex_eager":
         return flex_attention(q, k, v, block_mask=selection.block_mask(for_backward), scale=scale)
-    block_mask = selection.block_mask(for_backward, compiled=True)
+    block_mask = selection.block_mask(for_backward, compiled=q.is_cuda)
     if kernel_options is None and q.is_cuda:
         kernel_options = kernel_options_for(selection.q_block, selection.kv_block)
     return compiled_flex_attention(q, k, v, block_mask, scale=scale, kernel_options=kernel_options)

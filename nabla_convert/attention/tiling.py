@@ -70,6 +70,10 @@ class TileLayout:
     def padded_len(self) -> int:
         return -(-self.num_tiles * self.tile_size // self.block) * self.block
 
+    def real_blocks(self, block: int) -> int:
+        """How many leading blocks of `block` tokens hold real tokens (every tile does; only trailing blocks are all padding)."""
+        return -(-self.num_tiles * self.tile_size // block)
+
     @property
     def is_padded(self) -> bool:
         return self.padded_len != self.num_tokens
@@ -104,19 +108,24 @@ class TileIndices:
 
 @functools.lru_cache(maxsize=64)
 def _tile_indices(layout: TileLayout, device: torch.device) -> TileIndices:
+    """Built on `device` from static-shape ops only (no boolean indexing), so torch.compile traces it whole."""
     T, Ht, Wt = layout.grid
     th, tw = layout.tile_h, layout.tile_w
-    t = torch.arange(T).view(T, 1, 1, 1, 1)
-    row = (torch.arange(Ht).view(1, Ht, 1, 1, 1) * th + torch.arange(th).view(1, 1, 1, th, 1)).expand(T, Ht, Wt, th, tw)
-    col = (torch.arange(Wt).view(1, 1, Wt, 1, 1) * tw + torch.arange(tw).view(1, 1, 1, 1, tw)).expand(T, Ht, Wt, th, tw)
+
+    def arange(n: int) -> torch.Tensor:
+        return torch.arange(n, device=device)
+
+    t = arange(T).view(T, 1, 1, 1, 1)
+    row = (arange(Ht).view(1, Ht, 1, 1, 1) * th + arange(th).view(1, 1, 1, th, 1)).expand(T, Ht, Wt, th, tw)
+    col = (arange(Wt).view(1, 1, Wt, 1, 1) * tw + arange(tw).view(1, 1, 1, 1, tw)).expand(T, Ht, Wt, th, tw)
     inside = (row < layout.height) & (col < layout.width)
     raster = (t * layout.height + row) * layout.width + col
     raster = torch.where(inside, raster, layout.num_tokens).flatten()
     valid = inside.flatten()
     extra = layout.padded_len - raster.numel()
     if extra:
-        raster = torch.cat([raster, torch.full((extra,), layout.num_tokens)])
-        valid = torch.cat([valid, torch.zeros(extra, dtype=torch.bool)])
-    raster_to_tile = torch.empty(layout.num_tokens, dtype=torch.long)
-    raster_to_tile[raster[valid]] = torch.arange(layout.padded_len)[valid]
-    return TileIndices(raster.to(device), raster_to_tile.to(device), valid.to(device))
+        raster = torch.cat([raster, raster.new_full((extra,), layout.num_tokens)])
+        valid = torch.cat([valid, valid.new_zeros(extra)])
+    # padding tokens all scatter into the extra slot num_tokens, which is dropped
+    raster_to_tile = raster.new_zeros(layout.num_tokens + 1).scatter_(0, raster, arange(layout.padded_len))
+    return TileIndices(raster, raster_to_tile[: layout.num_tokens], valid)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,7 +25,6 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get
 from nabla_convert.attention import (
     BlockSelection,
     TileLayout,
-    block_density,
     block_sparse_attention,
     nabla_selection,
     padded_dense_attention,
@@ -44,8 +43,20 @@ class NablaState:
     step: int = 0
     last_timestep: float | None = None
     force_dense: bool = False
-    density_sum: dict[int, torch.Tensor] = field(default_factory=dict)
-    density_calls: dict[int, int] = field(default_factory=dict)
+    dense_phase: bool = False
+
+    @torch.compiler.disable
+    def begin_forward(self, timestep: torch.Tensor, processors: list[NablaAttnProcessor], device: torch.device) -> None:
+        """Once per transformer forward, always eager (also inside torch.compile(transformer)).
+
+        The step count and timestep are Python numbers that change every step: read here, they never
+        become guards of a compiled graph. Processors only see `dense_phase` (a bool, so at most a
+        dense and a sparse graph) and their own tensors, which are moved to `device` here.
+        """
+        self.observe_timestep(timestep)
+        self.dense_phase = self.step < self.config.dense_steps
+        for processor in processors:
+            processor.place(device)
 
     def observe_timestep(self, timestep: torch.Tensor) -> None:
         """Count denoising steps inside a stock pipeline: timesteps fall within a run; a rise starts a new run.
@@ -60,10 +71,6 @@ class NablaState:
             self.step += 1
         self.last_timestep = t
 
-    def record_density(self, layer: int, density: torch.Tensor) -> None:
-        self.density_sum[layer] = self.density_sum.get(layer, 0) + density.detach()
-        self.density_calls[layer] = self.density_calls.get(layer, 0) + 1
-
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Wan's interleaved RoPE on (B, S, H, D) with cos/sin (1, S, 1, D)."""
@@ -73,12 +80,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class NablaAttnProcessor:
-    """Self-attention of one Wan block with NABLA block-sparse attention on tile-order tokens."""
+    """Self-attention of one Wan block with NABLA block-sparse attention on tile-order tokens.
+
+    torch.compile friendly (`compile_repeated_blocks()` shares one graph between all blocks): what
+    differs between layers or calls is held in tensors (threshold, density statistics), never in
+    Python numbers the graph would guard on.
+    """
 
     def __init__(self, layer: int, settings: LayerSettings, state: NablaState) -> None:
         self.layer = layer
         self.settings = settings
         self.state = state
+        self.always_dense = settings.dense or (settings.threshold >= 1.0 and settings.sta is None)
+        self.threshold = torch.tensor(settings.threshold, dtype=torch.float32)
+        self.density_stats = torch.zeros(2)  # sum of per-call block densities, number of calls
+
+    def place(self, device: torch.device) -> None:
+        if self.threshold.device != device:
+            self.threshold = self.threshold.to(device)
+            self.density_stats = self.density_stats.to(device)
+
+    def record_density(self, density: torch.Tensor) -> None:
+        self.density_stats.add_(torch.stack([density.detach().float(), density.new_ones((), dtype=torch.float32)]))
 
     def __call__(
         self,
@@ -100,13 +123,7 @@ class NablaAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
     def is_dense_now(self) -> bool:
-        s = self.settings
-        return (
-            s.dense
-            or self.state.force_dense
-            or self.state.step < self.state.config.dense_steps
-            or (s.threshold >= 1.0 and s.sta is None)
-        )
+        return self.always_dense or self.state.force_dense or self.state.dense_phase
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v (B, H, S, D) in tile order -> attention output in tile order."""
@@ -114,10 +131,10 @@ class NablaAttnProcessor:
         if layout is None:
             raise RuntimeError("NABLA processor called outside a NABLA transformer forward (no token layout)")
         if self.is_dense_now():
-            self.state.record_density(self.layer, q.new_ones((), dtype=torch.float32))
+            self.record_density(q.new_ones((), dtype=torch.float32))
             return padded_dense_attention(q, k, v, layout.indices(q.device).valid if layout.is_padded else None)
         selection = self.select(q, k, layout)
-        self.state.record_density(self.layer, block_density(selection.keep, layout, config.q_block, config.kv_block))
+        self.record_density(selection.density(layout.real_blocks(config.q_block), layout.real_blocks(config.kv_block)))
         return block_sparse_attention(q, k, v, selection, backend=config.backend)
 
     def select(self, q: torch.Tensor, k: torch.Tensor, layout: TileLayout) -> BlockSelection:
@@ -126,7 +143,7 @@ class NablaAttnProcessor:
         return nabla_selection(
             q,
             k,
-            threshold=self.settings.threshold,
+            threshold=self.threshold,
             grid=layout,
             sta=self.settings.sta,
             q_block=config.q_block,
@@ -141,7 +158,8 @@ class _StepHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        self.state.observe_timestep(timestep)
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self.state.begin_forward(timestep, nabla_processors(module), hidden_states.device)
         return args, kwargs
 
 
@@ -289,16 +307,26 @@ class NablaWanTransformer3DModel(WanTransformer3DModel):
         return result
 
 
+def nabla_processors(transformer: torch.nn.Module) -> list[NablaAttnProcessor]:
+    """The NABLA processors the self-attention layers hold now (also subclasses swapped in by bench or calibrate)."""
+    return [p for block in transformer.blocks if isinstance(p := block.attn1.processor, NablaAttnProcessor)]
+
+
 def layer_densities(transformer: torch.nn.Module) -> dict[int, float]:
     """Mean block density of each self-attention layer since the last reset (1.0 for dense calls)."""
-    state = nabla_state(transformer)
-    return {layer: float(total) / state.density_calls[layer] for layer, total in sorted(state.density_sum.items())}
+    nabla_state(transformer)
+    densities = {}
+    for processor in nabla_processors(transformer):
+        total, calls = processor.density_stats.tolist()
+        if calls:
+            densities[processor.layer] = total / calls
+    return dict(sorted(densities.items()))
 
 
 def reset_densities(transformer: torch.nn.Module) -> None:
-    state = nabla_state(transformer)
-    state.density_sum.clear()
-    state.density_calls.clear()
+    nabla_state(transformer)
+    for processor in nabla_processors(transformer):
+        processor.density_stats.zero_()
 
 
 @contextmanager

@@ -309,7 +309,8 @@ class NablaWanTransformer3DModel(WanTransformer3DModel):
 
 def nabla_processors(transformer: torch.nn.Module) -> list[NablaAttnProcessor]:
     """The NABLA processors the self-attention layers hold now (also subclasses swapped in by bench or calibrate)."""
-    return [p for block in transformer.blocks if isinstance(p := block.attn1.processor, NablaAttnProcessor)]
+    processors = (block.attn1.processor for block in transformer.blocks)
+    return [processor for processor in processors if isinstance(processor, NablaAttnProcessor)]
 
 
 def layer_densities(transformer: torch.nn.Module) -> dict[int, float]:

@@ -16,8 +16,9 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from nabla_convert.attention import BlockSelection, TileLayout, nabla_block_mask
 from nabla_convert.attention.flex import compiled_flex_attention, enable_compile_cache, kernel_options_for
 from nabla_convert.config import NablaConfig
 from nabla_convert.io import atomic_write_text
-from nabla_convert.models.wan import NablaAttnProcessor, apply_nabla, layer_densities, reset_densities
+from nabla_convert.models.wan import NablaAttnProcessor, apply_nabla, layer_densities, remove_nabla
 
 # WanTransformer3DModel configs of the public Wan2.1 T2V checkpoints (their transformer/config.json).
 ARCHS: dict[str, dict[str, Any]] = {
@@ -358,37 +359,83 @@ class StepRow:
     dense_peak_gib: float
     nabla_peak_gib: float
     compile_s: float
+    compiled: bool = False
+    graph_breaks: int | None = None
 
     @property
     def speedup(self) -> float:
         return self.dense_ms / self.nabla_ms
 
 
+class ForcedSelections:
+    """One random selection per (batch, heads, layout, density), shared by every layer of a model.
+
+    A selection per layer would keep 40 index sets alive at once (measured: 11 GiB more peak memory
+    than the real path at 14B 720p); the real path holds one selection at a time.
+    """
+
+    def __init__(self) -> None:
+        self.cache: dict[tuple, BlockSelection] = {}
+
+    def get(self, q: torch.Tensor, layout: TileLayout, density: float, q_block: int, kv_block: int) -> BlockSelection:
+        key = (q.shape[0], q.shape[1], layout, density, q_block, kv_block)
+        if key not in self.cache:
+            self.cache.clear()
+            keep = forced_keep(layout, q.shape[0], q.shape[1], density, q_block, kv_block)
+            valid = layout.indices(q.device).valid if layout.is_padded else None
+            self.cache[key] = BlockSelection.from_keep(keep, q_block=q_block, kv_block=kv_block, valid=valid)
+        return self.cache[key]
+
+
 class ForcedDensityProcessor(NablaAttnProcessor):
-    """NablaAttnProcessor whose selection is swapped for a fixed random one of a forced `density`.
+    """NablaAttnProcessor whose selection is swapped for a random one of a forced `density` (eager runs only).
 
     The real selection still runs, so its cost stays in the step time.
     """
 
-    def __init__(self, base: NablaAttnProcessor, density: float) -> None:
+    def __init__(self, base: NablaAttnProcessor, density: float, forced: ForcedSelections) -> None:
         super().__init__(base.layer, base.settings, base.state)
         self.density = density
-        self.forced: BlockSelection | None = None
+        self.forced = forced
 
     def select(self, q: torch.Tensor, k: torch.Tensor, layout: TileLayout) -> BlockSelection:
         super().select(q, k, layout)
-        if self.forced is None:
-            config = self.state.config
-            keep = forced_keep(layout, q.shape[0], q.shape[1], self.density, config.q_block, config.kv_block)
-            valid = layout.indices(q.device).valid if layout.is_padded else None
-            self.forced = BlockSelection.from_keep(keep, q_block=config.q_block, kv_block=config.kv_block, valid=valid)
-        return self.forced
+        config = self.state.config
+        return self.forced.get(q, layout, self.density, config.q_block, config.kv_block)
 
 
-def _peak_gib_and_ms(fn: Callable[[], Any], reps: int) -> tuple[float, float]:
+@contextmanager
+def compiled_blocks(model: torch.nn.Module, **compile_kwargs: Any) -> Iterator[None]:
+    """diffusers' regional compile (`compile_repeated_blocks`) of a fresh dynamo state, undone on exit."""
+    torch._dynamo.reset()
+    model.compile_repeated_blocks(**compile_kwargs)
+    try:
+        yield
+    finally:
+        for block in model.blocks:
+            block._compiled_call_impl = None
+        torch._dynamo.reset()
+
+
+def timed_call(fn: Callable[[], Any], reps: int) -> tuple[float, float, float]:
+    """(first call s, median ms of `reps` more calls, peak GiB): the first call compiles or warms up."""
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    ms = cuda_ms(fn, reps)
-    return torch.cuda.max_memory_allocated() / 2**30, ms
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - start
+    ms = cuda_ms(fn, reps, warmup=0)
+    return first_s, ms, torch.cuda.max_memory_allocated() / 2**30
+
+
+def random_wan_transformer(model_config: dict[str, Any], layers: int | None = None):
+    """WanTransformer3DModel of `model_config` with random bf16 weights on CUDA (`layers` blocks if given)."""
+    from diffusers import WanTransformer3DModel
+
+    model_config = {**model_config, "num_layers": layers or model_config.get("num_layers", 40)}
+    with torch.device("cuda"):
+        return WanTransformer3DModel(**model_config).to(torch.bfloat16).eval()
 
 
 def transformer_step_rows(
@@ -399,70 +446,76 @@ def transformer_step_rows(
     nabla: NablaConfig,
     densities: Sequence[float | None],
     *,
+    thresholds: Sequence[float] = (),
     layers: int | None = None,
     batch: int = 1,
     dense_backend: str = "cudnn",
     reps: int = 3,
+    compiled: Sequence[bool] = (False,),
+    model: torch.nn.Module | None = None,
 ) -> list[StepRow]:
-    """Transformer forward time, dense (best SDPA) vs NABLA, per density (None = the config's thresholds).
+    """Transformer forward time, dense (best SDPA) vs NABLA, eager and/or compiled, in one process.
 
-    Builds a WanTransformer3DModel from `model_config` with random bf16 weights, truncated to
-    `layers` blocks at real width when given (a 14B model at 720p needs ~10 s a dense step).
+    NABLA runs at each threshold of `thresholds` (the real selection; its measured density is
+    reported) and at each forced density of `densities` (None = the config's threshold; forced
+    densities run eager only). Compiled = diffusers' `compile_repeated_blocks()`, dense and NABLA
+    alike. Builds a WanTransformer3DModel of `model_config` with random bf16 weights (truncated to
+    `layers` blocks when given) unless `model` is passed.
     """
-    from diffusers import WanTransformer3DModel
+    from torch._dynamo.utils import counters
 
-    model_config = {**model_config, "num_layers": layers or model_config.get("num_layers", 40)}
-    with torch.device("cuda"):
-        model = WanTransformer3DModel(**model_config).to(torch.bfloat16).eval()
+    model = model if model is not None else random_wan_transformer(model_config, layers)
     grid = token_grid(resolution, frames, model.config.patch_size)
     patch = model.config.patch_size
     latent = (batch, model.config.in_channels, grid[0] * patch[0], grid[1] * patch[1], grid[2] * patch[2])
     hidden = torch.randn(latent, device="cuda", dtype=torch.bfloat16)
     text = torch.randn(batch, TEXT_TOKENS, model.config.text_dim, device="cuda", dtype=torch.bfloat16)
     timestep = torch.full((batch,), 500, device="cuda")
+    layout = TileLayout.for_blocks(grid, nabla.tile, nabla.q_block, nabla.kv_block)
+    settings = [(None, t) for t in thresholds] + [(d, None) for d in densities if d is not None]
+    if not settings:
+        settings = [(None, nabla.threshold)]
 
     def forward():
         with torch.no_grad():
             return model(hidden, timestep, text, return_dict=False)[0]
 
-    with sdpa_kernel([DENSE_BACKENDS[dense_backend], *DENSE_BACKENDS.values()], set_priority=True):
-        dense_peak, dense_ms = _peak_gib_and_ms(forward, reps)
-    apply_nabla(model, nabla)
-    layout = model._nabla_state.layout
     rows = []
-    for density in tqdm(densities, desc=f"{arch} step", leave=False):
-        originals = [block.attn1.processor for block in model.blocks]
-        if density is not None:
-            for block, base in zip(model.blocks, originals, strict=True):
-                block.attn1.set_processor(ForcedDensityProcessor(base, density))
-        reset_densities(model)
-        start = time.perf_counter()
-        forward()
-        torch.cuda.synchronize()
-        first_s = time.perf_counter() - start
-        measured = None
-        if density is None:
-            measured = statistics.fmean(layer_densities(model).values())
-        nabla_peak, nabla_ms = _peak_gib_and_ms(forward, reps)
-        for block, original in zip(model.blocks, originals, strict=True):
-            block.attn1.set_processor(original)
-        layout = model._nabla_state.layout
-        rows.append(
-            StepRow(
-                arch,
-                model_config["num_layers"],
-                layout.num_tokens,
-                layout.padded_len,
-                density,
-                None if density is not None else nabla.threshold,
-                measured,
-                dense_ms,
-                nabla_ms,
-                dense_peak,
-                nabla_peak,
-                max(0.0, first_s - nabla_ms / 1e3),
-            )
-        )
+    for is_compiled in compiled:
+        context = compiled_blocks(model) if is_compiled else nullcontext()
+        with context, sdpa_kernel([DENSE_BACKENDS[dense_backend], *DENSE_BACKENDS.values()], set_priority=True):
+            remove_nabla(model)
+            _, dense_ms, dense_peak = timed_call(forward, reps)
+            for density, threshold in tqdm(settings, desc=f"{arch} step", leave=False):
+                if density is not None and is_compiled:
+                    continue
+                apply_nabla(model, replace(nabla, threshold=threshold or nabla.threshold))
+                if density is not None:
+                    forced = ForcedSelections()
+                    for block in model.blocks:
+                        block.attn1.set_processor(ForcedDensityProcessor(block.attn1.processor, density, forced))
+                breaks_before = sum(counters["graph_break"].values())
+                first_s, nabla_ms, nabla_peak = timed_call(forward, reps)
+                measured = statistics.fmean(layer_densities(model).values())
+                rows.append(
+                    StepRow(
+                        arch,
+                        len(model.blocks),
+                        layout.num_tokens,
+                        layout.padded_len,
+                        density,
+                        threshold,
+                        measured if density is None else None,
+                        dense_ms,
+                        nabla_ms,
+                        dense_peak,
+                        nabla_peak,
+                        max(0.0, first_s - nabla_ms / 1e3),
+                        is_compiled,
+                        sum(counters["graph_break"].values()) - breaks_before if is_compiled else None,
+                    )
+                )
+            remove_nabla(model)
     return rows
 
 
@@ -487,7 +540,7 @@ class BenchReport:
             out["mask_ms"] = round(self.attention[0].mask_fast_ms, 3)
         for row in self.steps:
             key = f"d{row.density:g}" if row.density is not None else f"thr{row.threshold:g}"
-            out[f"step_speedup_{key}"] = round(row.speedup, 3)
+            out[f"step_speedup_{key}{'_compiled' if row.compiled else ''}"] = round(row.speedup, 3)
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -528,16 +581,19 @@ class BenchReport:
             lines.append("")
         if self.steps:
             lines += [
-                "| model (blocks) | tokens (padded) | density | dense ms | NABLA ms | speedup | peak GiB dense / NABLA | compile s |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- |",
+                "| model (blocks) | tokens (padded) | mode | density | dense ms | NABLA ms | speedup "
+                "| peak GiB dense / NABLA | NABLA first-call overhead s |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             ]
             for r in self.steps:
                 density = (
                     f"{r.density:g}" if r.density is not None else f"thr {r.threshold:g} -> {r.measured_density:.3f}"
                 )
+                mode = "eager" if not r.compiled else f"compiled ({r.graph_breaks} graph breaks)"
                 lines.append(
-                    f"| {r.arch} ({r.layers}) | {r.tokens:,} ({r.padded_tokens:,}) | {density} | {r.dense_ms:.1f} | "
-                    f"{r.nabla_ms:.1f} | {r.speedup:.2f}x | {r.dense_peak_gib:.1f} / {r.nabla_peak_gib:.1f} | {r.compile_s:.1f} |"
+                    f"| {r.arch} ({r.layers}) | {r.tokens:,} ({r.padded_tokens:,}) | {mode} | {density} | "
+                    f"{r.dense_ms:.1f} | {r.nabla_ms:.1f} | {r.speedup:.2f}x | "
+                    f"{r.dense_peak_gib:.1f} / {r.nabla_peak_gib:.1f} | {r.compile_s:.1f} |"
                 )
             lines.append("")
         if self.block_sizes:
@@ -574,8 +630,12 @@ def run_bench(
     batch: int = 1,
     attention: bool = True,
     step: bool = True,
+    compiled: bool = False,
 ) -> BenchReport:
-    """Per attention call and per transformer step: forced densities if given, else the config's threshold."""
+    """Per attention call and per transformer step: forced densities if given, else the config's threshold.
+
+    `compiled` adds step rows with diffusers' `compile_repeated_blocks()` (dense and NABLA; real thresholds only).
+    """
     require_cuda()
     enable_compile_cache()
     heads = model_config["num_attention_heads"]
@@ -618,5 +678,6 @@ def run_bench(
             layers=layers,
             batch=batch,
             dense_backend=dense_backend,
+            compiled=(False, True) if compiled else (False,),
         )
     return report

@@ -80,4 +80,8 @@ def test_report_arithmetic_and_json(tmp_path) -> None:
     assert data["summary"]["step_speedup_d0.1"] == 2.0
     assert data["summary"]["mask_ms"] == 2.0
     assert data["attention"][0]["speedup"] == pytest.approx(146.0 / 22.0)
-    assert "| wan2.1-t2v-14b (4) | 67,200 (67,200) | 0.1 | 980.0 | 490.0 | 2.00x |" in report.table()
+    assert "| wan2.1-t2v-14b (4) | 67,200 (67,200) | eager | 0.1 | 980.0 | 490.0 | 2.00x |" in report.table()
+    compiled = StepRow("wan2.1-t2v-14b", 40, 75600, 80640, None, 0.1, 0.094, 9000.0, 3000.0, 35.0, 36.0, 40.0, True, 0)
+    report.steps.append(compiled)
+    assert report.summary()["step_speedup_thr0.1_compiled"] == 3.0
+    assert "| compiled (0 graph breaks) | thr 0.1 -> 0.094 | 9000.0 | 3000.0 | 3.00x |" in report.table()

@@ -154,7 +154,9 @@ def _triton_selection(
         STEPS=SEARCH_STEPS,
         num_warps=8,
     )
-    return BlockSelection(keep.ne(0), full_count, full_indices, partial_count, partial_indices, q_block, kv_block, valid)
+    return BlockSelection(
+        keep.ne(0), full_count, full_indices, partial_count, partial_indices, q_block, kv_block, valid
+    )
 
 
 def _pool(x: torch.Tensor, block: int, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

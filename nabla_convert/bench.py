@@ -91,9 +91,16 @@ def environment() -> dict[str, str]:
 
 
 def cuda_ms(fn: Callable[[], Any], reps: int = 5, warmup: int = 1) -> float:
-    """Median milliseconds of fn() on the current CUDA stream."""
+    """Median milliseconds of fn() on the current CUDA stream (wall clock where there is no CUDA)."""
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -143,8 +150,10 @@ def forced_keep(
 
 
 def block_mask_for(keep: torch.Tensor, layout: TileLayout, q_block: int, kv_block: int, for_backward: bool = False):
+    """The BlockMask the runtime gives compiled CUDA kernels for this selection (valid-only mask_mod)."""
     valid = layout.indices("cuda").valid if layout.is_padded else None
-    return to_block_mask(keep, q_block=q_block, kv_block=kv_block, valid=valid, for_backward=for_backward)
+    selection = BlockSelection.from_keep(keep, q_block=q_block, kv_block=kv_block, valid=valid)
+    return selection.block_mask(for_backward, compiled=True)
 
 
 def sparse_attention_ms(q, k, v, block_mask, q_block: int, kv_block: int, backward: bool = False, reps: int = 5):
@@ -345,6 +354,81 @@ def compile_counts(
     }
 
 
+# Forward flex settings tried on top of `kernel_options_for` (inductor's Hopper default for bf16 is
+# 128x64 tiles, 3 stages, 8 warps at head dim 128; 4 warps at 64).
+KERNEL_CANDIDATES: tuple[dict[str, int | bool], ...] = (
+    {},
+    {"num_stages": 2},
+    {"num_stages": 4},
+    {"num_warps": 4},
+    {"num_warps": 8},
+    {"USE_TMA": True},
+    {"USE_TMA": True, "num_stages": 4},
+    {"USE_TMA": True, "num_warps": 4},
+)
+
+
+@dataclass
+class KernelRow:
+    tokens: int
+    padded_tokens: int
+    heads: int
+    head_dim: int
+    q_block: int
+    kv_block: int
+    density: float
+    options: str
+    sparse_ms: float | None
+    error: str | None = None
+
+
+def kernel_option_rows(
+    token_grid_: tuple[int, int, int],
+    heads: int,
+    density: float,
+    *,
+    head_dim: int = 128,
+    q_block: int = 128,
+    kv_block: int = 64,
+    candidates: Sequence[dict[str, int | bool]] = KERNEL_CANDIDATES,
+    reps: int = 5,
+) -> list[KernelRow]:
+    """Compiled flex forward ms of each kernel-option candidate on one forced selection, as the runtime calls it.
+
+    A last row, "padding ignored", lists every kept block as full (no mask_mod anywhere): the time
+    a padded layout would take if partial blocks cost what full ones do (its output is not NABLA's).
+    """
+    layout = TileLayout.for_blocks(token_grid_, (8, 8), q_block, kv_block)
+    q, k, v = random_qkv(1, heads, layout.padded_len, head_dim)
+    keep = forced_keep(layout, 1, heads, density, q_block, kv_block)
+    valid = layout.indices("cuda").valid if layout.is_padded else None
+    real_mask = BlockSelection.from_keep(keep, q_block=q_block, kv_block=kv_block, valid=valid).block_mask(
+        compiled=True
+    )
+    bound_mask = BlockSelection.from_keep(keep, q_block=q_block, kv_block=kv_block).block_mask(compiled=True)
+    base = kernel_options_for(q_block, kv_block, head_dim)
+    trials = [(json.dumps(c, sort_keys=True), {**base, **c}, real_mask) for c in candidates]
+    trials.append(("padding ignored", base, bound_mask))
+    rows = []
+    for label, options, block_mask in tqdm(trials, desc=f"kernel options hd{head_dim}", leave=False):
+        row = KernelRow(layout.num_tokens, layout.padded_len, heads, head_dim, q_block, kv_block, density, label, None)
+        try:
+            row.sparse_ms = cuda_ms(
+                lambda options=options, mask=block_mask: compiled_flex_attention(q, k, v, mask, kernel_options=options),
+                reps,
+            )
+        except Exception as err:  # an option the card or torch cannot build is a result, not a crash
+            row.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        rows.append(row)
+    return rows
+
+
+def best_kernel_options(rows: Sequence[KernelRow]) -> dict[str, int | bool]:
+    """The fastest candidate's extra options (padding-ignored bound excluded)."""
+    timed = [r for r in rows if r.sparse_ms is not None and r.options != "padding ignored"]
+    return json.loads(min(timed, key=lambda r: r.sparse_ms).options)
+
+
 @dataclass
 class StepRow:
     arch: str
@@ -405,28 +489,35 @@ class ForcedDensityProcessor(NablaAttnProcessor):
 
 
 @contextmanager
-def compiled_blocks(model: torch.nn.Module, **compile_kwargs: Any) -> Iterator[None]:
-    """diffusers' regional compile (`compile_repeated_blocks`) of a fresh dynamo state, undone on exit."""
-    torch._dynamo.reset()
+def compiled_blocks(model: torch.nn.Module, reset: bool = True, **compile_kwargs: Any) -> Iterator[None]:
+    """diffusers' regional compile (`compile_repeated_blocks`), undone on exit (the blocks run eager again).
+
+    `reset` starts from a fresh dynamo state; without it, graphs compiled earlier in the process for
+    the same shapes are reused.
+    """
+    if reset:
+        torch._dynamo.reset()
     model.compile_repeated_blocks(**compile_kwargs)
     try:
         yield
     finally:
         for block in model.blocks:
             block._compiled_call_impl = None
-        torch._dynamo.reset()
 
 
 def timed_call(fn: Callable[[], Any], reps: int) -> tuple[float, float, float]:
     """(first call s, median ms of `reps` more calls, peak GiB): the first call compiles or warms up."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     first_s = time.perf_counter() - start
     ms = cuda_ms(fn, reps, warmup=0)
-    return first_s, ms, torch.cuda.max_memory_allocated() / 2**30
+    return first_s, ms, torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
 
 
 def random_wan_transformer(model_config: dict[str, Any], layers: int | None = None):
@@ -465,12 +556,13 @@ def transformer_step_rows(
     from torch._dynamo.utils import counters
 
     model = model if model is not None else random_wan_transformer(model_config, layers)
+    device, dtype = model.device, model.dtype
     grid = token_grid(resolution, frames, model.config.patch_size)
     patch = model.config.patch_size
     latent = (batch, model.config.in_channels, grid[0] * patch[0], grid[1] * patch[1], grid[2] * patch[2])
-    hidden = torch.randn(latent, device="cuda", dtype=torch.bfloat16)
-    text = torch.randn(batch, TEXT_TOKENS, model.config.text_dim, device="cuda", dtype=torch.bfloat16)
-    timestep = torch.full((batch,), 500, device="cuda")
+    hidden = torch.randn(latent, device=device, dtype=dtype)
+    text = torch.randn(batch, TEXT_TOKENS, model.config.text_dim, device=device, dtype=dtype)
+    timestep = torch.full((batch,), 500, device=device)
     layout = TileLayout.for_blocks(grid, nabla.tile, nabla.q_block, nabla.kv_block)
     settings = [(None, t) for t in thresholds] + [(d, None) for d in densities if d is not None]
     if not settings:
@@ -519,6 +611,52 @@ def transformer_step_rows(
     return rows
 
 
+def pipeline_seconds(
+    transformer: torch.nn.Module,
+    resolution: tuple[int, int],
+    frames: int,
+    steps: int,
+    *,
+    vae: torch.nn.Module | None = None,
+    guidance_scale: float = 5.0,
+) -> float:
+    """Wall seconds of one stock WanPipeline call: `steps` denoising steps with CFG, then VAE decode to numpy.
+
+    Text encoding is left out (random prompt embeddings, 512 x text_dim); the VAE is the given one or
+    a float32 AutoencoderKLWan of the Wan2.1 config with random weights.
+    """
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+
+    device = next(transformer.parameters()).device
+    if vae is None:
+        vae = AutoencoderKLWan().to(device, torch.float32).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device).manual_seed(0)
+    shape = (1, TEXT_TOKENS, transformer.config.text_dim)
+    embeds = [torch.randn(shape, device=device, generator=generator, dtype=transformer.dtype) for _ in range(2)]
+    width, height = resolution
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        pipe(
+            prompt_embeds=embeds[0],
+            negative_prompt_embeds=embeds[1],
+            height=height,
+            width=width,
+            num_frames=frames,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            output_type="np",
+        )
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 @dataclass
 class BenchReport:
     environment: dict[str, str]
@@ -527,6 +665,8 @@ class BenchReport:
     steps: list[StepRow] = field(default_factory=list)
     block_sizes: list[BlockSizeRow] = field(default_factory=list)
     compiles: dict[str, Any] = field(default_factory=dict)
+    kernels: list[KernelRow] = field(default_factory=list)
+    pipelines: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, float | str]:
         """Flat key -> number/string, the `summary` object of nabla_reports/bench.json."""
@@ -555,6 +695,8 @@ class BenchReport:
             "steps": rows(self.steps),
             "block_sizes": rows(self.block_sizes),
             "compiles": self.compiles,
+            "kernels": rows(self.kernels),
+            "pipelines": self.pipelines,
         }
 
     def write(self, path: str | os.PathLike) -> Path:
@@ -608,6 +750,22 @@ class BenchReport:
                     f"| {r.q_block}x{r.kv_block} | {r.density:g} | {r.forward_ms:.2f} | {both} | "
                     f"{r.compile_forward_s:.0f} / {bwd} | {r.error or ''} |"
                 )
+            lines.append("")
+        if self.kernels:
+            lines += [
+                "| tokens (padded) | heads x head dim | blocks q x kv | density | kernel options | sparse ms |",
+                "| --- | --- | --- | --- | --- | --- |",
+            ]
+            for r in self.kernels:
+                ms = f"{r.sparse_ms:.2f}" if r.sparse_ms is not None else f"fails: {r.error}"
+                lines.append(
+                    f"| {r.tokens:,} ({r.padded_tokens:,}) | {r.heads} x {r.head_dim} | {r.q_block}x{r.kv_block} | "
+                    f"{r.density:g} | {r.options} | {ms} |"
+                )
+            lines.append("")
+        if self.pipelines:
+            lines += ["| pipeline run | seconds |", "| --- | --- |"]
+            lines += [f"| {p['name']} | {p['seconds']:.1f} |" for p in self.pipelines]
             lines.append("")
         if self.compiles:
             lines.append("compiles: " + ", ".join(f"{k}={v}" for k, v in self.compiles.items()))

@@ -161,15 +161,21 @@ FLEX_RECOMPILE_LIMIT = 64
 _compiled_flex = None
 
 
-def kernel_options_for(q_block: int, kv_block: int) -> dict[str, int]:
-    """Forward flex kernel tiles that divide the mask blocks (H100 bf16 hd128 default (128, 64) where it fits).
+# Forward kernel options measured best on Hopper (H200, torch 2.11, bf16), by (q_block, kv_block, head_dim),
+# on top of the tiles that `kernel_options_for` picks (scripts/bench_models.py's kernel sweep).
+TUNED_KERNEL_OPTIONS: dict[tuple[int, int, int], dict[str, int | bool]] = {}
+
+
+def kernel_options_for(q_block: int, kv_block: int, head_dim: int = 128) -> dict[str, int | bool]:
+    """Forward flex kernel options: tiles that divide the mask blocks, plus the tuned Hopper settings.
 
     A kernel tile must divide the mask block along its axis, so 64-token query blocks need
     BLOCK_M = 64 (measured 2.2x slower than 128x64 on H100). Backward has no such override on
     torch 2.11: its default tiles (64, 128, 128, 64) need 128x128 mask blocks, other sizes need
     max-autotune (measured: "No choices" for 64x64 and 128x64 without it).
     """
-    return {"fwd_BLOCK_M": min(128, q_block), "fwd_BLOCK_N": min(64, kv_block)}
+    tiles = {"fwd_BLOCK_M": min(128, q_block), "fwd_BLOCK_N": min(64, kv_block)}
+    return {**tiles, **TUNED_KERNEL_OPTIONS.get((q_block, kv_block, head_dim), {})}
 
 
 def enable_compile_cache(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -263,7 +269,7 @@ def block_sparse_attention(
         return flex_attention(q, k, v, block_mask=selection.block_mask(for_backward), scale=scale)
     block_mask = selection.block_mask(for_backward, compiled=q.is_cuda)
     if kernel_options is None and q.is_cuda:
-        kernel_options = kernel_options_for(selection.q_block, selection.kv_block)
+        kernel_options = kernel_options_for(selection.q_block, selection.kv_block, q.shape[-1])
     return compiled_flex_attention(q, k, v, block_mask, scale=scale, kernel_options=kernel_options)
 
 

@@ -611,6 +611,38 @@ def transformer_step_rows(
     return rows
 
 
+KERNEL_CATEGORIES = (  # (category, substrings of CUDA kernel names), first match wins
+    ("sparse attention (flex)", ("flex_attention", "triton_tem")),
+    ("NABLA mask (pool, select)", ("_select_kernel", "_pool_kernel")),
+    ("dense attention (cuDNN/flash)", ("cudnn", "fmha", "flash", "sdpa", "attention")),
+    ("GEMM", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "wgmma")),
+    ("fused elementwise/reductions (inductor)", ("triton_",)),
+)
+
+
+def kernel_time_breakdown(fn: Callable[[], Any], top: int = 12) -> dict[str, Any]:
+    """CUDA kernel time of one fn() call by category (KERNEL_CATEGORIES) and its `top` kernels, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [
+        (event.key, event.device_time_total / 1e3) for event in prof.key_averages() if event.device_time_total > 0
+    ]
+    categories: dict[str, float] = {}
+    for name, ms in kernels:
+        lowered = name.lower()
+        category = next((c for c, keys in KERNEL_CATEGORIES if any(k in lowered for k in keys)), "other")
+        categories[category] = categories.get(category, 0.0) + ms
+    kernels.sort(key=lambda item: -item[1])
+    return {
+        "total_ms": sum(ms for _, ms in kernels),
+        "categories_ms": dict(sorted(categories.items(), key=lambda item: -item[1])),
+        "top_kernels_ms": [[name[:120], ms] for name, ms in kernels[:top]],
+    }
+
+
 def pipeline_seconds(
     transformer: torch.nn.Module,
     resolution: tuple[int, int],

@@ -34,6 +34,7 @@ from nabla_convert.bench import (
     compiled_blocks,
     environment,
     kernel_option_rows,
+    kernel_time_breakdown,
     pipeline_seconds,
     random_wan_transformer,
     require_cuda,
@@ -61,7 +62,7 @@ def smoke(report: BenchReport) -> None:
     with torch.device("cuda"):
         model = tiny_transformer(num_layers=3, heads=4, head_dim=64).to(torch.bfloat16).eval()
     apply_nabla(model, replace(NABLA, threshold=0.5))
-    hidden = torch.randn(1, 16, 5, 90, 160, device="cuda", dtype=torch.bfloat16)  # grid 5x45x80: padded
+    hidden = torch.randn(1, 16, 5, 90, 120, device="cuda", dtype=torch.bfloat16)  # grid 5x45x60: padded
     text = torch.randn(1, 16, 32, device="cuda", dtype=torch.bfloat16)
 
     def run(t: int) -> torch.Tensor:
@@ -118,10 +119,36 @@ def models(report: BenchReport, deadline: float, selected: set[str], pipeline_st
             model=model,
         )
         write(report)
-        if pipeline_steps and key == "14b-720":
-            pipeline(report, model, resolution, pipeline_steps)
+        if key == "14b-720":
+            profiles(report, model, resolution)
+            write(report)
+            if pipeline_steps:
+                pipeline(report, model, resolution, pipeline_steps)
         del model
         torch.cuda.empty_cache()
+
+
+def profiles(report: BenchReport, model: torch.nn.Module, resolution: tuple[int, int]) -> None:
+    """Kernel time by category of one compiled step, dense and NABLA at 0.1 and 0.05 (the step rows' graphs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    grid = token_grid(resolution, 81)
+    hidden = torch.randn(1, 16, grid[0], grid[1] * 2, grid[2] * 2, device="cuda", dtype=torch.bfloat16)
+    text = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def forward():
+        with torch.no_grad():
+            model(hidden, torch.tensor([500], device="cuda"), text, return_dict=False)
+
+    with compiled_blocks(model, reset=False), sdpa_kernel([SDPBackend.CUDNN_ATTENTION], set_priority=True):
+        remove_nabla(model)
+        forward()
+        report.compiles["profile_dense_compiled"] = kernel_time_breakdown(forward)
+        for threshold in THRESHOLDS:
+            apply_nabla(model, replace(NABLA, threshold=threshold))
+            forward()
+            report.compiles[f"profile_nabla_thr{threshold:g}_compiled"] = kernel_time_breakdown(forward)
+        remove_nabla(model)
 
 
 def model_key(arch: str, resolution: tuple[int, int]) -> str:

@@ -5,8 +5,8 @@ Sections (run in this order; pick with --only):
 - kernels: flex forward kernel options at 80,640 padded tokens, head dim 128 and 64; the fastest is used for the
   rest of the run (nabla_convert.attention.flex.TUNED_KERNEL_OPTIONS);
 - attention: mask build, sparse flex and dense cuDNN per call (14B 720p, 1.3B 480p);
-- models: full Wan2.1-1.3B 480p, Wan2.1-14B 480p and 720p: dense vs NABLA, eager and compile_repeated_blocks(),
-  at thresholds 0.1 and 0.05 (random weights: density ~ threshold);
+- models: full Wan2.1-1.3B 480p, Wan2.1-14B 480p, 640p and 720p: dense vs NABLA, eager and compile_repeated_blocks(),
+  at thresholds 0.1 and 0.05 (random weights: density ~ threshold); --profile adds kernel time by category;
   after the 14B 720p rows, a stock WanPipeline run on that model (a few steps with CFG plus VAE decode), NABLA and
   dense, compiled blocks.
 
@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nabla_convert.attention import flex
 from nabla_convert.bench import (
@@ -51,8 +52,16 @@ THRESHOLDS = (0.1, 0.05)
 MODELS = (  # (arch, resolution, reps)
     ("wan2.1-t2v-1.3b", (832, 480), 3),
     ("wan2.1-t2v-14b", (832, 480), 2),
+    ("wan2.1-t2v-14b", (1280, 640), 2),  # no padding: what the padded 720p grid costs
     ("wan2.1-t2v-14b", (1280, 720), 2),
 )
+# cuDNN first for bf16 attention; the others stay allowed (the pipeline's float32 VAE attention needs them)
+SDPA_PRIORITY = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
 
 def smoke(report: BenchReport) -> None:
@@ -96,42 +105,42 @@ def attention(report: BenchReport) -> None:
     report.attention += attention_rows(token_grid((832, 480), 81), 12, (0.05, 0.1), reference_mask=False)
 
 
-def models(report: BenchReport, deadline: float, selected: set[str], pipeline_steps: int) -> None:
-    """Step rows of each selected model; the pipeline runs on the 14B 720p model right after its rows."""
+def models(report: BenchReport, deadline: float, args: argparse.Namespace) -> None:
+    """Step rows of each selected model, then (--profile) kernel time by category and (14B 720p) the pipeline."""
+    modes = [mode == "compiled" for mode in args.modes.split(",") if mode in ("eager", "compiled")]
     for arch, resolution, reps in MODELS:
         key = model_key(arch, resolution)
-        if key not in selected:
+        if key not in args.models.split(","):
             continue
         if time.monotonic() > deadline:
             report.compiles[f"skipped_{key}"] = "time budget"
             continue
         model = random_wan_transformer(ARCHS[arch])
-        report.steps += transformer_step_rows(
-            arch,
-            ARCHS[arch],
-            resolution,
-            81,
-            NABLA,
-            (),
-            thresholds=THRESHOLDS,
-            reps=reps,
-            compiled=(False, True),
-            model=model,
-        )
-        write(report)
-        if key == "14b-720":
-            profiles(report, model, resolution)
+        if modes:
+            report.steps += transformer_step_rows(
+                arch,
+                ARCHS[arch],
+                resolution,
+                81,
+                NABLA,
+                (),
+                thresholds=THRESHOLDS,
+                reps=reps,
+                compiled=modes,
+                model=model,
+            )
             write(report)
-            if pipeline_steps:
-                pipeline(report, model, resolution, pipeline_steps)
+        if args.profile:
+            profiles(report, model, resolution, key)
+            write(report)
+        if args.pipeline_steps and key == "14b-720":
+            pipeline(report, model, resolution, args.pipeline_steps)
         del model
         torch.cuda.empty_cache()
 
 
-def profiles(report: BenchReport, model: torch.nn.Module, resolution: tuple[int, int]) -> None:
-    """Kernel time by category of one compiled step, dense and NABLA at 0.1 and 0.05 (the step rows' graphs)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+def one_step(model: torch.nn.Module, resolution: tuple[int, int]):
+    """A function running one no-grad forward of `model` on random inputs of `resolution` x 81 frames."""
     grid = token_grid(resolution, 81)
     hidden = torch.randn(1, 16, grid[0], grid[1] * 2, grid[2] * 2, device="cuda", dtype=torch.bfloat16)
     text = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
@@ -140,14 +149,20 @@ def profiles(report: BenchReport, model: torch.nn.Module, resolution: tuple[int,
         with torch.no_grad():
             model(hidden, torch.tensor([500], device="cuda"), text, return_dict=False)
 
-    with compiled_blocks(model, reset=False), sdpa_kernel([SDPBackend.CUDNN_ATTENTION], set_priority=True):
+    return forward
+
+
+def profiles(report: BenchReport, model: torch.nn.Module, resolution: tuple[int, int], key: str) -> None:
+    """Kernel time by category of one compiled step, dense and NABLA at each threshold (reuses compiled graphs)."""
+    forward = one_step(model, resolution)
+    with compiled_blocks(model, reset=False), sdpa_kernel(SDPA_PRIORITY, set_priority=True):
         remove_nabla(model)
         forward()
-        report.compiles["profile_dense_compiled"] = kernel_time_breakdown(forward)
+        report.compiles[f"profile_{key}_dense_compiled"] = kernel_time_breakdown(forward)
         for threshold in THRESHOLDS:
             apply_nabla(model, replace(NABLA, threshold=threshold))
             forward()
-            report.compiles[f"profile_nabla_thr{threshold:g}_compiled"] = kernel_time_breakdown(forward)
+            report.compiles[f"profile_{key}_nabla_thr{threshold:g}_compiled"] = kernel_time_breakdown(forward)
         remove_nabla(model)
 
 
@@ -156,12 +171,15 @@ def model_key(arch: str, resolution: tuple[int, int]) -> str:
 
 
 def pipeline(report: BenchReport, model: torch.nn.Module, resolution: tuple[int, int], steps: int) -> None:
-    """Stock WanPipeline on the step rows' compiled graphs: a 1-step NABLA warm-up (VAE), then NABLA, then dense."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    """Stock WanPipeline with compiled blocks: graphs warmed by one forward each, a 1-step NABLA run warms the VAE;
+    then NABLA, then dense, each timed as a whole."""
+    forward = one_step(model, resolution)
     name = f"Wan2.1-14B {resolution[0]}x{resolution[1]}x81, {steps} steps CFG 5 + VAE decode, compiled blocks"
-    with compiled_blocks(model, reset=False), sdpa_kernel([SDPBackend.CUDNN_ATTENTION], set_priority=True):
+    with compiled_blocks(model, reset=False), sdpa_kernel(SDPA_PRIORITY, set_priority=True):
+        remove_nabla(model)
+        forward()
         apply_nabla(model, NABLA)
+        forward()
         warm = pipeline_seconds(model, resolution, 81, 1)
         report.pipelines.append({"name": "warm-up: NABLA thr 0.1, 1 step", "seconds": warm})
         nabla_s = pipeline_seconds(model, resolution, 81, steps)
@@ -187,8 +205,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--budget-s", type=float, default=560.0, help="start no model after this many seconds")
-    parser.add_argument("--models", default="1.3b-480,14b-480,14b-720", help="which of 1.3b-480,14b-480,14b-720")
-    parser.add_argument("--pipeline-steps", type=int, default=2, help="pipeline run after 14b-720's rows; 0: none")
+    parser.add_argument("--models", default="1.3b-480,14b-480,14b-720", help="of 1.3b-480,14b-480,14b-640,14b-720")
+    parser.add_argument("--modes", default="eager,compiled", help="step rows: eager,compiled, one of them, or none")
+    parser.add_argument("--profile", action="store_true", help="kernel time by category of each compiled step")
+    parser.add_argument("--pipeline-steps", type=int, default=2, help="pipeline run on the 14b-720 model; 0: none")
     args = parser.parse_args()
     require_cuda()
     flex.enable_compile_cache()
@@ -200,7 +220,7 @@ def main() -> None:
         start = time.monotonic()
         try:
             if name == "models":
-                models(report, deadline, set(args.models.split(",")), args.pipeline_steps)
+                models(report, deadline, args)
             else:
                 {"smoke": smoke, "kernels": kernels, "attention": attention}[name](report)
         except Exception:  # one failed section must not lose the others

@@ -5,8 +5,9 @@ same points Wan's context-parallel plan uses: `rope` (record the grid, gather co
 `patch_embedding` (emit tile order), `condition_embedder` (gather per-token timestep embeddings
 of TI2V) and `proj_out` (back to raster order). Every self-attention (`attn1`) gets a
 NablaAttnProcessor with its own layer settings; cross-attention and the I2V image branch are
-untouched. Padding tokens (grids that are not multiples of the tile) ride along and are dropped
-at `proj_out`; they are never attended to as keys.
+untouched. The token stream is in compact tile order (no padding tokens); grids that are not
+multiples of the tile get padding tokens only inside self-attention, where they are never attended
+to as keys and their query rows are dropped.
 """
 
 from __future__ import annotations
@@ -118,18 +119,22 @@ class NablaAttnProcessor:
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         if rotary_emb is not None:
             query, key = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
-        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        out = self.attend(q, k, v).transpose(1, 2).flatten(2).type_as(query)
+        layout = self.layout()
+        q, k, v = (layout.pad(t).transpose(1, 2) for t in (query, key, value))
+        out = layout.unpad(self.attend(q, k, v).transpose(1, 2)).flatten(2).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
+
+    def layout(self) -> TileLayout:
+        if self.state.layout is None:
+            raise RuntimeError("NABLA processor called outside a NABLA transformer forward (no token layout)")
+        return self.state.layout
 
     def is_dense_now(self) -> bool:
         return self.always_dense or self.state.force_dense or self.state.dense_phase
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v (B, H, S, D) in tile order -> attention output in tile order."""
-        layout, config = self.state.layout, self.state.config
-        if layout is None:
-            raise RuntimeError("NABLA processor called outside a NABLA transformer forward (no token layout)")
+        """q, k, v (B, H, S, D) in padded tile order -> attention output in padded tile order."""
+        layout, config = self.layout(), self.state.config
         if self.is_dense_now():
             self.record_density(q.new_ones((), dtype=torch.float32))
             return padded_dense_attention(q, k, v, layout.indices(q.device).valid if layout.is_padded else None)
@@ -164,7 +169,7 @@ class _StepHook(ModelHook):
 
 
 class _RopeHook(ModelHook):
-    """Records the token grid of this forward and returns cos/sin in tile order."""
+    """Records the token grid of this forward and returns cos/sin in compact tile order."""
 
     def __init__(self, state: NablaState) -> None:
         super().__init__()
@@ -190,13 +195,16 @@ class _RopeHook(ModelHook):
     def post_forward(self, module, output):
         cos, sin = output
         layout = self.state.layout
-        return layout.to_tiles(cos), layout.to_tiles(sin)
+        return layout.to_tiles(cos, padded=False), layout.to_tiles(sin, padded=False)
 
 
 class _PatchHook(ModelHook):
-    """patch_embedding's (B, C, F, H, W) output -> (B, C, S_padded, 1, 1) in tile order.
+    """patch_embedding's (B, C, F, H, W) output -> (B, C, S, 1, 1) in compact tile order.
 
-    The model then flattens and transposes it to (B, S_padded, C) as it would the raster grid.
+    The model then flattens and transposes it to (B, S, C) as it would the raster grid. Compact:
+    padding tokens exist only inside self-attention (the processor pads q, k, v and drops them from
+    its output), so projections, cross-attention and FFN never compute them (6.7% of the tokens at
+    1280x720).
     """
 
     def __init__(self, state: NablaState) -> None:
@@ -204,7 +212,7 @@ class _PatchHook(ModelHook):
         self.state = state
 
     def post_forward(self, module, output):
-        tokens = self.state.layout.to_tiles(output.flatten(2), dim=2)
+        tokens = self.state.layout.to_tiles(output.flatten(2), dim=2, padded=False)
         return tokens[..., None, None]
 
 
@@ -224,11 +232,11 @@ class _ConditionHook(ModelHook):
             return output
         temb, timestep_proj, *rest = output
         layout = self.state.layout
-        return (layout.to_tiles(temb), layout.to_tiles(timestep_proj), *rest)
+        return (layout.to_tiles(temb, padded=False), layout.to_tiles(timestep_proj, padded=False), *rest)
 
 
 class _UnpatchHook(ModelHook):
-    """proj_out's output goes back to raster order, padding dropped, before the model unpatchifies."""
+    """proj_out's output goes back from compact tile order to raster order before the model unpatchifies."""
 
     def __init__(self, state: NablaState) -> None:
         super().__init__()

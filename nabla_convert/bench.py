@@ -651,11 +651,12 @@ def pipeline_seconds(
     *,
     vae: torch.nn.Module | None = None,
     guidance_scale: float = 5.0,
-) -> float:
-    """Wall seconds of one stock WanPipeline call: `steps` denoising steps with CFG, then VAE decode to numpy.
+) -> dict[str, float]:
+    """Wall seconds of one stock WanPipeline call (`total_s`) and of its VAE decode inside it (`decode_s`).
 
-    Text encoding is left out (random prompt embeddings, 512 x text_dim); the VAE is the given one or
-    a float32 AutoencoderKLWan of the Wan2.1 config with random weights.
+    `steps` denoising steps with CFG, then VAE decode to numpy. Text encoding is left out (random
+    prompt embeddings, 512 x text_dim); the VAE is the given one or a float32 AutoencoderKLWan of the
+    Wan2.1 config with random weights.
     """
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
 
@@ -669,24 +670,39 @@ def pipeline_seconds(
     shape = (1, TEXT_TOKENS, transformer.config.text_dim)
     embeds = [torch.randn(shape, device=device, generator=generator, dtype=transformer.dtype) for _ in range(2)]
     width, height = resolution
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    with torch.no_grad():
-        pipe(
-            prompt_embeds=embeds[0],
-            negative_prompt_embeds=embeds[1],
-            height=height,
-            width=width,
-            num_frames=frames,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=generator,
-            output_type="np",
-        )
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    decode, decode_s = vae.decode, [0.0]
+
+    def timed_decode(*args, **kwargs):
+        start = now()
+        out = decode(*args, **kwargs)
+        decode_s[0] += now() - start
+        return out
+
+    vae.decode = timed_decode
+    try:
+        start = now()
+        with torch.no_grad():
+            pipe(
+                prompt_embeds=embeds[0],
+                negative_prompt_embeds=embeds[1],
+                height=height,
+                width=width,
+                num_frames=frames,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                output_type="np",
+            )
+        total_s = now() - start
+    finally:
+        del vae.decode
+    return {"total_s": total_s, "decode_s": decode_s[0]}
 
 
 @dataclass
@@ -796,8 +812,8 @@ class BenchReport:
                 )
             lines.append("")
         if self.pipelines:
-            lines += ["| pipeline run | seconds |", "| --- | --- |"]
-            lines += [f"| {p['name']} | {p['seconds']:.1f} |" for p in self.pipelines]
+            lines += ["| pipeline run | seconds (of which VAE decode) |", "| --- | --- |"]
+            lines += [f"| {p['name']} | {p['total_s']:.2f} ({p.get('decode_s', 0):.1f}) |" for p in self.pipelines]
             lines.append("")
         if self.compiles:
             lines.append("compiles: " + ", ".join(f"{k}={v}" for k, v in self.compiles.items()))

@@ -135,18 +135,25 @@ def dense_times(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, reps: int = 5
 
 
 def forced_keep(
-    layout: TileLayout, batch: int, heads: int, density: float, q_block: int, kv_block: int, seed: int = 0
+    layout: TileLayout,
+    batch: int,
+    heads: int,
+    density: float,
+    q_block: int,
+    kv_block: int,
+    seed: int = 0,
+    device: torch.device | str = "cuda",
 ) -> torch.Tensor:
     """Random selection with `density` of the real key blocks in every query-block row (B, H, nq, nk)."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     nq, nk = layout.padded_len // q_block, layout.padded_len // kv_block
-    kv_real = layout.indices("cuda").valid.view(nk, kv_block).any(-1)
+    kv_real = layout.indices(device).valid.view(nk, kv_block).any(-1)
     per_row = max(1, round(density * int(kv_real.sum())))
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    scores = torch.rand(batch, heads, nq, nk, device="cuda", generator=generator).masked_fill(~kv_real, -1.0)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    scores = torch.rand(batch, heads, nq, nk, device=device, generator=generator).masked_fill(~kv_real, -1.0)
     chosen = scores.topk(per_row, dim=-1).indices
-    return torch.zeros(batch, heads, nq, nk, dtype=torch.bool, device="cuda").scatter_(-1, chosen, True)
+    return torch.zeros(batch, heads, nq, nk, dtype=torch.bool, device=device).scatter_(-1, chosen, True)
 
 
 def block_mask_for(keep: torch.Tensor, layout: TileLayout, q_block: int, kv_block: int, for_backward: bool = False):
@@ -267,6 +274,11 @@ def selection_agreement(token_grid_, heads: int, threshold: float, sta=None, q_b
     return {"differing_blocks": differing, "blocks": fast.numel(), "density": float(reference.float().mean())}
 
 
+def error_line(err: Exception) -> str:
+    """A failure as one short line for a result row (a kernel the card cannot build is a result, not a crash)."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+
+
 @dataclass
 class BlockSizeRow:
     q_block: int
@@ -311,7 +323,7 @@ def block_size_rows(
                 row.forward_backward_ms = both_ms
                 row.compile_backward_s = max(0.0, first_both - both_ms) / 1e3
             except Exception as err:  # a kernel config the card cannot build is a result, not a crash
-                row.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                row.error = error_line(err)
         rows.append(row)
     return rows
 
@@ -418,7 +430,7 @@ def kernel_option_rows(
                 reps,
             )
         except Exception as err:  # an option the card or torch cannot build is a result, not a crash
-            row.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            row.error = error_line(err)
         rows.append(row)
     return rows
 
@@ -465,7 +477,7 @@ class ForcedSelections:
         key = (q.shape[0], q.shape[1], layout, density, q_block, kv_block)
         if key not in self.cache:
             self.cache.clear()
-            keep = forced_keep(layout, q.shape[0], q.shape[1], density, q_block, kv_block)
+            keep = forced_keep(layout, q.shape[0], q.shape[1], density, q_block, kv_block, device=q.device)
             valid = layout.indices(q.device).valid if layout.is_padded else None
             self.cache[key] = BlockSelection.from_keep(keep, q_block=q_block, kv_block=kv_block, valid=valid)
         return self.cache[key]

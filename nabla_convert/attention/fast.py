@@ -28,6 +28,7 @@ from nabla_convert.attention.mask import (
     check_threshold,
     checked_layout,
     head_thresholds,
+    pool_blocks,
     sta_block_mask,
 )
 from nabla_convert.attention.tiling import TileLayout
@@ -62,8 +63,13 @@ def cut_values(probs: torch.Tensor, threshold: Threshold) -> torch.Tensor:
 
 
 def select_by_cut(probs: torch.Tensor, threshold: Threshold) -> torch.Tensor:
-    """Same selection as `mask.select_by_mass` (ties at the cut kept), by a cut-value search instead of a sort."""
-    check_threshold(threshold)
+    """Same selection as `mask.select_by_mass` (ties at the cut kept), by a cut-value search instead of a sort.
+
+    `threshold` may be a tensor (0-dim, or (H,) per head): a compiled graph then serves every threshold without a
+    recompile.
+    """
+    if not isinstance(threshold, torch.Tensor):
+        check_threshold(threshold)
     return (probs >= cut_values(probs, threshold)) | (head_thresholds(threshold, probs) >= 1.0)
 
 
@@ -85,13 +91,20 @@ def nabla_selection(
 
     Same arguments and selection as `nabla_block_mask` (up to float rounding of the mass at the
     cut). Fused Triton kernels on CUDA, torch ops elsewhere. `threshold` is one number, or one per head (H,).
+    A tensor `threshold` (on q's device) keeps the value out of torch.compile's guards. Under torch.compile the
+    pooling is left to inductor, which can fuse it with the RoPE/projection work that produced q and k.
     """
-    check_threshold(threshold)
+    if not isinstance(threshold, torch.Tensor):
+        check_threshold(threshold)
     layout = checked_layout(q, k, grid, q_block, kv_block)
     valid = layout.indices(q.device).valid if layout.is_padded else None
     sta_blocks = sta_block_mask(layout, sta, q_block, kv_block, q.device) if sta is not None else None
     if fast_path_available(q.device):
-        return _triton_selection(q, k, threshold, valid, sta_blocks, q_block, kv_block)
+        if torch.compiler.is_compiling():
+            (qa, _), (ka, kv_counts) = pool_blocks(q, q_block, valid), pool_blocks(k, kv_block, valid)
+        else:
+            (qa, _), (ka, kv_counts) = _pool(q, q_block, valid), _pool(k, kv_block, valid)
+        return _triton_selection(qa, ka, kv_counts, threshold, valid, sta_blocks, q_block, kv_block)
     probs, kv_real = block_scores(q, k, q_block, kv_block, valid)
     keep = select_by_cut(probs, threshold)
     if sta_blocks is not None:
@@ -101,25 +114,27 @@ def nabla_selection(
 
 
 def _triton_selection(
-    q: torch.Tensor,
-    k: torch.Tensor,
+    qa: torch.Tensor,
+    ka: torch.Tensor,
+    kv_counts: torch.Tensor,
     threshold: Threshold,
     valid: torch.Tensor | None,
     sta_blocks: torch.Tensor | None,
     q_block: int,
     kv_block: int,
 ) -> BlockSelection:
-    B, H, _, D = q.shape
-    qa, _ = _pool(q, q_block, valid)
-    ka, kv_counts = _pool(k, kv_block, valid)
+    """Selection from the float32 pooled qa, ka (B, H, n, D): pooled map, then one Triton kernel per row."""
+    B, H, _, D = qa.shape
+    device = qa.device
     logits = torch.matmul(qa, ka.transpose(-1, -2))
     nq, nk = logits.shape[-2:]
     kv_real = (kv_counts > 0).to(torch.int8)
-    kv_whole = kv_whole_blocks(valid, kv_block, nk, q.device).to(torch.int8)
-    keep = torch.empty(B, H, nq, nk, dtype=torch.int8, device=q.device)
-    full_count = torch.empty(B, H, nq, dtype=torch.int32, device=q.device)
+    kv_whole = kv_whole_blocks(valid, kv_block, nk, device).to(torch.int8)
+    # int8, not bool: inductor cannot lower the int8 -> bool view of a kernel output (torch.iinfo(torch.bool))
+    keep = torch.empty(B, H, nq, nk, dtype=torch.int8, device=device)
+    full_count = torch.empty(B, H, nq, dtype=torch.int32, device=device)
     partial_count = torch.empty_like(full_count)
-    full_indices = torch.empty(B, H, nq, nk, dtype=torch.int32, device=q.device)
+    full_indices = torch.empty(B, H, nq, nk, dtype=torch.int32, device=device)
     partial_indices = torch.empty_like(full_indices)
     sta_rows = kv_real if sta_blocks is None else sta_blocks.to(torch.int8).contiguous()
     limits = head_thresholds(threshold, logits).expand(H, 1, 1).contiguous()  # one float32 per head
@@ -145,7 +160,7 @@ def _triton_selection(
         num_warps=8,
     )
     return BlockSelection(
-        keep.view(torch.bool), full_count, full_indices, partial_count, partial_indices, q_block, kv_block, valid
+        keep.ne(0), full_count, full_indices, partial_count, partial_indices, q_block, kv_block, valid
     )
 
 

@@ -1,8 +1,9 @@
 """NablaConfig: what a converted model does in each self-attention layer, as data.
 
 A config has model-level settings (tile, block sizes, dense steps, backend) and per-layer settings
-(threshold, STA window, or dense); a layer's threshold is one number or a list of one per attention head. It is stored inside the checkpoint (the transformer's
-config.json, key `_nabla`), so a converted folder describes itself.
+(threshold, STA window, or dense); a layer's threshold is one number or a list of one per attention
+head. It is stored inside the checkpoint (the transformer's config.json, key `_nabla`), so a converted
+folder describes itself.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.slow
 def test_compiled_blocks_equal_eager_and_never_recompile() -> None:
     hidden, text = inputs()
-    layers = {1: LayerSettings(0.3), 2: LayerSettings(0.8)}
+    layers = {1: LayerSettings(0.3), 2: LayerSettings((0.8, 0.4))}  # layer 2: per-head thresholds
     model = nabla_model(3, threshold=0.5, layers=layers)
     expert = nabla_model(3, seed=1, threshold=0.5, layers=layers)  # Wan2.2 A14B: a second transformer
     expected = run(model, hidden, text) + run(expert, hidden, text)

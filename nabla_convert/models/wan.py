@@ -40,6 +40,7 @@ class NablaState:
     """Per-transformer state shared by its hooks and processors during one forward."""
 
     config: NablaConfig
+    num_heads: int  # attention heads per layer: every layer's threshold is a (heads,) tensor
     layout: TileLayout | None = None
     step: int = 0
     last_timestep: float | None = None
@@ -93,7 +94,8 @@ class NablaAttnProcessor:
         self.settings = settings
         self.state = state
         self.always_dense = settings.keeps_all
-        self.threshold = torch.tensor(settings.threshold, dtype=torch.float32)  # 0-dim, or (heads,) per head
+        # one value per head for every layer (a single threshold repeated): one compiled graph serves all layers
+        self.threshold = torch.tensor(settings.thresholds(state.num_heads), dtype=torch.float32)
         self.density_stats = torch.zeros(2)  # sum of per-call block densities, number of calls
 
     def place(self, device: torch.device) -> None:
@@ -269,7 +271,7 @@ def apply_nabla(transformer: WanTransformer3DModel, config: NablaConfig) -> WanT
     config.check_num_layers(len(transformer.blocks))
     config.check_num_heads(transformer.config.num_attention_heads)
     remove_nabla(transformer)
-    state = NablaState(config)
+    state = NablaState(config, transformer.config.num_attention_heads)
     for name, (module, hook_cls) in _hook_points(transformer).items():
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook_cls(state), name)
     for index, block in enumerate(transformer.blocks):

@@ -7,6 +7,12 @@ of TI2V) and `proj_out` (back to raster order). Every self-attention (`attn1`) g
 NablaAttnProcessor with its own layer settings; cross-attention and the I2V image branch are
 untouched. Padding tokens (grids that are not multiples of the tile) ride along and are dropped
 at `proj_out`; they are never attended to as keys.
+
+Context parallelism (diffusers `enable_parallelism`, Ulysses): apply_nabla gives the transformer
+its own `_cp_plan`, which splits the tile-order sequence (rope output, the first block's input) and
+gathers it after the last block, so `proj_out` sees the whole sequence and the tile-order hooks
+stay exact; the padding also makes the sequence divide by the Ulysses degree. Per-token timestep
+embeddings (TI2V) are split in tile order by the condition hook. See attention/parallel.py.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from diffusers.configuration_utils import FrozenDict
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput, ParallelConfig
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
 from nabla_convert.attention import (
@@ -29,6 +36,12 @@ from nabla_convert.attention import (
     block_sparse_attention,
     nabla_selection,
     padded_dense_attention,
+)
+from nabla_convert.attention.parallel import (
+    context_parallel_config,
+    sequence_multiple,
+    shard_sequence,
+    ulysses_attention,
 )
 from nabla_convert.config import CONFIG_KEY, ConfigError, LayerSettings, NablaConfig
 
@@ -44,6 +57,7 @@ class NablaState:
     step: int = 0
     last_timestep: float | None = None
     force_dense: bool = False
+    parallel: ParallelConfig | None = None
     density_sum: dict[int, torch.Tensor] = field(default_factory=dict)
     density_calls: dict[int, int] = field(default_factory=dict)
 
@@ -95,8 +109,7 @@ class NablaAttnProcessor:
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         if rotary_emb is not None:
             query, key = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
-        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        out = self.attend(q, k, v).transpose(1, 2).flatten(2).type_as(query)
+        out = ulysses_attention(self.attend, query, key, value, self.state.parallel).flatten(2).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
     def is_dense_now(self) -> bool:
@@ -142,6 +155,7 @@ class _StepHook(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
         self.state.observe_timestep(timestep)
+        self.state.parallel = context_parallel_config(module)
         return args, kwargs
 
 
@@ -166,7 +180,8 @@ class _RopeHook(ModelHook):
                 f"latent of shape {tuple(hidden_states.shape)} is smaller than one patch {module.patch_size}"
             )
         config = self.state.config
-        self.state.layout = TileLayout.for_blocks(grid, config.tile, config.q_block, config.kv_block)
+        ranks = sequence_multiple(self.state.parallel)
+        self.state.layout = TileLayout.for_blocks(grid, config.tile, config.q_block, config.kv_block, ranks)
         return (hidden_states, *args), kwargs
 
     def post_forward(self, module, output):
@@ -191,7 +206,11 @@ class _PatchHook(ModelHook):
 
 
 class _ConditionHook(ModelHook):
-    """Per-token timestep embeddings (Wan2.2 TI2V) follow the tokens into tile order."""
+    """Per-token timestep embeddings (Wan2.2 TI2V) follow the tokens into tile order.
+
+    Under context parallelism the blocks' per-token modulation (`timestep_proj`) is split like the
+    tokens; `temb` stays whole for the output norm, which runs after the gather.
+    """
 
     def __init__(self, state: NablaState) -> None:
         super().__init__()
@@ -205,8 +224,11 @@ class _ConditionHook(ModelHook):
         if not self.per_token:
             return output
         temb, timestep_proj, *rest = output
-        layout = self.state.layout
-        return (layout.to_tiles(temb), layout.to_tiles(timestep_proj), *rest)
+        layout, parallel = self.state.layout, self.state.parallel
+        timestep_proj = layout.to_tiles(timestep_proj)
+        if parallel is not None:
+            timestep_proj = shard_sequence(timestep_proj, parallel)
+        return (layout.to_tiles(temb), timestep_proj, *rest)
 
 
 class _UnpatchHook(ModelHook):
@@ -230,6 +252,31 @@ def _hook_points(transformer: WanTransformer3DModel) -> dict[str, tuple[torch.nn
     }
 
 
+def context_parallel_plan(transformer: WanTransformer3DModel) -> dict[str, Any]:
+    """Wan's `_cp_plan` for NABLA: the same split points, but the gather moves from proj_out to the last block.
+
+    rope's cos/sin are split after the rope hook put them in tile order (apply_nabla runs before
+    enable_parallelism, so the split hook wraps ours); the first block's input is tile order
+    already. Gathering the last block's output instead of proj_out's lets proj_out's hook see the
+    whole sequence to put it back in raster order. The timestep is not split at the model input
+    (raster order there): the condition hook splits per-token embeddings in tile order.
+    """
+    rope_split = ContextParallelInput(split_dim=1, expected_dims=4, split_output=True)
+    return {
+        "rope": {0: rope_split, 1: rope_split},
+        "blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3)},
+        f"blocks.{len(transformer.blocks) - 1}": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+
+
+def _check_not_parallel(transformer: WanTransformer3DModel, action: str) -> None:
+    if getattr(transformer, "_parallel_config", None) is not None:
+        raise ConfigError(
+            f"cannot {action} a transformer that already runs in parallel: apply NABLA first, then call "
+            "enable_parallelism (or from_pretrained(..., parallel_config=...) of a converted checkpoint)"
+        )
+
+
 def apply_nabla(transformer: WanTransformer3DModel, config: NablaConfig) -> WanTransformer3DModel:
     """Rewrite a Wan transformer in place to NABLA attention with `config`; returns it.
 
@@ -241,6 +288,7 @@ def apply_nabla(transformer: WanTransformer3DModel, config: NablaConfig) -> WanT
     if not isinstance(config, NablaConfig):
         raise ConfigError(f"apply_nabla expects a NablaConfig, got {type(config).__name__}")
     config.check_num_layers(len(transformer.blocks))
+    _check_not_parallel(transformer, "apply NABLA to")
     remove_nabla(transformer)
     state = NablaState(config)
     for name, (module, hook_cls) in _hook_points(transformer).items():
@@ -248,6 +296,7 @@ def apply_nabla(transformer: WanTransformer3DModel, config: NablaConfig) -> WanT
     for index, block in enumerate(transformer.blocks):
         block.attn1.set_processor(NablaAttnProcessor(index, config.layer(index), state))
     transformer._nabla_state = state
+    transformer._cp_plan = context_parallel_plan(transformer)
     transformer.register_to_config(**{CONFIG_KEY: config.to_dict()})
     return transformer
 
@@ -256,11 +305,13 @@ def remove_nabla(transformer: WanTransformer3DModel) -> WanTransformer3DModel:
     """Undo apply_nabla: dense processors, no reordering hooks."""
     if getattr(transformer, "_nabla_state", None) is None:
         return transformer
+    _check_not_parallel(transformer, "remove NABLA from")
     for name, (module, _) in _hook_points(transformer).items():
         HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
     for block in transformer.blocks:
         block.attn1.set_processor(WanAttnProcessor())
     transformer._nabla_state = None
+    del transformer._cp_plan  # back to the class's plan
     transformer._internal_dict = FrozenDict({k: v for k, v in transformer._internal_dict.items() if k != CONFIG_KEY})
     return transformer
 

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import generate
 
-from nabla_convert import NablaConfig, apply_nabla, nabla_disabled
+from nabla_convert import NablaConfig, apply_nabla, convert, load, nabla_disabled
 from nabla_convert.attention import TileLayout
 from nabla_convert.config import ConfigError, LayerSettings
-from nabla_convert.models.tiny import tiny_transformer
+from nabla_convert.models.tiny import tiny_transformer, tiny_wan_pipeline
 
 
 def test_layout_pads_to_the_ulysses_degree():
@@ -69,17 +71,27 @@ def _check_against_one_process(model, hidden, timestep, text, **cp) -> torch.Ten
     return parallel
 
 
-def _worker(rank: int, world: int, port: int) -> None:
+def _worker(rank: int, world: int, port: int, checkpoint: Path) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        (_two_ranks if world == 2 else _three_ranks)()
+        if world == 2:
+            _two_ranks(checkpoint)
+        else:
+            _three_ranks()
     finally:
         dist.destroy_process_group()
 
 
-def _two_ranks() -> None:
+def _two_ranks(checkpoint: Path) -> None:
+    # the README's way: a converted checkpoint, loaded, then diffusers' enable_parallelism; CFG pipeline,
+    # 240x208 video -> 15x13 token grid (padded to 16x16)
+    pipe = load(checkpoint)
+    single = generate(pipe, height=240, width=208)
+    _parallel(pipe.transformer, ulysses_degree=2)
+    torch.testing.assert_close(generate(pipe, height=240, width=208), single, rtol=1e-4, atol=1e-5)
+
     mixed = NablaConfig(
         threshold=0.5, q_block=128, kv_block=64, layers={1: LayerSettings(threshold=0.3, sta=(1, 3, 3))}
     )
@@ -126,5 +138,9 @@ def _three_ranks() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
-def test_context_parallel_matches_one_process(world):
-    mp.spawn(_worker, args=(world, _free_port()), nprocs=world)
+def test_context_parallel_matches_one_process(world, tmp_path):
+    checkpoint = tmp_path / "nabla"
+    if world == 2:
+        tiny_wan_pipeline().save_pretrained(tmp_path / "dense")
+        convert(tmp_path / "dense", checkpoint, NablaConfig(threshold=0.5, sta=(1, 3, 3)))
+    mp.spawn(_worker, args=(world, _free_port(), checkpoint), nprocs=world)

@@ -8,6 +8,7 @@ import click
 
 from nabla_convert.config import ConfigError, NablaConfig, NablaError, load_config_file, parse_window
 from nabla_convert.convert import convert
+from nabla_convert.folders import check_output
 from nabla_convert.recipes import load_recipe
 
 
@@ -83,7 +84,9 @@ def main() -> None:
 @click.option("--dense-steps", type=click.IntRange(min=0), help="Run the first K denoising steps dense.")
 @click.option("--revision", help="Hub revision when MODEL is a Hub id.")
 @click.option("--token", envvar="HF_TOKEN", help="Hub token when MODEL is a private Hub id.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists and is not empty.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace --out if it exists and is not empty (only a folder nabla-convert wrote)."
+)
 def convert_command(model, out, config, recipe, threshold, sta, dense_steps, revision, token, overwrite) -> None:
     """Rewrite MODEL's self-attention into NABLA form and write a self-describing checkpoint to --out.
 
@@ -93,11 +96,11 @@ def convert_command(model, out, config, recipe, threshold, sta, dense_steps, rev
     calibrate, DIR/calibration.json goes along into OUT/nabla_reports/ for the model card.
     """
     settings = nabla_settings(config, recipe, threshold, sta, dense_steps)
+    model = model or default_model()
+    check_output(out, {"MODEL": model, "--config file": config}, overwrite=overwrite)
     calibration = config.parent / "calibration.json" if config else None
     reports = {"calibration": calibration} if calibration and calibration.is_file() else None
-    written = convert(
-        model or default_model(), out, settings, revision=revision, token=token, overwrite=overwrite, reports=reports
-    )
+    written = convert(model, out, settings, revision=revision, token=token, overwrite=overwrite, reports=reports)
     click.echo(f"wrote NABLA checkpoint to {written}")
 
 

@@ -2,8 +2,12 @@
 
 Weights are copied file by file, never re-serialised, so they stay bit-exact with their dtype and
 sharding. Only the transformers' config.json (class name + `_nabla` settings) and model_index.json
-change. The result is written to a temporary sibling folder and renamed into place at the end, so
-an interrupted or failed conversion leaves nothing partial at --out.
+change. Before anything is written, --out is checked against the input (folders.check_output), links
+leaving MODEL are refused, and every safetensors header is read (no tensor is loaded): a truncated file
+or a transformer tensor whose name, shape or dtype does not fit the model config stops the conversion.
+The result is built in a temporary sibling folder (removed on error and on SIGTERM) and renamed into
+place at the end, so an interrupted or failed conversion leaves nothing partial at --out. The output's
+marker (.nabla-convert.json) records the sha256 of every weight file; push checks the weights against it.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -19,12 +22,29 @@ from pathlib import Path
 from typing import Any
 
 from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig, NablaError
+from nabla_convert.folders import (
+    MARKER,
+    check_links,
+    check_output,
+    name_matcher,
+    public_name,
+    replace_folder,
+    staging,
+    weight_digests,
+    write_marker,
+)
 from nabla_convert.io import atomic_write_text
 
 WAN_CLASSES = ("WanTransformer3DModel", "NablaWanTransformer3DModel")
 NABLA_CLASS = ["nabla_convert", "NablaWanTransformer3DModel"]
 TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
 REPORTS_DIR = "nabla_reports"  # calibration.json, eval.json, bench.json: measurements the model card shows
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+# Not carried into the output: the base model's card (push writes the NABLA model's own), VCS/cache files, and the
+# base's own nabla-convert marker (the output gets a new one).
+COPY_IGNORE = (".cache", ".git*", "README.md", MARKER)
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 
 class ConvertError(NablaError, ValueError):
@@ -46,7 +66,7 @@ def resolve_model(
     if path.exists():
         if not path.is_dir():
             raise ConvertError(f"{path} is not a folder")
-        return path, {"base_model": str(path.resolve()), "base_revision": revision}
+        return path, {"base_model": public_name(path), "base_revision": revision}
     if os.path.isabs(str(model)) or str(model).startswith(".") or str(model).count("/") != 1:
         raise ConvertError(f"model folder not found: {model}")
     from huggingface_hub import snapshot_download
@@ -107,9 +127,82 @@ def configs_for(
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
-    """Everything but the base model's card (push writes the NABLA model's own) and VCS/cache files."""
-    ignore = shutil.ignore_patterns(".cache", ".git*", "README.md")
-    shutil.copytree(src, dst, ignore=ignore, copy_function=shutil.copyfile)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*COPY_IGNORE), copy_function=shutil.copyfile)
+
+
+def tensor_header(path: Path, root: Path, error: type[NablaError] = ConvertError) -> dict[str, tuple[str, list[int]]]:
+    """Tensor name -> (safetensors dtype, shape) from a file's header, read by safetensors without loading a tensor.
+
+    safetensors also checks that the data section covers every tensor, so a truncated file fails here.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as weights:
+            names = weights.keys()  # a safe_open handle is not iterable itself
+            return {name: (weights.get_slice(name).get_dtype(), weights.get_slice(name).get_shape()) for name in names}
+    except (SafetensorError, OSError) as err:
+        raise error(f"{path.relative_to(root).as_posix()} is not readable safetensors: {err}") from None
+
+
+def expected_tensors(folder: Path) -> dict[str, Any]:
+    """The transformer's state dict as its config.json builds it, on the meta device (no memory, no weights read)."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    config = {k: v for k, v in _read_json(folder / "config.json").items() if k != CONFIG_KEY}
+    try:
+        with torch.device("meta"):
+            model = WanTransformer3DModel.from_config(config)
+    except (TypeError, ValueError) as err:
+        raise ConvertError(f"{folder / 'config.json'} does not describe a Wan transformer: {err}") from None
+    return model.state_dict()
+
+
+def check_transformer_weights(folder: Path, root: Path) -> None:
+    """Every tensor the model config asks for is in the safetensors weights, with its shape and a matching dtype."""
+    where = folder.relative_to(root).as_posix() if folder != root else "the model"
+    if (folder / WEIGHTS_INDEX).is_file():
+        weight_map = _read_json(folder / WEIGHTS_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConvertError(f"{where}/{WEIGHTS_INDEX} has no weight_map")
+        shards = sorted(set(map(str, weight_map.values())))
+    elif (folder / WEIGHTS_NAME).is_file():
+        shards = [WEIGHTS_NAME]
+    else:
+        raise ConvertError(f"{where} has no {WEIGHTS_NAME} nor {WEIGHTS_INDEX} (only safetensors weights are read)")
+    stored: dict[str, tuple[str, list[int]]] = {}
+    for shard in shards:
+        if Path(shard).name != shard or not (folder / shard).is_file():
+            raise ConvertError(f"{where}/{WEIGHTS_INDEX} lists shard {shard!r}, which is not a file beside it")
+        stored.update(tensor_header(folder / shard, root))
+    expected = expected_tensors(folder)
+    missing, extra = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
+    if missing:
+        raise ConvertError(
+            f"{where}: the weights lack {len(missing)} tensor(s) config.json asks for (e.g. {missing[0]})"
+        )
+    if extra:
+        raise ConvertError(
+            f"{where}: the weights hold {len(extra)} tensor(s) config.json does not know (e.g. {extra[0]})"
+        )
+    for name, tensor in expected.items():
+        dtype, shape = stored[name]
+        if list(shape) != list(tensor.shape):
+            raise ConvertError(f"{where}: tensor {name} has shape {shape}, config.json asks for {list(tensor.shape)}")
+        if (dtype in FLOAT_DTYPES) != tensor.dtype.is_floating_point:
+            raise ConvertError(f"{where}: tensor {name} is stored as {dtype}, config.json asks for {tensor.dtype}")
+
+
+def check_model_files(root: Path, components: Mapping[str, Path]) -> None:
+    """Before copying: no link leaves MODEL, every safetensors header parses, every transformer fits its config."""
+    skip = name_matcher(COPY_IGNORE)
+    check_links(root, "MODEL", skip)
+    for path in sorted(root.rglob("*.safetensors")):
+        if not any(skip(part) for part in path.relative_to(root).parts):
+            tensor_header(path, root)
+    for folder in components.values():
+        check_transformer_weights(folder, root)
 
 
 def base_license(root: Path) -> str | None:
@@ -154,11 +247,12 @@ def convert(
     the model card reads them.
     """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConvertError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    reads = {f"{name} report": path for name, path in (reports or {}).items()}
+    check_output(out, {"MODEL": model, **reads}, overwrite=overwrite)  # a Hub id names no local path: skipped
     root, source = resolve_model(model, revision=revision, token=token)
     components = transformer_folders(root)
     chosen = configs_for(components, config)
+    check_model_files(root, components)
     provenance = {
         "tool": "nabla-convert",
         "tool_version": version("nabla-convert"),
@@ -168,9 +262,7 @@ def convert(
     license_name = base_license(root)
     if license_name:
         provenance["base_license"] = license_name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staging(out) as work:
         staged = work / "out"
         _copy_tree(root, staged)
         for name, cfg in chosen.items():
@@ -183,11 +275,8 @@ def convert(
             for name in components:
                 model_index[name] = NABLA_CLASS
             atomic_write_text(staged / "model_index.json", json.dumps(model_index, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staged, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        write_marker(staged, "convert", weight_digests(staged))
+        replace_folder(staged, out)
     return out
 
 

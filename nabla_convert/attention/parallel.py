@@ -71,36 +71,38 @@ def shard_sequence(x: torch.Tensor, config: ParallelConfig, dim: int = 1) -> tor
 
 
 def ulysses_attention(
-    attend: Attend, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, config: ParallelConfig | None
+    attend: Attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: ParallelConfig | None
 ) -> torch.Tensor:
-    """Attention of this rank's tokens: query, key, value (B, S_local, H, D) -> output (B, S_local, H, D).
+    """`attend` over the whole sequence for this rank's tokens: q, k, v (B, H, S_local, D) -> (B, H, S_local, D).
 
-    `attend` takes q, k, v (B, H, S, D) over the whole sequence and returns (B, H, S, D). Without
-    context parallelism it gets this rank's tensors as they are; with it, diffusers' Ulysses
-    all-to-all first gives it the whole sequence for this rank's heads. Inference only.
+    `attend` takes q, k, v (B, H, S, D) and returns (B, H, S, D). Without context parallelism it
+    gets the tensors as they are; with it, diffusers' Ulysses all-to-all first gives it the whole
+    sequence for this rank's heads, and its output goes back to this rank's tokens. Inference only.
     """
     if config is None:
-        return attend(*(t.transpose(1, 2) for t in (query, key, value))).transpose(1, 2)
+        return attend(q, k, v)
     cp = config.context_parallel_config
     if cp.ring_degree > 1:
         raise ValueError(RING_UNSUPPORTED)
-    heads = query.shape[2]
+    heads = q.shape[1]
     if heads % cp.ulysses_degree and not cp.ulysses_anything:
         raise ValueError(
             f"{heads} attention heads do not split over ulysses_degree={cp.ulysses_degree}; "
             "use a degree that divides the head count or ContextParallelConfig(..., ulysses_anything=True)"
         )
 
-    def forward_op(ctx, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse, **_):
+    def forward_op(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse, **_):
         if return_lse:
             raise ValueError("NABLA attention does not return the log-sum-exp")
-        return attend(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+        return attend(*(t.transpose(1, 2) for t in (query, key, value))).transpose(1, 2)
 
     def backward_op(ctx, grad_out, *args, **kwargs):
         raise NotImplementedError("NABLA under context parallelism is inference-only (no backward)")
 
     template = TemplatedUlyssesAnythingAttention if cp.ulysses_anything else TemplatedUlyssesAttention
-    return template.apply(query, key, value, None, 0.0, False, None, False, False, forward_op, backward_op, config)
+    query, key, value = (t.transpose(1, 2) for t in (q, k, v))  # diffusers' layout (B, S, H, D)
+    out = template.apply(query, key, value, None, 0.0, False, None, False, False, forward_op, backward_op, config)
+    return out.transpose(1, 2)
 
 
 @contextmanager

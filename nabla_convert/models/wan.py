@@ -109,7 +109,8 @@ class NablaAttnProcessor:
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         if rotary_emb is not None:
             query, key = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
-        out = ulysses_attention(self.attend, query, key, value, self.state.parallel).flatten(2).type_as(query)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        out = ulysses_attention(self.attend, q, k, v, self.state.parallel).transpose(1, 2).flatten(2).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
     def is_dense_now(self) -> bool:

@@ -10,6 +10,7 @@ import click
 
 from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig, parse_window
 from nabla_convert.folders import FolderError, check_output_file
+from nabla_convert.io import read_json
 from nabla_convert.recipes import load_recipe
 
 
@@ -17,7 +18,7 @@ def _model_config(model: Path) -> tuple[dict[str, Any], NablaConfig | None]:
     """Architecture (WanTransformer3DModel kwargs) and NABLA settings of a pipeline or transformer folder."""
     for candidate in (model / "transformer" / "config.json", model / "config.json"):
         if candidate.is_file():
-            data = json.loads(candidate.read_text())
+            data = read_json(candidate, "model config", dict)
             nabla = NablaConfig.from_dict(data[CONFIG_KEY]) if CONFIG_KEY in data else None
             return {k: v for k, v in data.items() if not k.startswith("_")}, nabla
     raise click.BadParameter(f"{model} holds no transformer/config.json or config.json", param_hint="MODEL")

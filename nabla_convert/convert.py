@@ -33,7 +33,7 @@ from nabla_convert.folders import (
     weight_digests,
     write_marker,
 )
-from nabla_convert.io import atomic_write_text
+from nabla_convert.io import atomic_write_text, read_json
 
 WAN_CLASSES = ("WanTransformer3DModel", "NablaWanTransformer3DModel")
 NABLA_CLASS = ["nabla_convert", "NablaWanTransformer3DModel"]
@@ -52,16 +52,15 @@ class ConvertError(NablaError, ValueError):
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConvertError(f"cannot read {path}: {err}") from None
+    return read_json(path, "model file", dict)
 
 
 def resolve_model(
     model: str | os.PathLike, *, revision: str | None = None, token: str | None = None
 ) -> tuple[Path, dict]:
     """A local folder, or a Hub repo id fetched with snapshot_download. Returns (folder, source info)."""
+    if not str(model).strip():
+        raise ConvertError("MODEL is empty: give a folder or a Hub id (or leave it out for the reference model)")
     path = Path(model)
     if path.exists():
         if not path.is_dir():
@@ -70,8 +69,22 @@ def resolve_model(
     if os.path.isabs(str(model)) or str(model).startswith(".") or str(model).count("/") != 1:
         raise ConvertError(f"model folder not found: {model}")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+    from huggingface_hub.utils import validate_repo_id
 
+    from nabla_convert.hub.push import check_token
+
+    try:
+        validate_repo_id(str(model))
+    except HFValidationError:
+        raise ConvertError(f"model folder not found, and {model!r} is not a valid Hub id (namespace/name)") from None
+    if token:
+        check_token(token)
     try:
         local = snapshot_download(str(model), revision=revision, token=token)
     except RepositoryNotFoundError:

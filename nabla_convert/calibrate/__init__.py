@@ -47,7 +47,7 @@ from nabla_convert.calibrate.search import ComponentChoice, Target, evaluate, se
 from nabla_convert.config import NablaConfig
 from nabla_convert.convert import resolve_model, transformer_folders
 from nabla_convert.folders import check_output, public_name, write_marker
-from nabla_convert.io import DTYPES, atomic_write, resolve_device
+from nabla_convert.io import DTYPES, atomic_write, open_safetensors, resolve_device, torch_dtype
 from nabla_convert.recipes import Recipe, load_recipe
 
 STATS_FILE = "stats.safetensors"
@@ -88,12 +88,8 @@ def embedding_samples(path: str | os.PathLike, seeds: Sequence[int], guidance: f
     "negative_prompt_embeds" (N or 1, L, D) and optional metadata "prompts" (a JSON list of N labels)."""
     import json
 
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise CalibrationError(f"prompt embeddings file not found: {path}")
-    with safe_open(str(path), framework="pt") as handle:
+    with open_safetensors(path, "prompt embeddings file") as handle:
         names = set(handle.keys())
         if "prompt_embeds" not in names:
             raise CalibrationError(f"{path}: no tensor named 'prompt_embeds' (N, L, D)")
@@ -135,12 +131,12 @@ def load_pipeline(model: str | os.PathLike, *, text_encoder: bool, device: str =
     if "" in transformer_folders(folder):
         if text_encoder:
             raise CalibrationError(f"{model} is a transformer folder without a text encoder: give --prompt-embeds")
-        transformer = WanTransformer3DModel.from_pretrained(folder, torch_dtype=DTYPES[dtype])
+        transformer = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch_dtype(dtype))
         scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
         pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
     else:
         skipped = {"vae": None} if text_encoder else {"vae": None, "text_encoder": None, "tokenizer": None}
-        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=DTYPES[dtype], **skipped)
+        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype(dtype), **skipped)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(torch_device)
 

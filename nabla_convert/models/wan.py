@@ -5,21 +5,24 @@ same points Wan's context-parallel plan uses: `rope` (record the grid, gather co
 `patch_embedding` (emit tile order), `condition_embedder` (gather per-token timestep embeddings
 of TI2V) and `proj_out` (back to raster order). Every self-attention (`attn1`) gets a
 NablaAttnProcessor with its own layer settings; cross-attention and the I2V image branch are
-untouched. Padding tokens (grids that are not multiples of the tile) ride along and are dropped
-at `proj_out`; they are never attended to as keys.
+untouched. The token stream is in compact tile order (no padding tokens); grids that are not
+multiples of the tile get padding tokens only inside self-attention, where they are never attended
+to as keys and their query rows are dropped.
 
 Context parallelism (diffusers `enable_parallelism`, Ulysses): apply_nabla gives the transformer
-its own `_cp_plan`, which splits the tile-order sequence (rope output, the first block's input) and
-gathers it after the last block, so `proj_out` sees the whole sequence and the tile-order hooks
-stay exact; the padding also makes the sequence divide by the Ulysses degree. Per-token timestep
-embeddings (TI2V) are split in tile order by the condition hook. See attention/parallel.py.
+its own `_cp_plan`, which splits the tile-order stream (rope output, the first block's input) and
+gathers it after the last block, so `proj_out` sees the whole stream and the tile-order hooks stay
+exact. When the token count does not divide by the Ulysses degree, the stream carries the padding
+tokens, padded to a multiple of the degree. Per-token timestep embeddings (TI2V) are split in tile
+order by the condition hook. See attention/parallel.py.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +35,6 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get
 from nabla_convert.attention import (
     BlockSelection,
     TileLayout,
-    block_density,
     block_sparse_attention,
     nabla_selection,
     padded_dense_attention,
@@ -57,9 +59,22 @@ class NablaState:
     step: int = 0
     last_timestep: float | None = None
     force_dense: bool = False
+    dense_phase: bool = False
     parallel: ParallelConfig | None = None
-    density_sum: dict[int, torch.Tensor] = field(default_factory=dict)
-    density_calls: dict[int, int] = field(default_factory=dict)
+    padded_stream: bool = False  # the token stream holds the padding tokens (context parallel, uneven split)
+
+    @torch.compiler.disable
+    def begin_forward(self, timestep: torch.Tensor, processors: list[NablaAttnProcessor], device: torch.device) -> None:
+        """Once per transformer forward, always eager (also inside torch.compile(transformer)).
+
+        The step count and timestep are Python numbers that change every step: read here, they never
+        become guards of a compiled graph. Processors only see `dense_phase` (a bool, so at most a
+        dense and a sparse graph) and their own tensors, which are moved to `device` here.
+        """
+        self.observe_timestep(timestep)
+        self.dense_phase = self.step < self.config.dense_steps
+        for processor in processors:
+            processor.place(device)
 
     def observe_timestep(self, timestep: torch.Tensor) -> None:
         """Count denoising steps inside a stock pipeline: timesteps fall within a run; a rise starts a new run.
@@ -74,10 +89,6 @@ class NablaState:
             self.step += 1
         self.last_timestep = t
 
-    def record_density(self, layer: int, density: torch.Tensor) -> None:
-        self.density_sum[layer] = self.density_sum.get(layer, 0) + density.detach()
-        self.density_calls[layer] = self.density_calls.get(layer, 0) + 1
-
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Wan's interleaved RoPE on (B, S, H, D) with cos/sin (1, S, 1, D)."""
@@ -87,12 +98,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class NablaAttnProcessor:
-    """Self-attention of one Wan block with NABLA block-sparse attention on tile-order tokens."""
+    """Self-attention of one Wan block with NABLA block-sparse attention on tile-order tokens.
+
+    torch.compile friendly (`compile_repeated_blocks()` shares one graph between all blocks): what
+    differs between layers or calls is held in tensors (threshold, density statistics), never in
+    Python numbers the graph would guard on.
+    """
 
     def __init__(self, layer: int, settings: LayerSettings, state: NablaState) -> None:
         self.layer = layer
         self.settings = settings
         self.state = state
+        self.always_dense = settings.dense or (settings.threshold >= 1.0 and settings.sta is None)
+        self.threshold = torch.tensor(settings.threshold, dtype=torch.float32)
+        self.density_stats = torch.zeros(2)  # sum of per-call block densities, number of calls
+
+    def place(self, device: torch.device) -> None:
+        if self.threshold.device != device:
+            self.threshold = self.threshold.to(device)
+            self.density_stats = self.density_stats.to(device)
+
+    def record_density(self, density: torch.Tensor) -> None:
+        self.density_stats.add_(torch.stack([density.detach().float(), density.new_ones((), dtype=torch.float32)]))
 
     def __call__(
         self,
@@ -110,28 +137,33 @@ class NablaAttnProcessor:
         if rotary_emb is not None:
             query, key = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        out = ulysses_attention(self.attend, q, k, v, self.state.parallel).transpose(1, 2).flatten(2).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+        out = ulysses_attention(self.attend_stream, q, k, v, self.state.parallel)
+        return attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2).type_as(query)))
+
+    def attend_stream(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`attend` on the whole token stream (B, H, S, D), compact or padded tile order, in the same order."""
+        layout = self.layout()
+        if q.shape[2] == layout.padded_len:
+            return self.attend(q, k, v)
+        q, k, v = (layout.pad(t, dim=2) for t in (q, k, v))
+        return layout.unpad(self.attend(q, k, v), dim=2)
+
+    def layout(self) -> TileLayout:
+        if self.state.layout is None:
+            raise RuntimeError("NABLA processor called outside a NABLA transformer forward (no token layout)")
+        return self.state.layout
 
     def is_dense_now(self) -> bool:
-        s = self.settings
-        return (
-            s.dense
-            or self.state.force_dense
-            or self.state.step < self.state.config.dense_steps
-            or (s.threshold >= 1.0 and s.sta is None)
-        )
+        return self.always_dense or self.state.force_dense or self.state.dense_phase
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v (B, H, S, D) in tile order -> attention output in tile order."""
-        layout, config = self.state.layout, self.state.config
-        if layout is None:
-            raise RuntimeError("NABLA processor called outside a NABLA transformer forward (no token layout)")
+        """q, k, v (B, H, S, D) in padded tile order -> attention output in padded tile order."""
+        layout, config = self.layout(), self.state.config
         if self.is_dense_now():
-            self.state.record_density(self.layer, q.new_ones((), dtype=torch.float32))
+            self.record_density(q.new_ones((), dtype=torch.float32))
             return padded_dense_attention(q, k, v, layout.indices(q.device).valid if layout.is_padded else None)
         selection = self.select(q, k, layout)
-        self.state.record_density(self.layer, block_density(selection.keep, layout, config.q_block, config.kv_block))
+        self.record_density(selection.density(layout.real_blocks(config.q_block), layout.real_blocks(config.kv_block)))
         return block_sparse_attention(q, k, v, selection, backend=config.backend)
 
     def select(self, q: torch.Tensor, k: torch.Tensor, layout: TileLayout) -> BlockSelection:
@@ -140,7 +172,7 @@ class NablaAttnProcessor:
         return nabla_selection(
             q,
             k,
-            threshold=self.settings.threshold,
+            threshold=self.threshold,
             grid=layout,
             sta=self.settings.sta,
             q_block=config.q_block,
@@ -155,13 +187,14 @@ class _StepHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        self.state.observe_timestep(timestep)
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self.state.begin_forward(timestep, nabla_processors(module), hidden_states.device)
         self.state.parallel = context_parallel_config(module)
         return args, kwargs
 
 
 class _RopeHook(ModelHook):
-    """Records the token grid of this forward and returns cos/sin in tile order."""
+    """Records the token grid of this forward and returns cos/sin in compact tile order."""
 
     def __init__(self, state: NablaState) -> None:
         super().__init__()
@@ -180,21 +213,27 @@ class _RopeHook(ModelHook):
             raise ValueError(
                 f"latent of shape {tuple(hidden_states.shape)} is smaller than one patch {module.patch_size}"
             )
-        config = self.state.config
-        ranks = sequence_multiple(self.state.parallel)
-        self.state.layout = TileLayout.for_blocks(grid, config.tile, config.q_block, config.kv_block, ranks)
+        config, state = self.state.config, self.state
+        ranks = sequence_multiple(state.parallel)
+        state.padded_stream = math.prod(grid) % ranks != 0
+        state.layout = TileLayout.for_blocks(
+            grid, config.tile, config.q_block, config.kv_block, ranks if state.padded_stream else 1
+        )
         return (hidden_states, *args), kwargs
 
     def post_forward(self, module, output):
         cos, sin = output
-        layout = self.state.layout
-        return layout.to_tiles(cos), layout.to_tiles(sin)
+        layout, padded = self.state.layout, self.state.padded_stream
+        return layout.to_tiles(cos, padded=padded), layout.to_tiles(sin, padded=padded)
 
 
 class _PatchHook(ModelHook):
-    """patch_embedding's (B, C, F, H, W) output -> (B, C, S_padded, 1, 1) in tile order.
+    """patch_embedding's (B, C, F, H, W) output -> (B, C, S, 1, 1) in compact tile order.
 
-    The model then flattens and transposes it to (B, S_padded, C) as it would the raster grid.
+    The model then flattens and transposes it to (B, S, C) as it would the raster grid. Compact:
+    padding tokens exist only inside self-attention (the processor pads q, k, v and drops them from
+    its output), so projections, cross-attention and FFN never compute them (6.7% of the tokens at
+    1280x720).
     """
 
     def __init__(self, state: NablaState) -> None:
@@ -202,7 +241,7 @@ class _PatchHook(ModelHook):
         self.state = state
 
     def post_forward(self, module, output):
-        tokens = self.state.layout.to_tiles(output.flatten(2), dim=2)
+        tokens = self.state.layout.to_tiles(output.flatten(2), dim=2, padded=self.state.padded_stream)
         return tokens[..., None, None]
 
 
@@ -225,15 +264,15 @@ class _ConditionHook(ModelHook):
         if not self.per_token:
             return output
         temb, timestep_proj, *rest = output
-        layout, parallel = self.state.layout, self.state.parallel
-        timestep_proj = layout.to_tiles(timestep_proj)
+        layout, padded, parallel = self.state.layout, self.state.padded_stream, self.state.parallel
+        timestep_proj = layout.to_tiles(timestep_proj, padded=padded)
         if parallel is not None:
             timestep_proj = shard_sequence(timestep_proj, parallel)
-        return (layout.to_tiles(temb), timestep_proj, *rest)
+        return (layout.to_tiles(temb, padded=padded), timestep_proj, *rest)
 
 
 class _UnpatchHook(ModelHook):
-    """proj_out's output goes back to raster order, padding dropped, before the model unpatchifies."""
+    """proj_out's output goes back from compact tile order to raster order before the model unpatchifies."""
 
     def __init__(self, state: NablaState) -> None:
         super().__init__()
@@ -341,16 +380,27 @@ class NablaWanTransformer3DModel(WanTransformer3DModel):
         return result
 
 
+def nabla_processors(transformer: torch.nn.Module) -> list[NablaAttnProcessor]:
+    """The NABLA processors the self-attention layers hold now (also subclasses swapped in by bench or calibrate)."""
+    processors = (block.attn1.processor for block in transformer.blocks)
+    return [processor for processor in processors if isinstance(processor, NablaAttnProcessor)]
+
+
 def layer_densities(transformer: torch.nn.Module) -> dict[int, float]:
     """Mean block density of each self-attention layer since the last reset (1.0 for dense calls)."""
-    state = nabla_state(transformer)
-    return {layer: float(total) / state.density_calls[layer] for layer, total in sorted(state.density_sum.items())}
+    nabla_state(transformer)
+    densities = {}
+    for processor in nabla_processors(transformer):
+        total, calls = processor.density_stats.tolist()
+        if calls:
+            densities[processor.layer] = total / calls
+    return dict(sorted(densities.items()))
 
 
 def reset_densities(transformer: torch.nn.Module) -> None:
-    state = nabla_state(transformer)
-    state.density_sum.clear()
-    state.density_calls.clear()
+    nabla_state(transformer)
+    for processor in nabla_processors(transformer):
+        processor.density_stats.zero_()
 
 
 @contextmanager

@@ -18,8 +18,6 @@ import argparse
 import json
 import os
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,19 +59,6 @@ def build_model(arch: str, layers: int | None, device: torch.device) -> WanTrans
     for tensor in [*model.parameters(), *model.buffers()]:
         dist.broadcast(tensor.data, src=0)
     return model
-
-
-def step_ms(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
-    """Median ms of fn() after one warm-up call (CUDA events on the GPU, wall clock on CPU)."""
-    if device.type == "cuda":
-        return cuda_ms(fn, reps)
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def distance(output: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
@@ -119,7 +104,7 @@ def main() -> None:
     single: dict[str, Any] = {}
     if rank == 0:
         reset_densities(model)
-        single = {"ms": step_ms(forward, device, args.reps), "output": forward()}
+        single = {"ms": cuda_ms(forward, args.reps), "output": forward()}
         single["density"] = statistics.fmean(layer_densities(model).values())
         single["dense_output"] = dense_forward()
     dist.barrier()
@@ -128,7 +113,7 @@ def main() -> None:
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
     reset_densities(model)
     dist.barrier()
-    parallel_ms = step_ms(forward, device, args.reps)
+    parallel_ms = cuda_ms(forward, args.reps)
     output = forward()
     density = statistics.fmean(layer_densities(model).values())
     dense_output = dense_forward()

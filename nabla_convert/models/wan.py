@@ -8,10 +8,18 @@ NablaAttnProcessor with its own layer settings; cross-attention and the I2V imag
 untouched. The token stream is in compact tile order (no padding tokens); grids that are not
 multiples of the tile get padding tokens only inside self-attention, where they are never attended
 to as keys and their query rows are dropped.
+
+Context parallelism (diffusers `enable_parallelism`, Ulysses): apply_nabla gives the transformer
+its own `_cp_plan`, which splits the tile-order stream (rope output, the first block's input) and
+gathers it after the last block, so `proj_out` sees the whole stream and the tile-order hooks stay
+exact. When the token count does not divide by the Ulysses degree, the stream carries the padding
+tokens, padded to a multiple of the degree. Per-token timestep embeddings (TI2V) are split in tile
+order by the condition hook. See attention/parallel.py.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +29,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from diffusers.configuration_utils import FrozenDict
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput, ParallelConfig
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
 from nabla_convert.attention import (
@@ -29,6 +38,12 @@ from nabla_convert.attention import (
     block_sparse_attention,
     nabla_selection,
     padded_dense_attention,
+)
+from nabla_convert.attention.parallel import (
+    context_parallel_config,
+    sequence_multiple,
+    shard_sequence,
+    ulysses_attention,
 )
 from nabla_convert.config import CONFIG_KEY, ConfigError, LayerSettings, NablaConfig
 
@@ -46,6 +61,8 @@ class NablaState:
     last_timestep: float | None = None
     force_dense: bool = False
     dense_phase: bool = False
+    parallel: ParallelConfig | None = None
+    padded_stream: bool = False  # the token stream holds the padding tokens (context parallel, uneven split)
 
     @torch.compiler.disable
     def begin_forward(self, timestep: torch.Tensor, processors: list[NablaAttnProcessor], device: torch.device) -> None:
@@ -121,10 +138,17 @@ class NablaAttnProcessor:
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         if rotary_emb is not None:
             query, key = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        out = ulysses_attention(self.attend_stream, q, k, v, self.state.parallel)
+        return attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2).type_as(query)))
+
+    def attend_stream(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`attend` on the whole token stream (B, H, S, D), compact or padded tile order, in the same order."""
         layout = self.layout()
-        q, k, v = (layout.pad(t).transpose(1, 2) for t in (query, key, value))
-        out = layout.unpad(self.attend(q, k, v).transpose(1, 2)).flatten(2).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+        if q.shape[2] == layout.padded_len:
+            return self.attend(q, k, v)
+        q, k, v = (layout.pad(t, dim=2) for t in (q, k, v))
+        return layout.unpad(self.attend(q, k, v), dim=2)
 
     def layout(self) -> TileLayout:
         if self.state.layout is None:
@@ -144,13 +168,25 @@ class NablaAttnProcessor:
         self.record_density(selection.density(layout.real_blocks(config.q_block), layout.real_blocks(config.kv_block)))
         return block_sparse_attention(q, k, v, selection, backend=config.backend)
 
+    def head_thresholds(self, heads: int) -> torch.Tensor:
+        """The thresholds of the heads this call sees: all, or under Ulysses this rank's chunk of them.
+
+        diffusers' all-to-all gives rank r the heads [r * ceil(H / degree), ...) (the last chunk shorter when the
+        head count does not divide).
+        """
+        if heads == self.state.num_heads:
+            return self.threshold
+        cp = self.state.parallel.context_parallel_config
+        start = cp._ulysses_local_rank * -(-self.state.num_heads // cp.ulysses_degree)
+        return self.threshold.narrow(0, start, heads)
+
     def select(self, q: torch.Tensor, k: torch.Tensor, layout: TileLayout) -> BlockSelection:
         """This layer's block selection for q, k in tile order (sort-free; fused kernels on CUDA)."""
         config = self.state.config
         return nabla_selection(
             q,
             k,
-            threshold=self.threshold,
+            threshold=self.head_thresholds(q.shape[1]),
             grid=layout,
             sta=self.settings.sta,
             q_block=config.q_block,
@@ -167,6 +203,7 @@ class _StepHook(ModelHook):
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         self.state.begin_forward(timestep, nabla_processors(module), hidden_states.device)
+        self.state.parallel = context_parallel_config(module)
         return args, kwargs
 
 
@@ -190,14 +227,18 @@ class _RopeHook(ModelHook):
             raise ValueError(
                 f"latent of shape {tuple(hidden_states.shape)} is smaller than one patch {module.patch_size}"
             )
-        config = self.state.config
-        self.state.layout = TileLayout.for_blocks(grid, config.tile, config.q_block, config.kv_block)
+        config, state = self.state.config, self.state
+        ranks = sequence_multiple(state.parallel)
+        state.padded_stream = math.prod(grid) % ranks != 0
+        state.layout = TileLayout.for_blocks(
+            grid, config.tile, config.q_block, config.kv_block, ranks if state.padded_stream else 1
+        )
         return (hidden_states, *args), kwargs
 
     def post_forward(self, module, output):
         cos, sin = output
-        layout = self.state.layout
-        return layout.to_tiles(cos, padded=False), layout.to_tiles(sin, padded=False)
+        layout, padded = self.state.layout, self.state.padded_stream
+        return layout.to_tiles(cos, padded=padded), layout.to_tiles(sin, padded=padded)
 
 
 class _PatchHook(ModelHook):
@@ -214,12 +255,16 @@ class _PatchHook(ModelHook):
         self.state = state
 
     def post_forward(self, module, output):
-        tokens = self.state.layout.to_tiles(output.flatten(2), dim=2, padded=False)
+        tokens = self.state.layout.to_tiles(output.flatten(2), dim=2, padded=self.state.padded_stream)
         return tokens[..., None, None]
 
 
 class _ConditionHook(ModelHook):
-    """Per-token timestep embeddings (Wan2.2 TI2V) follow the tokens into tile order."""
+    """Per-token timestep embeddings (Wan2.2 TI2V) follow the tokens into tile order.
+
+    Under context parallelism the blocks' per-token modulation (`timestep_proj`) is split like the
+    tokens; `temb` stays whole for the output norm, which runs after the gather.
+    """
 
     def __init__(self, state: NablaState) -> None:
         super().__init__()
@@ -233,8 +278,11 @@ class _ConditionHook(ModelHook):
         if not self.per_token:
             return output
         temb, timestep_proj, *rest = output
-        layout = self.state.layout
-        return (layout.to_tiles(temb, padded=False), layout.to_tiles(timestep_proj, padded=False), *rest)
+        layout, padded, parallel = self.state.layout, self.state.padded_stream, self.state.parallel
+        timestep_proj = layout.to_tiles(timestep_proj, padded=padded)
+        if parallel is not None:
+            timestep_proj = shard_sequence(timestep_proj, parallel)
+        return (layout.to_tiles(temb, padded=padded), timestep_proj, *rest)
 
 
 class _UnpatchHook(ModelHook):
@@ -258,6 +306,31 @@ def _hook_points(transformer: WanTransformer3DModel) -> dict[str, tuple[torch.nn
     }
 
 
+def context_parallel_plan(transformer: WanTransformer3DModel) -> dict[str, Any]:
+    """Wan's `_cp_plan` for NABLA: the same split points, but the gather moves from proj_out to the last block.
+
+    rope's cos/sin are split after the rope hook put them in tile order (apply_nabla runs before
+    enable_parallelism, so the split hook wraps ours); the first block's input is tile order
+    already. Gathering the last block's output instead of proj_out's lets proj_out's hook see the
+    whole sequence to put it back in raster order. The timestep is not split at the model input
+    (raster order there): the condition hook splits per-token embeddings in tile order.
+    """
+    rope_split = ContextParallelInput(split_dim=1, expected_dims=4, split_output=True)
+    return {
+        "rope": {0: rope_split, 1: rope_split},
+        "blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3)},
+        f"blocks.{len(transformer.blocks) - 1}": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+
+
+def _check_not_parallel(transformer: WanTransformer3DModel, action: str) -> None:
+    if getattr(transformer, "_parallel_config", None) is not None:
+        raise ConfigError(
+            f"cannot {action} a transformer that already runs in parallel: apply NABLA first, then call "
+            "enable_parallelism (or from_pretrained(..., parallel_config=...) of a converted checkpoint)"
+        )
+
+
 def apply_nabla(transformer: WanTransformer3DModel, config: NablaConfig) -> WanTransformer3DModel:
     """Rewrite a Wan transformer in place to NABLA attention with `config`; returns it.
 
@@ -270,6 +343,7 @@ def apply_nabla(transformer: WanTransformer3DModel, config: NablaConfig) -> WanT
         raise ConfigError(f"apply_nabla expects a NablaConfig, got {type(config).__name__}")
     config.check_num_layers(len(transformer.blocks))
     config.check_num_heads(transformer.config.num_attention_heads)
+    _check_not_parallel(transformer, "apply NABLA to")
     remove_nabla(transformer)
     state = NablaState(config, transformer.config.num_attention_heads)
     for name, (module, hook_cls) in _hook_points(transformer).items():
@@ -277,6 +351,7 @@ def apply_nabla(transformer: WanTransformer3DModel, config: NablaConfig) -> WanT
     for index, block in enumerate(transformer.blocks):
         block.attn1.set_processor(NablaAttnProcessor(index, config.layer(index), state))
     transformer._nabla_state = state
+    transformer._cp_plan = context_parallel_plan(transformer)
     transformer.register_to_config(**{CONFIG_KEY: config.to_dict()})
     return transformer
 
@@ -285,11 +360,13 @@ def remove_nabla(transformer: WanTransformer3DModel) -> WanTransformer3DModel:
     """Undo apply_nabla: dense processors, no reordering hooks."""
     if getattr(transformer, "_nabla_state", None) is None:
         return transformer
+    _check_not_parallel(transformer, "remove NABLA from")
     for name, (module, _) in _hook_points(transformer).items():
         HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
     for block in transformer.blocks:
         block.attn1.set_processor(WanAttnProcessor())
     transformer._nabla_state = None
+    del transformer._cp_plan  # back to the class's plan
     transformer._internal_dict = FrozenDict({k: v for k, v in transformer._internal_dict.items() if k != CONFIG_KEY})
     return transformer
 

@@ -31,15 +31,16 @@ from nabla_convert.attention import BlockSelection, TileLayout, nabla_block_mask
 from nabla_convert.attention.flex import compiled_flex_attention, enable_compile_cache, kernel_options_for
 from nabla_convert.config import NablaConfig
 from nabla_convert.io import atomic_write_text
-from nabla_convert.models.wan import NablaAttnProcessor, apply_nabla, layer_densities, reset_densities
+from nabla_convert.models.family import ModelFamily
+from nabla_convert.models.nabla import (
+    NablaAttnProcessor,
+    apply_nabla,
+    layer_densities,
+    nabla_state,
+    reset_densities,
+    set_processors,
+)
 
-# WanTransformer3DModel configs of the public Wan2.1 T2V checkpoints (their transformer/config.json).
-ARCHS: dict[str, dict[str, Any]] = {
-    "wan2.1-t2v-1.3b": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
-    "wan2.1-t2v-14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
-}
-VAE_STRIDE = (4, 8, 8)  # Wan VAE: frames, height, width
-TEXT_TOKENS = 512
 DENSE_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -59,7 +60,7 @@ def require_cuda() -> torch.device:
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
-    """'1280x720' -> (width, height); both multiples of 16 as the Wan pipelines require."""
+    """'1280x720' -> (width, height); both multiples of 16 as the video pipelines require."""
     try:
         width, height = (int(part) for part in text.lower().split("x"))
     except ValueError:
@@ -67,15 +68,6 @@ def parse_resolution(text: str) -> tuple[int, int]:
     if width < 16 or height < 16 or width % 16 or height % 16:
         raise ValueError(f"resolution sides must be positive multiples of 16, got {width}x{height}")
     return width, height
-
-
-def token_grid(resolution: tuple[int, int], frames: int, patch: Sequence[int] = (1, 2, 2)) -> tuple[int, int, int]:
-    """Latent token grid (T, H, W) a Wan transformer sees for `frames` frames at `resolution`."""
-    if frames < 1 or (frames - 1) % VAE_STRIDE[0]:
-        raise ValueError(f"frames must be 4k+1 (1, 5, ..., 81), got {frames}")
-    width, height = resolution
-    latent = ((frames - 1) // VAE_STRIDE[0] + 1, height // VAE_STRIDE[1], width // VAE_STRIDE[2])
-    return (latent[0] // patch[0], latent[1] // patch[1], latent[2] // patch[2])
 
 
 def environment() -> dict[str, str]:
@@ -105,7 +97,7 @@ def cuda_ms(fn: Callable[[], Any], reps: int = 5, warmup: int = 1) -> float:
 
 
 def random_qkv(batch: int, heads: int, tokens: int, head_dim: int = 128, requires_grad: bool = False):
-    """q, k, v (B, H, S, D) bf16 on CUDA, laid out (B, S, H, D) in memory as the Wan processor produces them."""
+    """q, k, v (B, H, S, D) bf16 on CUDA, laid out (B, S, H, D) in memory as the model processors produce them."""
     return tuple(
         torch.randn(batch, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16)
         .transpose(1, 2)
@@ -200,6 +192,7 @@ def attention_rows(
     sta: tuple[int, int, int] | None = None,
     reference_mask: bool = True,
     reps: int = 5,
+    head_dim: int = 128,
 ) -> list[AttentionRow]:
     """Per attention call at the given densities: fast mask build, sparse flex, and dense SDPA side by side.
 
@@ -207,7 +200,7 @@ def attention_rows(
     the attention runs on a forced random selection of each density.
     """
     layout = TileLayout.for_blocks(token_grid_, (8, 8), q_block, kv_block)
-    q, k, v = random_qkv(batch, heads, layout.padded_len)
+    q, k, v = random_qkv(batch, heads, layout.padded_len, head_dim)
     dense_q, dense_k, dense_v = (t[:, :, : layout.num_tokens] for t in (q, k, v))
     dense = dense_times(dense_q, dense_k, dense_v, reps)
     dense_backend = min(dense, key=dense.get)
@@ -392,6 +385,7 @@ def _peak_gib_and_ms(fn: Callable[[], Any], reps: int) -> tuple[float, float]:
 
 
 def transformer_step_rows(
+    family: ModelFamily,
     arch: str,
     model_config: dict[str, Any],
     resolution: tuple[int, int],
@@ -406,35 +400,28 @@ def transformer_step_rows(
 ) -> list[StepRow]:
     """Transformer forward time, dense (best SDPA) vs NABLA, per density (None = the config's thresholds).
 
-    Builds a WanTransformer3DModel from `model_config` with random bf16 weights, truncated to
+    Builds the family's transformer from `model_config` with random bf16 weights, truncated to
     `layers` blocks at real width when given (a 14B model at 720p needs ~10 s a dense step).
     """
-    from diffusers import WanTransformer3DModel
-
-    model_config = {**model_config, "num_layers": layers or model_config.get("num_layers", 40)}
+    key = family.layers_key
+    model_config = {**model_config, key: layers or model_config.get(key, 40)}
     with torch.device("cuda"):
-        model = WanTransformer3DModel(**model_config).to(torch.bfloat16).eval()
-    grid = token_grid(resolution, frames, model.config.patch_size)
-    patch = model.config.patch_size
-    latent = (batch, model.config.in_channels, grid[0] * patch[0], grid[1] * patch[1], grid[2] * patch[2])
-    hidden = torch.randn(latent, device="cuda", dtype=torch.bfloat16)
-    text = torch.randn(batch, TEXT_TOKENS, model.config.text_dim, device="cuda", dtype=torch.bfloat16)
-    timestep = torch.full((batch,), 500, device="cuda")
+        model = family.transformer_classes[0](**model_config).to(torch.bfloat16).eval()
+    grid = family.token_grid(resolution, frames, family.patch_size(model.config))
+    inputs = family.random_inputs(model, grid, batch, "cuda", torch.bfloat16)
 
     def forward():
         with torch.no_grad():
-            return model(hidden, timestep, text, return_dict=False)[0]
+            return model(**inputs, return_dict=False)[0]
 
     with sdpa_kernel([DENSE_BACKENDS[dense_backend], *DENSE_BACKENDS.values()], set_priority=True):
         dense_peak, dense_ms = _peak_gib_and_ms(forward, reps)
     apply_nabla(model, nabla)
-    layout = model._nabla_state.layout
     rows = []
     for density in tqdm(densities, desc=f"{arch} step", leave=False):
-        originals = [block.attn1.processor for block in model.blocks]
+        originals = set_processors(model, lambda _, base: base)
         if density is not None:
-            for block, base in zip(model.blocks, originals, strict=True):
-                block.attn1.set_processor(ForcedDensityProcessor(base, density))
+            set_processors(model, lambda _, base, density=density: ForcedDensityProcessor(base, density))
         reset_densities(model)
         start = time.perf_counter()
         forward()
@@ -444,13 +431,12 @@ def transformer_step_rows(
         if density is None:
             measured = statistics.fmean(layer_densities(model).values())
         nabla_peak, nabla_ms = _peak_gib_and_ms(forward, reps)
-        for block, original in zip(model.blocks, originals, strict=True):
-            block.attn1.set_processor(original)
-        layout = model._nabla_state.layout
+        set_processors(model, lambda index, _, originals=originals: originals[index])
+        layout = nabla_state(model).layout
         rows.append(
             StepRow(
                 arch,
-                model_config["num_layers"],
+                model_config[key],
                 layout.num_tokens,
                 layout.padded_len,
                 density,
@@ -564,6 +550,7 @@ def _properties(row: Any) -> dict[str, float]:
 
 def run_bench(
     *,
+    family: ModelFamily,
     arch: str,
     model_config: dict[str, Any],
     resolution: tuple[int, int],
@@ -578,8 +565,8 @@ def run_bench(
     """Per attention call and per transformer step: forced densities if given, else the config's threshold."""
     require_cuda()
     enable_compile_cache()
-    heads = model_config["num_attention_heads"]
-    grid = token_grid(resolution, frames, model_config.get("patch_size", (1, 2, 2)))
+    heads, head_dim = family.attention_shape(model_config)
+    grid = family.token_grid(resolution, frames, family.patch_size(model_config))
     report = BenchReport(
         environment(),
         {
@@ -605,10 +592,12 @@ def run_bench(
             batch=batch,
             threshold=nabla.threshold,
             sta=nabla.sta,
+            head_dim=head_dim,
         )
     if step:
         dense_backend = report.attention[0].dense_backend if report.attention else "cudnn"
         report.steps = transformer_step_rows(
+            family,
             arch,
             model_config,
             resolution,

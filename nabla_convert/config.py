@@ -1,7 +1,8 @@
 """NablaConfig: what a converted model does in each self-attention layer, as data.
 
-A config has model-level settings (tile, block sizes, dense steps, backend) and per-layer settings
-(threshold, STA window, or dense). It is stored inside the checkpoint (the transformer's
+A config has model-level settings (tile, block sizes, dense steps, backend, selection precision) and
+per-layer settings (threshold, STA window, or dense). Threshold 0 with an STA window is STA alone (the
+official `sta-wT-wH-wW` mode). It is stored inside the checkpoint (the transformer's
 config.json, key `_nabla`), so a converted folder describes itself.
 """
 
@@ -18,6 +19,7 @@ from nabla_convert.io import atomic_write_text
 
 SCHEMA_VERSION = 1
 CONFIG_KEY = "_nabla"
+SELECTION_PRECISIONS = ("float32", "bfloat16")
 
 
 class NablaError(Exception):
@@ -49,15 +51,20 @@ def check_threshold(value: Any, where: str = "threshold") -> float:
     try:
         threshold = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{where} must be a number in (0, 1], got {value!r}") from None
-    if not 0.0 < threshold <= 1.0:
-        raise ConfigError(f"{where} must be in (0, 1], got {threshold}")
+        raise ConfigError(f"{where} must be a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"{where} must be in [0, 1] (0 = STA window only), got {threshold}")
     return threshold
+
+
+def check_sta_only(threshold: float, sta: Any, where: str) -> None:
+    if threshold == 0.0 and sta is None:
+        raise ConfigError(f"{where}: threshold 0 keeps no block by mass; it needs an STA window (STA only)")
 
 
 @dataclass(frozen=True)
 class LayerSettings:
-    """One self-attention layer: dense, or NABLA at `threshold` (1.0 keeps every block) OR `sta`."""
+    """One self-attention layer: dense, or NABLA at `threshold` (1.0 keeps every block, 0 none) OR `sta`."""
 
     threshold: float = 0.7
     sta: tuple[int, int, int] | None = None
@@ -66,6 +73,8 @@ class LayerSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold", check_threshold(self.threshold))
         object.__setattr__(self, "sta", parse_window(self.sta))
+        if not self.dense:
+            check_sta_only(self.threshold, self.sta, "layer settings")
 
     def to_dict(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "sta": list(self.sta) if self.sta else None, "dense": self.dense}
@@ -83,7 +92,12 @@ class LayerSettings:
 
 @dataclass(frozen=True)
 class NablaConfig:
-    """Model-level NABLA settings and per-layer overrides (layer index -> LayerSettings)."""
+    """Model-level NABLA settings and per-layer overrides (layer index -> LayerSettings).
+
+    selection_precision: "float32" (pooling, pooled map, softmax and cut in float32: matches a
+    float64 selection) or "bfloat16" (the public references' arithmetic: q and k cast to bf16, pooled,
+    multiplied and soft-maxed in bf16, cut by sort and cumulative sum; for checkpoints fine-tuned so).
+    """
 
     threshold: float = 0.7
     sta: tuple[int, int, int] | None = None
@@ -94,12 +108,18 @@ class NablaConfig:
     dense_layers: tuple[int, ...] = ()
     layers: dict[int, LayerSettings] = field(default_factory=dict)
     backend: str = "auto"
+    selection_precision: str = "float32"
     schema_version: int = SCHEMA_VERSION
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold", check_threshold(self.threshold))
         object.__setattr__(self, "sta", parse_window(self.sta))
+        check_sta_only(self.threshold, self.sta, "config")
+        if self.selection_precision not in SELECTION_PRECISIONS:
+            raise ConfigError(
+                f"selection_precision must be one of {SELECTION_PRECISIONS}, got {self.selection_precision!r}"
+            )
         tile = tuple(int(t) for t in self.tile)
         if len(tile) != 2 or min(tile) < 1:
             raise ConfigError(f"tile must be two positive integers, got {self.tile!r}")

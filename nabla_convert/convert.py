@@ -1,9 +1,16 @@
-"""convert: a dense diffusers Wan checkpoint -> a self-describing NABLA checkpoint.
+"""convert: a dense diffusers checkpoint of a registered family -> a self-describing NABLA checkpoint.
 
-Weights are copied file by file, never re-serialised, so they stay bit-exact with their dtype and
-sharding. Only the transformers' config.json (class name + `_nabla` settings) and model_index.json
-change. The result is written to a temporary sibling folder and renamed into place at the end, so
-an interrupted or failed conversion leaves nothing partial at --out.
+Weights are never re-serialised, so they stay bit-exact with their dtype and sharding: on the same
+filesystem they are hard-linked (no second copy, conversion in seconds), elsewhere or with
+link=False copied. Only the transformers' config.json (class name + `_nabla` settings) and
+model_index.json change, and they are written as new files (atomic replace), never in place, so
+the source behind a hard link is never touched; removing or overwriting the output only drops links.
+The result is written to a temporary sibling folder and renamed into place at the end, so an
+interrupted or failed conversion leaves nothing partial at --out.
+
+A checkpoint in a family's own layout (the original layout the published NABLA fine-tunes ship in)
+is imported with `base`: the dense diffusers pipeline of the same architecture gives every other
+component and the transformer's config; the family maps the weights (ModelFamily.import_native).
 """
 
 from __future__ import annotations
@@ -20,10 +27,9 @@ from typing import Any
 
 from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig, NablaError
 from nabla_convert.io import atomic_write_text
+from nabla_convert.models import families, family_for_class_name
+from nabla_convert.models.family import TRANSFORMER_COMPONENTS, ModelFamily
 
-WAN_CLASSES = ("WanTransformer3DModel", "NablaWanTransformer3DModel")
-NABLA_CLASS = ["nabla_convert", "NablaWanTransformer3DModel"]
-TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
 REPORTS_DIR = "nabla_reports"  # calibration.json, eval.json, bench.json: measurements the model card shows
 
 
@@ -64,40 +70,53 @@ def resolve_model(
 
 def transformer_folders(root: Path) -> dict[str, Path]:
     """Component name -> transformer folder, for a pipeline folder or a single transformer folder."""
+    return {name: folder for name, (folder, _) in transformer_components(root).items()}
+
+
+def transformer_components(root: Path) -> dict[str, tuple[Path, ModelFamily]]:
+    """Component name -> (transformer folder, its family); "" names a bare transformer folder."""
     index = root / "model_index.json"
     if index.is_file():
         model_index = _read_json(index)
-        if not str(model_index.get("_class_name", "")).startswith("Wan"):
-            raise ConvertError(f"{root} holds a {model_index.get('_class_name')}, not a Wan pipeline")
         found = {}
         for name in TRANSFORMER_COMPONENTS:
             entry = model_index.get(name)
             if entry and entry[1] is not None:
-                if entry[1] not in WAN_CLASSES:
-                    raise ConvertError(f"{root}: component {name} is a {entry[1]}, not a WanTransformer3DModel")
-                found[name] = root / name
+                family = family_for_class_name(entry[1])
+                if family is None:
+                    raise ConvertError(f"{root}: component {name} is a {entry[1]}, not a supported transformer")
+                found[name] = (root / name, family)
         if not found:
-            raise ConvertError(f"{root}: the pipeline has no Wan transformer")
+            raise ConvertError(f"{root} holds a {model_index.get('_class_name')} without a supported transformer")
         return found
     config = root / "config.json"
     if not config.is_file():
         raise ConvertError(f"{root} is neither a diffusers pipeline (model_index.json) nor a model (config.json)")
     class_name = _read_json(config).get("_class_name")
-    if class_name not in WAN_CLASSES:
-        raise ConvertError(f"{root} holds a {class_name}, not a WanTransformer3DModel")
-    return {"": root}
+    family = family_for_class_name(class_name)
+    if family is None:
+        raise ConvertError(f"{root} holds a {class_name}, not a supported transformer")
+    return {"": (root, family)}
 
 
 def configs_for(
-    components: Mapping[str, Path], config: NablaConfig | Mapping[str, NablaConfig]
+    components: Mapping[str, tuple[Path, ModelFamily]], config: NablaConfig | Mapping[str, NablaConfig] | None
 ) -> dict[str, NablaConfig]:
-    """One config per transformer: a single config applies to all; a mapping names each ("*" = the rest)."""
+    """One config per transformer: a single config applies to all; a mapping names each ("*" = the rest);
+    None takes each checkpoint's own NABLA settings (ModelFamily.native_settings)."""
     if isinstance(config, NablaConfig):
         return dict.fromkeys(components, config)
     chosen = {}
-    for name in components:
+    for name, (folder, family) in components.items():
         key = name or "transformer"
-        if key in config:
+        if config is None:
+            native = family.native_settings(_read_json(folder / "config.json"))
+            if native is None:
+                raise ConvertError(
+                    f"{folder} carries no NABLA settings of its own; give --config, --recipe or --threshold"
+                )
+            chosen[name] = native
+        elif key in config:
             chosen[name] = config[key]
         elif "*" in config:
             chosen[name] = config["*"]
@@ -106,10 +125,46 @@ def configs_for(
     return chosen
 
 
-def _copy_tree(src: Path, dst: Path) -> None:
-    """Everything but the base model's card (push writes the NABLA model's own) and VCS/cache files."""
-    ignore = shutil.ignore_patterns(".cache", ".git*", "README.md")
-    shutil.copytree(src, dst, ignore=ignore, copy_function=shutil.copyfile)
+def link_or_copy(src: str, dst: str) -> None:
+    """Hard-link src to dst when both are on one filesystem, else copy its bytes (a Hub cache symlink is followed)."""
+    try:
+        os.link(os.path.realpath(src), dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _copy_tree(src: Path, dst: Path, *, link: bool = True, skip: Path | None = None) -> None:
+    """Everything but the base model's card (push writes the NABLA model's own), VCS/cache files and the
+    weights under `skip` (replaced by an import); files hard-linked when `link` allows it."""
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        ignored = shutil.ignore_patterns(".cache", ".git*", "README.md")(folder, names)
+        if skip is not None and Path(folder) == skip:
+            ignored |= shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json")(folder, names)
+        return ignored
+
+    shutil.copytree(src, dst, ignore=ignore, copy_function=link_or_copy if link else shutil.copyfile)
+
+
+def native_import(root: Path, base: str | os.PathLike | None, **hub: Any) -> tuple[Path, ModelFamily, dict] | None:
+    """(base pipeline folder, family, base source info) when `root` is a checkpoint in a family's own layout."""
+    family = next((f for f in families() if f.is_native(root)), None)
+    if family is None:
+        return None
+    if base is None:
+        raise ConvertError(
+            f"{root} is a {family.name} checkpoint in its official layout; give --base, the dense diffusers "
+            "pipeline of the same architecture (its text encoder, VAE, scheduler and transformer config are used)"
+        )
+    base_root, base_source = resolve_model(base, **hub)
+    components = transformer_components(base_root)
+    if list(components) != ["transformer"] or components["transformer"][1] is not family:
+        raise ConvertError(f"--base {base} must be a diffusers {family.name} pipeline with one transformer")
+    return (
+        base_root,
+        family,
+        {"pipeline_base": base_source["base_model"], "pipeline_base_revision": base_source["base_revision"]},
+    )
 
 
 def base_license(root: Path) -> str | None:
@@ -122,16 +177,18 @@ def base_license(root: Path) -> str | None:
     return ModelCard.load(card).data.license
 
 
-def _rewrite_transformer_config(folder: Path, config: NablaConfig) -> None:
+def nabla_class_entry(family: ModelFamily) -> list[str]:
+    """The model_index.json entry of a family's NABLA transformer class."""
+    return ["nabla_convert", family.nabla_class.__name__]
+
+
+def _rewrite_transformer_config(folder: Path, family: ModelFamily, config: NablaConfig) -> None:
     data = _read_json(folder / "config.json")
-    num_layers = data.get("num_layers")
-    if not isinstance(num_layers, int):
-        raise ConvertError(f"{folder}/config.json has no num_layers")
     try:
-        config.check_num_layers(num_layers)
+        config.check_num_layers(family.num_layers(data))
     except ConfigError as err:
         raise ConvertError(f"{folder.name or folder}: {err}") from None
-    data["_class_name"] = NABLA_CLASS[1]
+    data["_class_name"] = family.nabla_class.__name__
     data[CONFIG_KEY] = config.to_dict()
     atomic_write_text(folder / "config.json", json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -139,25 +196,36 @@ def _rewrite_transformer_config(folder: Path, config: NablaConfig) -> None:
 def convert(
     model: str | os.PathLike,
     out: str | os.PathLike,
-    config: NablaConfig | Mapping[str, NablaConfig],
+    config: NablaConfig | Mapping[str, NablaConfig] | None,
     *,
     revision: str | None = None,
     token: str | None = None,
     overwrite: bool = False,
     reports: Mapping[str, str | os.PathLike] | None = None,
+    base: str | os.PathLike | None = None,
+    link: bool = True,
 ) -> Path:
     """Write a NABLA checkpoint of `model` (pipeline folder, transformer folder or Hub id) to `out`.
 
     `config` is one NablaConfig for every transformer, or a mapping {"transformer": ..,
-    "transformer_2": ..} (Wan2.2 A14B has two transformers, each with its own settings).
+    "transformer_2": ..} (two-expert models have two transformers, each with its own settings), or None for
+    the settings the checkpoint carries itself (ModelFamily.native_settings).
     `reports` ({"calibration": path to calibration.json, ...}) are copied to nabla_reports/, where
-    the model card reads them.
+    the model card reads them. `base` is the dense diffusers pipeline a checkpoint in a family's own
+    layout is completed with. `link=False` copies weight files instead of hard-linking them.
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConvertError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     root, source = resolve_model(model, revision=revision, token=token)
-    components = transformer_folders(root)
+    imported = native_import(root, base, token=token)
+    tree = root
+    if imported is not None:
+        tree, family, base_source = imported
+        source.update(base_source)
+        components = {"transformer": (tree / "transformer", family)}
+    else:
+        components = transformer_components(root)
     chosen = configs_for(components, config)
     provenance = {
         "tool": "nabla-convert",
@@ -165,23 +233,25 @@ def convert(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **source,
     }
-    license_name = base_license(root)
+    license_name = base_license(tree)
     if license_name:
         provenance["base_license"] = license_name
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         staged = work / "out"
-        _copy_tree(root, staged)
+        _copy_tree(tree, staged, link=link, skip=None if imported is None else tree / "transformer")
+        if imported is not None:
+            imported[1].import_native(root, tree / "transformer", staged / "transformer")
         for name, cfg in chosen.items():
-            _rewrite_transformer_config(staged / name, cfg.with_provenance(**provenance))
+            _rewrite_transformer_config(staged / name, components[name][1], cfg.with_provenance(**provenance))
         for name, report in (reports or {}).items():
             (staged / REPORTS_DIR).mkdir(exist_ok=True)
             shutil.copyfile(report, staged / REPORTS_DIR / f"{name}.json")
         if "" not in components:
             model_index = _read_json(staged / "model_index.json")
-            for name in components:
-                model_index[name] = NABLA_CLASS
+            for name, (_, family) in components.items():
+                model_index[name] = nabla_class_entry(family)
             atomic_write_text(staged / "model_index.json", json.dumps(model_index, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -198,13 +268,11 @@ def load(path: str | os.PathLike, **kwargs: Any):
     """
     from diffusers import DiffusionPipeline
 
-    from nabla_convert.models.wan import NablaWanTransformer3DModel
-
     folder, _ = resolve_model(path, revision=kwargs.pop("revision", None), token=kwargs.pop("token", None))
-    components = transformer_folders(folder)
-    for sub in components.values():
+    components = transformer_components(folder)
+    for sub, _ in components.values():
         if CONFIG_KEY not in _read_json(sub / "config.json"):
             raise ConvertError(f"{sub} is a dense checkpoint (no {CONFIG_KEY} settings); run convert first")
     if "" in components:
-        return NablaWanTransformer3DModel.from_pretrained(folder, **kwargs)
+        return components[""][1].nabla_class.from_pretrained(folder, **kwargs)
     return DiffusionPipeline.from_pretrained(folder, **kwargs)

@@ -25,11 +25,10 @@ from tqdm.auto import tqdm
 from nabla_convert.config import CONFIG_KEY, NablaConfig, NablaError
 from nabla_convert.convert import resolve_model
 from nabla_convert.io import DTYPES, atomic_write, atomic_write_text, markdown_table, resolve_device
-from nabla_convert.models.wan import layer_densities, reset_densities
+from nabla_convert.models import family_of_pipeline
+from nabla_convert.models.nabla import layer_densities, reset_densities
 from nabla_convert.reference import HEIGHT, NUM_FRAMES, RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS, WIDTH, heldout_prompts
 from nabla_convert.reference.flow import flow_matching_loss as velocity_loss
-
-TRANSFORMER_NAMES = ("transformer", "transformer_2")
 
 
 class EvalError(NablaError, ValueError):
@@ -142,7 +141,7 @@ def gaussian_window(size: int, sigma: float) -> torch.Tensor:
 
 
 def ssim(reference: torch.Tensor, test: torch.Tensor, data_range: float, window: int = 11, sigma: float = 1.5) -> float:
-    """Mean SSIM (Wang et al. 2004) of images (N, C, H, W): gaussian window, per channel, valid region only.
+    """Mean SSIM (structural similarity, IEEE TIP 2004) of images (N, C, H, W): gaussian window, per channel, valid region only.
 
     Images smaller than the window use the largest odd window that fits, so tiny latents still count.
     """
@@ -205,16 +204,6 @@ def generate(pipe: Any, prompt: str, seed: int, settings: EvalSettings) -> tuple
     return captured["latents"][0].float().cpu(), output.frames[0].float().cpu()
 
 
-def denoiser_for(pipe: Any, timestep: float) -> torch.nn.Module:
-    """The transformer the pipeline uses at `timestep` (Wan2.2 A14B switches experts at boundary_ratio)."""
-    boundary_ratio = pipe.config.get("boundary_ratio")
-    transformer_2 = getattr(pipe, "transformer_2", None)
-    if boundary_ratio is None or transformer_2 is None:
-        return pipe.transformer
-    boundary = boundary_ratio * pipe.scheduler.config.num_train_timesteps
-    return pipe.transformer if timestep >= boundary else transformer_2
-
-
 @torch.inference_mode()
 def flow_matching_loss(pipe: Any, latents: torch.Tensor, prompt: str, seed: int, steps: int) -> float:
     """Mean flow-matching MSE of the pipeline's transformer on clean `latents` (C, F, H, W).
@@ -228,15 +217,17 @@ def flow_matching_loss(pipe: Any, latents: torch.Tensor, prompt: str, seed: int,
     pipe.scheduler.set_timesteps(steps, device="cpu")
     sigmas = pipe.scheduler.sigmas[:steps].float()
     x0 = latents.float().unsqueeze(0).to(device)
-    embeds = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, device=device)[0]
+    family = family_of_pipeline(pipe)
+    embeds = family.encode_prompts(pipe, [prompt])
     generator = torch.Generator("cpu").manual_seed(seed)
     losses = [
         velocity_loss(
-            denoiser_for(pipe, float(sigma) * pipe.scheduler.config.num_train_timesteps),
+            family.denoiser_for(pipe, float(sigma) * pipe.scheduler.config.num_train_timesteps),
             x0,
             embeds,
             sigma.view(1).to(device),
             torch.randn(x0.shape, generator=generator).to(device),
+            velocity=family.velocity,
         )
         for sigma in sigmas
     ]
@@ -245,8 +236,8 @@ def flow_matching_loss(pipe: Any, latents: torch.Tensor, prompt: str, seed: int,
 
 def nabla_transformers(pipe: Any) -> dict[str, torch.nn.Module]:
     """The pipeline's transformers that run NABLA attention (their config carries the NABLA settings)."""
-    found = {name: getattr(pipe, name, None) for name in TRANSFORMER_NAMES}
-    return {name: module for name, module in found.items() if module is not None and CONFIG_KEY in module.config}
+    found = family_of_pipeline(pipe).transformers(pipe)
+    return {name: module for name, module in found.items() if CONFIG_KEY in module.config}
 
 
 def reset_pipeline_densities(pipe: Any) -> None:

@@ -8,10 +8,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from nabla_convert.bench import AttentionRow, BenchReport, StepRow, parse_resolution, token_grid
+from nabla_convert.bench import AttentionRow, BenchReport, StepRow, parse_resolution
 from nabla_convert.bench_cli import _model_config
 from nabla_convert.cli import main
 from nabla_convert.config import NablaConfig
+from nabla_convert.models import family_for_arch
 
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 
@@ -54,6 +55,7 @@ def test_bad_arguments_are_usage_errors(args, message: str) -> None:
 
 
 def test_token_grid_of_wan_resolutions() -> None:
+    token_grid = family_for_arch("wan2.1-t2v-14b").token_grid
     assert parse_resolution("1280x720") == (1280, 720)
     assert token_grid((1280, 720), 81) == (21, 45, 80)
     assert token_grid((1280, 640), 81) == (21, 40, 80)
@@ -65,7 +67,8 @@ def test_model_folder_gives_architecture_and_nabla_settings(tmp_path) -> None:
     (tmp_path / "transformer").mkdir()
     config = {"_class_name": "NablaWanTransformer3DModel", "num_attention_heads": 12, "num_layers": 30}
     (tmp_path / "transformer" / "config.json").write_text(json.dumps({**config, "_nabla": nabla.to_dict()}))
-    architecture, settings = _model_config(tmp_path)
+    family, architecture, settings = _model_config(tmp_path)
+    assert family is family_for_arch("wan2.1-t2v-1.3b")
     assert architecture == {"num_attention_heads": 12, "num_layers": 30}
     assert settings == nabla
 

@@ -42,7 +42,7 @@ class RasterNablaReference:
             cumulative = 0.0
             for j in probs[b, h, i].argsort().tolist():
                 cumulative += probs[b, h, i, j].item()
-                keep[b, h, i, j] = cumulative >= 1 - self.settings.threshold
+                keep[b, h, i, j] = self.settings.threshold > 0 and cumulative >= 1 - self.settings.threshold
         if self.settings.sta is not None:
             coords = torch.stack(torch.meshgrid(torch.arange(T), torch.arange(Ht), torch.arange(Wt), indexing="ij"), -1)
             coords = coords.reshape(-1, 3)

@@ -3,9 +3,9 @@
 Latent dataset format (a folder of safetensors shards, any file name ending in .safetensors, read in
 sorted order; every shard holds the same two tensors with the same shapes except the first axis):
   latents        (N, C, F, H, W) float: video latents in the transformer's input space, i.e. the VAE
-                 latent already normalised as WanPipeline does ((z - latents_mean) / latents_std);
-  prompt_embeds  (N, L, text_dim) float: UMT5 text embeddings as WanPipeline.encode_prompt returns
-                 them (padded with zeros to L tokens, L = max_sequence_length, 512 for Wan).
+                 latent already normalised as the pipeline does ((z - latents_mean) / latents_std);
+  prompt_embeds  (N, L, text_dim) float: text embeddings as the family's encode_prompts returns them
+                 (padded with zeros to L tokens, L = max_sequence_length).
 Shard metadata {"format": "nabla-convert-latents", "version": "1"} marks them. `write_latent_shard`
 writes one; adapt.trainer.teacher_rollouts makes one from the dense teacher alone (no videos needed).
 
@@ -123,12 +123,12 @@ def sample_positions(seed: int, size: int, first: int, count: int) -> list[int]:
 
 @dataclass
 class TimestepSampler:
-    """Flow-matching noise levels drawn as in diffusers' SD3/Wan training scripts.
+    """Flow-matching noise levels drawn as in diffusers' SD3 training scripts.
 
     u ~ compute_density_for_timestep_sampling(scheme); index = u * 1000 (u near 0 = pure noise);
     sigma and timestep are read from a FlowMatchEulerDiscreteScheduler with the model's shift.
-    `sigma_range` restricts the draw to the indices whose sigma lies inside it (one expert of
-    Wan2.2 A14B covers only high or only low noise).
+    `sigma_range` restricts the draw to the indices whose sigma lies inside it (one expert of a
+    two-expert model covers only high or only low noise).
     """
 
     weighting_scheme: str = "logit_normal"

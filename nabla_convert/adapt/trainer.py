@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
-from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from safetensors import safe_open
@@ -52,9 +52,11 @@ from nabla_convert.adapt.data import (
 )
 from nabla_convert.adapt.losses import LOSSES, DenseTeacher, loss_target, relative_error, velocity, weighted_mse
 from nabla_convert.config import CONFIG_KEY, NablaConfig, NablaError
-from nabla_convert.convert import transformer_folders
+from nabla_convert.convert import transformer_components
 from nabla_convert.io import atomic_write_text, read_prompts
-from nabla_convert.models.wan import NablaWanTransformer3DModel, layer_densities, reset_densities
+from nabla_convert.models import family_for_class_name, family_of
+from nabla_convert.models.family import ModelFamily
+from nabla_convert.models.nabla import layer_densities, reset_densities
 
 LORA_FOLDER = "lora"
 REPORT_PATH = "nabla_reports/adapt.json"
@@ -203,11 +205,11 @@ def run_folder(out: str | os.PathLike) -> Path:
 
 
 def _component_folder(root: Path, component: str) -> tuple[str, Path]:
-    components = transformer_folders(root)
+    components = transformer_components(root)
     name = "" if "" in components else component
     if name not in components:
         raise AdaptError(f"{root} has no transformer component {component!r} (found: {sorted(components)})")
-    folder = components[name]
+    folder = components[name][0]
     if CONFIG_KEY not in json.loads((folder / "config.json").read_text()):
         raise AdaptError(f"{folder} is a dense checkpoint (no {CONFIG_KEY} settings); run convert first")
     return name, folder
@@ -243,9 +245,17 @@ def _lora_config(settings: AdaptSettings):
     )
 
 
-def load_student(folder: Path, settings: AdaptSettings, dtype: torch.dtype) -> NablaWanTransformer3DModel:
+def folder_family(folder: Path) -> ModelFamily:
+    """The family of the transformer stored in `folder` (its config.json's class name)."""
+    family = family_for_class_name(json.loads((folder / "config.json").read_text()).get("_class_name"))
+    if family is None:
+        raise AdaptError(f"{folder} holds no supported transformer")
+    return family
+
+
+def load_student(folder: Path, settings: AdaptSettings, dtype: torch.dtype) -> torch.nn.Module:
     """The NABLA transformer with weights in `dtype` (diffusers keeps its fp32 modules); with LoRA, fp32 adapters."""
-    model = NablaWanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype)
+    model = folder_family(folder).nabla_class.from_pretrained(folder, torch_dtype=dtype)
     if settings.lora_rank:
         model.requires_grad_(False)
         model.add_adapter(_lora_config(settings))
@@ -287,10 +297,9 @@ def teacher_rollouts(
             f"{settings.prompts} has {len(prompts)} prompts for {world} processes; give each one at least one"
         )
     mine = range(len(prompts) * rank // world, len(prompts) * (rank + 1) // world)  # shards in prompt order
-    encoder = WanPipeline.from_pretrained(root, transformer=None, transformer_2=None, vae=None).to(device)
-    embeds, _ = encoder.encode_prompt(
-        [prompts[i] for i in mine], do_classifier_free_guidance=False, max_sequence_length=settings.text_length
-    )
+    family = family_of(teacher.student)
+    encoder = family.load_text_encoder(root, device)
+    embeds = family.encode_prompts(encoder, [prompts[i] for i in mine], settings.text_length)
     del encoder
     scheduler = FlowMatchEulerDiscreteScheduler(shift=sampler.shift)
     latents = []
@@ -425,6 +434,13 @@ def sample_noise(
     return noise, sigmas, timesteps
 
 
+def _fsdp_wrap_blocks(accelerator: Accelerator, family: ModelFamily) -> None:
+    """FSDP shards (and checkpoints) the family's transformer blocks one by one, unless the config names others."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and not plugin.transformer_cls_names_to_wrap:
+        plugin.transformer_cls_names_to_wrap = list(family.block_classes)
+
+
 def _fsdp_checkpoints(accelerator: Accelerator) -> bool:
     """Whether FSDP checkpoints each block itself (recipes/accelerate/fsdp.yaml).
 
@@ -472,12 +488,15 @@ def adapt(
         atomic_write_text(paths.settings, json.dumps(settings.to_dict(), indent=2) + "\n")
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
 
+    family = folder_family(folder)
+    _fsdp_wrap_blocks(accelerator, family)
     student = load_student(folder, settings, half if settings.lora_rank else torch.float32).to(accelerator.device)
     if settings.gradient_checkpointing and not _fsdp_checkpoints(accelerator):
         student.enable_gradient_checkpointing()
     frozen = None
     if not settings.lora_rank:
-        frozen = WanTransformer3DModel.from_pretrained(folder, torch_dtype=half).requires_grad_(False).eval()
+        frozen = family.transformer_classes[0].from_pretrained(folder, torch_dtype=half)
+        frozen.requires_grad_(False).eval()
         frozen.to(accelerator.device)
     teacher = DenseTeacher(student, frozen)
     sampler = TimestepSampler(

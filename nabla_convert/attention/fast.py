@@ -21,7 +21,15 @@ import math
 import torch
 
 from nabla_convert.attention.flex import BlockSelection, kv_whole_blocks
-from nabla_convert.attention.mask import Window, block_scores, check_threshold, checked_layout, sta_block_mask
+from nabla_convert.attention.mask import (
+    PRECISIONS,
+    Window,
+    block_scores,
+    check_threshold,
+    checked_layout,
+    select_by_sorted_cumsum,
+    sta_block_mask,
+)
 from nabla_convert.attention.tiling import TileLayout
 
 try:
@@ -54,8 +62,8 @@ def cut_values(probs: torch.Tensor, threshold: float) -> torch.Tensor:
 def select_by_cut(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     """Same selection as `mask.select_by_mass` (ties at the cut kept), by a cut-value search instead of a sort."""
     check_threshold(threshold)
-    if threshold >= 1.0:
-        return torch.ones_like(probs, dtype=torch.bool)
+    if threshold >= 1.0 or threshold <= 0.0:
+        return torch.full_like(probs, threshold >= 1.0, dtype=torch.bool)
     return probs >= cut_values(probs, threshold)
 
 
@@ -72,20 +80,28 @@ def nabla_selection(
     sta: Window | None = None,
     q_block: int = 64,
     kv_block: int = 64,
+    precision: str = "float32",
 ) -> BlockSelection:
     """NABLA selection of q, k (B, H, S, D) in tile order, with its BlockMask index tensors.
 
     Same arguments and selection as `nabla_block_mask` (up to float rounding of the mass at the
-    cut). Fused Triton kernels on CUDA, torch ops elsewhere.
+    cut). Fused Triton kernels on CUDA, torch ops elsewhere. Threshold 0 is the STA window alone
+    (no scores computed); precision "bfloat16" runs the references' bf16 arithmetic in torch ops.
     """
     check_threshold(threshold)
     layout = checked_layout(q, k, grid, q_block, kv_block)
     valid = layout.indices(q.device).valid if layout.is_padded else None
     sta_blocks = sta_block_mask(layout, sta, q_block, kv_block, q.device) if sta is not None else None
-    if fast_path_available(q.device):
+    if threshold <= 0.0:
+        if sta_blocks is None:
+            raise ValueError("threshold 0 keeps no block by mass; give an STA window (STA only)")
+        kv_real = valid.view(-1, kv_block).any(-1) if valid is not None else torch.ones_like(sta_blocks[0])
+        keep = (sta_blocks & kv_real).expand(q.shape[0], q.shape[1], -1, -1)
+        return BlockSelection.from_keep(keep, q_block=q_block, kv_block=kv_block, valid=valid)
+    if precision == "float32" and fast_path_available(q.device):
         return _triton_selection(q, k, threshold, valid, sta_blocks, q_block, kv_block)
-    probs, kv_real = block_scores(q, k, q_block, kv_block, valid)
-    keep = select_by_cut(probs, threshold)
+    probs, kv_real = block_scores(q, k, q_block, kv_block, valid, PRECISIONS[precision])
+    keep = (select_by_sorted_cumsum if precision == "bfloat16" else select_by_cut)(probs, threshold)
     if sta_blocks is not None:
         keep = keep | sta_blocks
     keep = keep & kv_real

@@ -94,3 +94,34 @@ def tiny_wan_pipeline(seed: int = 0, *, two_transformers: bool = False, expand_t
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_kandinsky5_transformer(
+    num_visual_blocks: int = 2, heads: int = 2, axes_dims: tuple[int, int, int] = (4, 6, 6), seed: int = 0, **overrides
+):
+    """A Kandinsky5Transformer3DModel of a few thousand parameters (head dim = sum(axes_dims), 16 by default).
+
+    Its modulation layers start at zero in diffusers (every block would be an identity); they get
+    random weights here so that attention changes the output.
+    """
+    from diffusers import Kandinsky5Transformer3DModel
+
+    torch.manual_seed(seed)
+    model = Kandinsky5Transformer3DModel(
+        in_visual_dim=4,
+        out_visual_dim=4,
+        in_text_dim=16,
+        in_text_dim2=8,
+        time_dim=16,
+        model_dim=sum(axes_dims) * heads,
+        ff_dim=64,
+        num_text_blocks=1,
+        num_visual_blocks=num_visual_blocks,
+        axes_dims=axes_dims,
+        **overrides,
+    )
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "modulation" in name:
+                parameter.normal_(0.0, 0.3)
+    return model.eval()

@@ -1,0 +1,238 @@
+"""The family-independent half of a NABLA transformer: per-forward state, the attention processor, apply/remove.
+
+`apply_nabla` looks the transformer's family up in the registry; the family says which modules are
+self-attention, how q, k, v come out of them, and where diffusers hooks put tokens into tile order
+(and back). Everything else (layer settings, dense steps, selection, block-sparse attention,
+density bookkeeping) is the same for every family and lives here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers.configuration_utils import FrozenDict
+from diffusers.hooks import HookRegistry, ModelHook
+
+from nabla_convert.attention import (
+    BlockSelection,
+    TileLayout,
+    block_density,
+    block_sparse_attention,
+    nabla_selection,
+    padded_dense_attention,
+)
+from nabla_convert.config import CONFIG_KEY, ConfigError, LayerSettings, NablaConfig
+
+if TYPE_CHECKING:
+    from nabla_convert.models.family import ModelFamily
+
+
+@dataclass
+class NablaState:
+    """Per-transformer state shared by its hooks and processors during one forward."""
+
+    config: NablaConfig
+    family: ModelFamily
+    layout: TileLayout | None = None
+    step: int = 0
+    last_timestep: float | None = None
+    force_dense: bool = False
+    density_sum: dict[int, torch.Tensor] = field(default_factory=dict)
+    density_calls: dict[int, int] = field(default_factory=dict)
+
+    def observe_timestep(self, timestep: torch.Tensor) -> None:
+        """Count denoising steps inside a stock pipeline: timesteps fall within a run; a rise starts a new run.
+
+        CFG calls (cond and uncond at the same timestep) count as one step. For two-expert models
+        (Wan2.2 A14B) each transformer counts its own steps.
+        """
+        t = float(timestep.max())
+        if self.last_timestep is None or t > self.last_timestep:
+            self.step = 0
+        elif t < self.last_timestep:
+            self.step += 1
+        self.last_timestep = t
+
+    def set_grid(self, grid: tuple[int, int, int]) -> TileLayout:
+        """Record the token grid (frames, height, width) of this forward; returns its padded tile layout."""
+        config = self.config
+        self.layout = TileLayout.for_blocks(grid, config.tile, config.q_block, config.kv_block)
+        return self.layout
+
+    def record_density(self, layer: int, density: torch.Tensor) -> None:
+        self.density_sum[layer] = self.density_sum.get(layer, 0) + density.detach()
+        self.density_calls[layer] = self.density_calls.get(layer, 0) + 1
+
+
+class NablaAttnProcessor:
+    """Self-attention of one layer with NABLA block-sparse attention on tile-order tokens.
+
+    The family turns the attention module's input into q, k, v (B, H, S, D) post-RoPE and the
+    attention output back into the module's output; the processor decides dense or sparse.
+    """
+
+    def __init__(self, layer: int, settings: LayerSettings, state: NablaState) -> None:
+        self.layer = layer
+        self.settings = settings
+        self.state = state
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: Any = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("NablaAttnProcessor is for self-attention without an attention mask")
+        family = self.state.family
+        q, k, v = family.attention_qkv(attn, hidden_states, rotary_emb)
+        return family.attention_out(attn, self.attend(q, k, v), hidden_states)
+
+    def is_dense_now(self) -> bool:
+        s = self.settings
+        return (
+            s.dense
+            or self.state.force_dense
+            or self.state.step < self.state.config.dense_steps
+            or (s.threshold >= 1.0 and s.sta is None)
+        )
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v (B, H, S, D) in tile order -> attention output in tile order."""
+        layout, config = self.state.layout, self.state.config
+        if layout is None:
+            raise RuntimeError("NABLA processor called outside a NABLA transformer forward (no token layout)")
+        if self.is_dense_now():
+            self.state.record_density(self.layer, q.new_ones((), dtype=torch.float32))
+            return padded_dense_attention(q, k, v, layout.indices(q.device).valid if layout.is_padded else None)
+        selection = self.select(q, k, layout)
+        self.state.record_density(self.layer, block_density(selection.keep, layout, config.q_block, config.kv_block))
+        return block_sparse_attention(q, k, v, selection, backend=config.backend)
+
+    def select(self, q: torch.Tensor, k: torch.Tensor, layout: TileLayout) -> BlockSelection:
+        """This layer's block selection for q, k in tile order (sort-free; fused kernels on CUDA)."""
+        config = self.state.config
+        return nabla_selection(
+            q,
+            k,
+            threshold=self.settings.threshold,
+            grid=layout,
+            sta=self.settings.sta,
+            q_block=config.q_block,
+            kv_block=config.kv_block,
+            precision=config.selection_precision,
+        )
+
+
+class StateHook(ModelHook):
+    """A diffusers hook that shares the transformer's NablaState (the base of every family's hooks)."""
+
+    def __init__(self, state: NablaState) -> None:
+        super().__init__()
+        self.state = state
+
+
+def apply_nabla(transformer: torch.nn.Module, config: NablaConfig | None = None) -> torch.nn.Module:
+    """Rewrite a transformer of a registered family in place to NABLA attention with `config`; returns it.
+
+    Without a config, the model's own NABLA settings are used (Kandinsky 5's attention_type "nabla").
+    Applying again replaces the previous settings. The config is recorded in the model's config
+    (key `_nabla`), so save_pretrained writes a self-describing checkpoint.
+    """
+    from nabla_convert.models import family_of
+
+    family = family_of(transformer)
+    if config is None:
+        config = family.native_settings(transformer.config)
+        if config is None:
+            raise ConfigError(f"{type(transformer).__name__} has no NABLA settings of its own; give a NablaConfig")
+    if not isinstance(config, NablaConfig):
+        raise ConfigError(f"apply_nabla expects a NablaConfig, got {type(config).__name__}")
+    attention = family.self_attention(transformer)
+    config.check_num_layers(len(attention))
+    remove_nabla(transformer)
+    state = NablaState(config, family)
+    for name, (module, hook_cls) in family.hook_points(transformer).items():
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook_cls(state), name)
+    for index, attn in enumerate(attention):
+        attn.set_processor(NablaAttnProcessor(index, config.layer(index), state))
+    transformer._nabla_state = state
+    transformer.register_to_config(**{CONFIG_KEY: config.to_dict()})
+    return transformer
+
+
+def remove_nabla(transformer: torch.nn.Module) -> torch.nn.Module:
+    """Undo apply_nabla: dense processors, no reordering hooks."""
+    state = getattr(transformer, "_nabla_state", None)
+    if state is None:
+        return transformer
+    for name, (module, _) in state.family.hook_points(transformer).items():
+        HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
+    for attn in state.family.self_attention(transformer):
+        attn.set_processor(state.family.dense_processor())
+    transformer._nabla_state = None
+    transformer._internal_dict = FrozenDict({k: v for k, v in transformer._internal_dict.items() if k != CONFIG_KEY})
+    return transformer
+
+
+def set_processors(transformer: torch.nn.Module, make: Any) -> list[Any]:
+    """Give self-attention layer i the processor make(i, current processor); returns the previous processors."""
+    attention = nabla_state(transformer).family.self_attention(transformer)
+    previous = [attn.processor for attn in attention]
+    for index, attn in enumerate(attention):
+        attn.set_processor(make(index, previous[index]))
+    return previous
+
+
+def nabla_state(transformer: torch.nn.Module) -> NablaState:
+    state = getattr(transformer, "_nabla_state", None)
+    if state is None:
+        raise ValueError(f"{type(transformer).__name__} has no NABLA attention; run apply_nabla first")
+    return state
+
+
+class NablaModelMixin:
+    """Mixin of a family's NABLA class: applies the NABLA config found in its own config.json on load.
+
+    Stock `Pipeline.from_pretrained` builds the NABLA class when model_index.json names it; the
+    stock dense class loading the same folder still gets the dense model.
+    """
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        result = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        model = result[0] if return_unused_kwargs else result
+        settings = model.config.get(CONFIG_KEY)
+        if settings is not None:
+            apply_nabla(model, NablaConfig.from_dict(dict(settings)))
+        return result
+
+
+def layer_densities(transformer: torch.nn.Module) -> dict[int, float]:
+    """Mean block density of each self-attention layer since the last reset (1.0 for dense calls)."""
+    state = nabla_state(transformer)
+    return {layer: float(total) / state.density_calls[layer] for layer, total in sorted(state.density_sum.items())}
+
+
+def reset_densities(transformer: torch.nn.Module) -> None:
+    state = nabla_state(transformer)
+    state.density_sum.clear()
+    state.density_calls.clear()
+
+
+@contextmanager
+def nabla_disabled(transformer: torch.nn.Module) -> Iterator[None]:
+    """Run a NABLA transformer with dense attention inside the block (e.g. as its own dense teacher)."""
+    state = nabla_state(transformer)
+    previous, state.force_dense = state.force_dense, True
+    try:
+        yield
+    finally:
+        state.force_dense = previous

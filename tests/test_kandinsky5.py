@@ -1,0 +1,180 @@
+"""The Kandinsky 5 family on tiny transformers built in code: dense parity, brute force, diffusers' built-in NABLA."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import Kandinsky5T2VPipeline, Kandinsky5Transformer3DModel
+from diffusers.models.transformers.transformer_kandinsky import nablaT_v2
+from test_wan import RasterNablaReference
+
+from nabla_convert import NablaConfig, apply_nabla, convert, load
+from nabla_convert.config import LayerSettings
+from nabla_convert.models import family_for_arch, family_of
+from nabla_convert.models.kandinsky5 import NablaKandinsky5Transformer3DModel
+from nabla_convert.models.nabla import NablaAttnProcessor, set_processors
+from nabla_convert.models.tiny import tiny_kandinsky5_transformer
+
+
+def inputs(grid, batch=1, seed=0, text_tokens=5):
+    """Forward kwargs for a token grid (T, H, W); latents are (B, T, 2H, 2W, C) channels-last."""
+    torch.manual_seed(seed)
+    T, H, W = grid
+    return {
+        "hidden_states": torch.randn(batch, T, 2 * H, 2 * W, 4),
+        "encoder_hidden_states": torch.randn(batch, text_tokens, 16),
+        "timestep": torch.full((batch,), 700.0),
+        "pooled_projections": torch.randn(batch, 8),
+        "visual_rope_pos": [torch.arange(n) for n in grid],
+        "text_rope_pos": torch.arange(text_tokens),
+    }
+
+
+def run(model, kwargs):
+    with torch.no_grad():
+        return model(**kwargs).sample
+
+
+class RasterK5Reference(RasterNablaReference):
+    """The brute-force NABLA reference of test_wan with Kandinsky 5's projections and RoPE, on raster tokens."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, rotary_emb=None, sparse_params=None):
+        shape = hidden_states.shape[:-1]
+        q, k, v = (
+            layer(hidden_states).reshape(*shape, attn.num_heads, -1)
+            for layer in (attn.to_query, attn.to_key, attn.to_value)
+        )
+        q = attn.query_norm(q.float()).type_as(q)
+        k = attn.key_norm(k.float()).type_as(k)
+
+        def rope(x):
+            pairs = x.reshape(*x.shape[:-1], -1, 1, 2).float()
+            return (rotary_emb * pairs).sum(-1).reshape(*x.shape).to(torch.bfloat16).type_as(x)
+
+        q, k, v = (x.transpose(1, 2) for x in (rope(q), rope(k), v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.token_mask(q, k))
+        return attn.out_layer(out.transpose(1, 2).flatten(-2))
+
+
+GRIDS = [(2, 8, 16), (2, 5, 11), (3, 12, 10)]  # the last two need padding
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_threshold_one_equals_dense(grid):
+    dense = tiny_kandinsky5_transformer()
+    sparse = apply_nabla(copy.deepcopy(dense), NablaConfig(threshold=1.0, sta=(1, 1, 1)))
+    kwargs = inputs(grid, batch=2)
+    reference = run(dense, kwargs)
+    assert reference.shape == kwargs["hidden_states"].shape
+    torch.testing.assert_close(run(sparse, kwargs), reference, rtol=1e-4, atol=1e-4)  # q, k rounded to bf16 (K5 RoPE)
+
+
+CONFIGS = [
+    NablaConfig(threshold=0.5),
+    NablaConfig(threshold=0.3, sta=(1, 3, 1), backend="flex_eager"),
+    NablaConfig(threshold=0.6, layers={1: LayerSettings(threshold=0.0, sta=(3, 1, 1))}),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("grid", GRIDS)
+def test_sparse_equals_brute_force(config, grid):
+    dense = tiny_kandinsky5_transformer()
+    reference = copy.deepcopy(dense)
+    for index, block in enumerate(reference.visual_transformer_blocks):
+        block.self_attention.set_processor(RasterK5Reference(grid, config.layer(index)))
+    sparse = apply_nabla(copy.deepcopy(dense), config)
+    kwargs = inputs(grid)
+    expected = run(reference, kwargs)
+    torch.testing.assert_close(run(sparse, kwargs), expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(run(dense, kwargs), expected, atol=1e-3)  # the sparsity shows
+
+
+def builtin_nabla_agreement(precision: str) -> tuple[int, int]:
+    """Block pairs where our selection and diffusers' nablaT_v2 agree, and all pairs.
+
+    Both see the same post-RoPE q, k; K5's RoPE rounds them to bf16, and a bf16 model (how K5 runs) hands
+    nablaT_v2 bf16 tensors, so it gets them in bf16. The model has Lite's head dim (64) and q/k norms
+    scaled up so that its pooled maps are peaked as a trained model's are: on near-uniform maps (random
+    tiny weights) bf16 rounding moves the cut far more often (measured 0.4-1% of pairs at head dim 16).
+    """
+    P, window, grid = 0.7, (3, 1, 3), (4, 32, 32)
+    model = tiny_kandinsky5_transformer(
+        axes_dims=(16, 24, 24),
+        attention_type="nabla",
+        attention_P=P,
+        attention_wT=window[0],
+        attention_wH=window[1],
+        attention_wW=window[2],
+    )
+    for block in model.visual_transformer_blocks:
+        block.self_attention.query_norm.weight.data.mul_(8)
+        block.self_attention.key_norm.weight.data.mul_(8)
+    config = family_of(model).native_settings(model.config)
+    assert (config.threshold, config.sta, config.selection_precision) == (P, window, "bfloat16")
+    apply_nabla(model, NablaConfig.from_dict({**config.to_dict(), "selection_precision": precision}))
+    sta = Kandinsky5T2VPipeline.fast_sta_nabla(grid[0], grid[1] // 8, grid[2] // 8, *window, device="cpu")
+    counts = [0, 0]
+
+    class Recording(NablaAttnProcessor):
+        def select(self, q, k, layout):
+            selection = super().select(q, k, layout)
+            q16, k16 = (t.transpose(1, 2).to(torch.bfloat16) for t in (q, k))
+            theirs = nablaT_v2(q16, k16, sta[None, None], thr=P).to_dense().bool()
+            counts[0] += int((selection.keep == theirs).sum())
+            counts[1] += theirs.numel()
+            return selection
+
+    set_processors(model, lambda index, old: Recording(index, old.settings, old.state))
+    run(model, inputs(grid, batch=2))
+    return counts[0], counts[1]
+
+
+def test_selection_agrees_with_builtin_nabla_float32():
+    agree, total = builtin_nabla_agreement("float32")
+    assert total > 0
+    assert agree / total >= 0.999
+
+
+def test_selection_equals_builtin_nabla_with_bf16_option():
+    agree, total = builtin_nabla_agreement("bfloat16")
+    assert agree == total > 0
+
+
+def test_save_convert_and_stock_reload(tmp_path):
+    dense = tiny_kandinsky5_transformer()
+    dense.save_pretrained(tmp_path / "dense")
+    config = NablaConfig(threshold=0.4, sta=(1, 3, 3), dense_layers=(0,))
+    out = convert(tmp_path / "dense", tmp_path / "nabla", config)
+    model = load(out)
+    assert isinstance(model, NablaKandinsky5Transformer3DModel)
+    assert model._nabla_state.config.dense_layers == (0,)
+    stock = Kandinsky5Transformer3DModel.from_pretrained(out)  # the dense model, unchanged weights
+    kwargs = inputs((2, 5, 11))
+    torch.testing.assert_close(run(stock, kwargs), run(dense, kwargs))
+    expected = run(apply_nabla(copy.deepcopy(dense), config), kwargs)
+    torch.testing.assert_close(run(model, kwargs), expected)
+    model.save_pretrained(tmp_path / "again")
+    again = NablaKandinsky5Transformer3DModel.from_pretrained(tmp_path / "again")
+    torch.testing.assert_close(run(again, kwargs), expected)
+
+
+def test_native_nabla_config_is_read_by_convert(tmp_path):
+    model = tiny_kandinsky5_transformer(
+        attention_type="nabla", attention_P=0.9, attention_wT=11, attention_wH=3, attention_wW=3
+    )
+    model.save_pretrained(tmp_path / "k5")
+    converted = load(convert(tmp_path / "k5", tmp_path / "nabla", None))
+    settings = converted._nabla_state.config
+    assert (settings.threshold, settings.sta, settings.selection_precision) == (0.9, (11, 3, 3), "bfloat16")
+
+
+def test_bench_presets_and_token_grids():
+    lite, pro = (family_for_arch(name) for name in ("kandinsky5-t2v-lite", "kandinsky5-t2v-pro"))
+    assert lite.attention_shape(lite.archs["kandinsky5-t2v-lite"]) == (28, 64)
+    assert pro.attention_shape(pro.archs["kandinsky5-t2v-pro"]) == (32, 128)
+    assert lite.token_grid((768, 512), 121) == (31, 32, 48)
+    assert pro.token_grid((1024, 768), 121) == (31, 48, 64)

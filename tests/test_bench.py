@@ -22,9 +22,27 @@ def invoke(*args: str):
 
 
 @needs_no_gpu
-def test_no_gpu_is_one_clear_line_and_nonzero_exit(tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("arch", "resolution", "frames"),
+    [
+        ("wan2.1-t2v-14b", "1280x720", "81"),
+        ("kandinsky5-t2v-lite", "768x512", "121"),
+        ("kandinsky5-t2v-pro", "1024x768", "121"),
+    ],
+)
+def test_no_gpu_is_one_clear_line_and_nonzero_exit(tmp_path, arch, resolution, frames) -> None:
+    """The arguments (Wan, and Kandinsky 5 Lite / Pro shapes) are accepted; only the missing GPU stops the run."""
     result = invoke(
-        "--arch", "wan2.1-t2v-14b", "--resolution", "1280x720", "--density", "0.1", "-o", str(tmp_path / "b.json")
+        "--arch",
+        arch,
+        "--resolution",
+        resolution,
+        "--frames",
+        frames,
+        "--density",
+        "0.1",
+        "-o",
+        str(tmp_path / "b.json"),
     )
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [

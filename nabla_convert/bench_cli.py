@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig, parse_window
 from nabla_convert.models import family_for_arch, family_for_class_name
-from nabla_convert.models.family import ModelFamily
 from nabla_convert.recipes import load_recipe
+
+if TYPE_CHECKING:
+    from nabla_convert.models.family import ModelFamily
 
 
 def _model_config(model: Path) -> tuple[ModelFamily, dict[str, Any], NablaConfig | None]:

@@ -39,24 +39,14 @@ def run(model, kwargs):
 
 
 class RasterK5Reference(RasterNablaReference):
-    """The brute-force NABLA reference of test_wan with Kandinsky 5's projections and RoPE, on raster tokens."""
+    """The brute-force NABLA reference of test_wan on raster tokens, with Kandinsky 5's projections and RoPE
+    (the adapter's own, which the threshold-1 test checks against the stock processor)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, rotary_emb=None, sparse_params=None):
-        shape = hidden_states.shape[:-1]
-        q, k, v = (
-            layer(hidden_states).reshape(*shape, attn.num_heads, -1)
-            for layer in (attn.to_query, attn.to_key, attn.to_value)
-        )
-        q = attn.query_norm(q.float()).type_as(q)
-        k = attn.key_norm(k.float()).type_as(k)
-
-        def rope(x):
-            pairs = x.reshape(*x.shape[:-1], -1, 1, 2).float()
-            return (rotary_emb * pairs).sum(-1).reshape(*x.shape).to(torch.bfloat16).type_as(x)
-
-        q, k, v = (x.transpose(1, 2) for x in (rope(q), rope(k), v))
+        family = family_for_arch("kandinsky5-t2v-lite")
+        q, k, v = family.attention_qkv(attn, hidden_states, rotary_emb)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.token_mask(q, k))
-        return attn.out_layer(out.transpose(1, 2).flatten(-2))
+        return family.attention_out(attn, out, hidden_states)
 
 
 GRIDS = [(2, 8, 16), (2, 5, 11), (3, 12, 10)]  # the last two need padding

@@ -224,6 +224,8 @@ def convert(
         tree, family, base_source = imported
         source.update(base_source)
         components = {"transformer": (tree / "transformer", family)}
+    elif base is not None:
+        raise ConvertError(f"--base is for checkpoints in a family's original layout; {root} is a diffusers checkpoint")
     else:
         components = transformer_components(root)
     chosen = configs_for(components, config)

@@ -234,3 +234,13 @@ def test_bench_inputs_run_a_nabla_model():
         out = model(**kwargs).sample
     assert out.shape == (1, 3, 16, 24, 4)
     assert torch.isfinite(out).all()
+
+
+def test_adapt_refuses_kandinsky5_in_one_line(tmp_path):
+    from nabla_convert.adapt import AdaptError, AdaptSettings, adapt
+
+    tiny_kandinsky5_transformer().save_pretrained(tmp_path / "dense")
+    out = convert(tmp_path / "dense", tmp_path / "nabla", NablaConfig(threshold=0.5))
+    with pytest.raises(AdaptError, match="adapt does not support kandinsky5 checkpoints yet"):
+        adapt(out, tmp_path / "adapted", AdaptSettings(steps=1, latent_shape=(1, 8, 8)))
+    assert not (tmp_path / "adapted.run").exists()

@@ -132,8 +132,10 @@ def test_native_checkpoint_imports_and_matches_diffusers_converter(native_dir, t
 
 
 def test_native_checkpoint_needs_a_matching_base(native_dir, tiny_pipeline_dir, tmp_path):
-    with pytest.raises(ConvertError, match="--base"):
+    with pytest.raises(ConvertError, match="give --base"):
         convert(native_dir, tmp_path / "a", NablaConfig())
+    with pytest.raises(ConvertError, match="--base is for checkpoints in a family's original layout"):
+        convert(tiny_pipeline_dir, tmp_path / "a", NablaConfig(), base=tiny_pipeline_dir)
     wrong = tmp_path / "wrong"
     shutil.copytree(native_dir, wrong)
     config = json.loads((wrong / "config.json").read_text())

@@ -478,6 +478,9 @@ def adapt(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise AdaptError(f"{out} exists and is not empty; choose another --out or remove it")
     component, folder = _component_folder(root, settings.component)
+    family = folder_family(folder)
+    if not family.supports_training():
+        raise AdaptError(f"adapt does not support {family.name} checkpoints yet (no denoising call for training)")
     paths = RunPaths(run_folder(out))
     _check_run_folder(paths, settings, resume)
 
@@ -488,7 +491,6 @@ def adapt(
         atomic_write_text(paths.settings, json.dumps(settings.to_dict(), indent=2) + "\n")
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
 
-    family = folder_family(folder)
     _fsdp_wrap_blocks(accelerator, family)
     student = load_student(folder, settings, half if settings.lora_rank else torch.float32).to(accelerator.device)
     if settings.gradient_checkpointing and not _fsdp_checkpoints(accelerator):

@@ -139,6 +139,13 @@ class ModelFamily(ABC):
         """Whether `root` holds a transformer checkpoint in the family's own (non-diffusers) layout."""
         return False
 
+    def supports_training(self) -> bool:
+        """Whether the family gives the denoising call and prompt encoding that adapt trains with."""
+        return (
+            type(self).velocity is not ModelFamily.velocity
+            and type(self).encode_prompts is not ModelFamily.encode_prompts
+        )
+
     def import_native(self, root: Path, base: Path, out: Path) -> None:
         """Write the weights of the native checkpoint at `root` into the diffusers transformer folder `out`,
         which already holds the config.json of `base`, the dense diffusers transformer of the same architecture."""

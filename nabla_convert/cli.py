@@ -95,7 +95,12 @@ def main() -> None:
     help="Dense diffusers pipeline (folder or Hub id) that completes a checkpoint in its family's own layout "
     "(e.g. the published NABLA fine-tunes, shipped in their family's original layout).",
 )
-@click.option("--copy", is_flag=True, help="Copy weight files instead of hard-linking them (same filesystem only).")
+@click.option(
+    "--copy",
+    is_flag=True,
+    help="Copy weight files instead of hard-linking them (a hard link shares the file with MODEL: anything that later "
+    "writes into an output weight file in place, rather than replacing it, changes MODEL too).",
+)
 def convert_command(
     model, out, config, recipe, threshold, sta, dense_steps, revision, token, overwrite, base, copy
 ) -> None:

@@ -244,3 +244,43 @@ def test_adapt_refuses_kandinsky5_in_one_line(tmp_path):
     with pytest.raises(AdaptError, match="adapt does not support kandinsky5 checkpoints yet"):
         adapt(out, tmp_path / "adapted", AdaptSettings(steps=1, latent_shape=(1, 8, 8)))
     assert not (tmp_path / "adapted.run").exists()
+
+
+@pytest.mark.slow
+def test_pipeline_calibrate_convert_push_and_stock_generation(tmp_path):
+    """A tiny Kandinsky5T2VPipeline (Qwen2.5-VL, CLIP, HunyuanVideo VAE) through calibrate -> convert -> push
+    --dry-run, then stock Kandinsky5T2VPipeline.from_pretrained generates with NABLA at the calibrated density."""
+    from click.testing import CliRunner
+
+    from nabla_convert.calibrate import calibrate
+    from nabla_convert.cli import main
+    from nabla_convert.eval import nabla_transformers
+    from nabla_convert.models.nabla import layer_densities
+    from nabla_convert.models.tiny import tiny_kandinsky5_pipeline
+
+    tiny_kandinsky5_pipeline().save_pretrained(tmp_path / "dense")
+    shape = dict(height=128, width=176, frames=5)  # token grid 2 x 8 x 11: padded
+    calibration = calibrate(
+        tmp_path / "dense", tmp_path / "cal", prompts=["a red ball moves left", "a blue cube"], steps=2,
+        sample_steps=2, guidance=1.0, target_density=0.5, device="cpu", progress=False, **shape,
+    )  # fmt: skip
+    out = convert(tmp_path / "dense", tmp_path / "nabla", calibration.config())
+    result = CliRunner().invoke(main, ["push", str(out), "--repo-id", "me/k5-nabla", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "pipeline_tag: text-to-video" in result.output
+    pipe = Kandinsky5T2VPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    video = pipe(
+        "a red ball moves left",
+        height=shape["height"],
+        width=shape["width"],
+        num_frames=shape["frames"],
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        max_sequence_length=16,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).frames
+    assert video.shape == (1, 5, 3, 128, 176) and torch.isfinite(video).all()
+    densities = layer_densities(nabla_transformers(pipe)["transformer"])
+    assert set(densities) == {0, 1} and max(densities.values()) < 0.9

@@ -201,7 +201,8 @@ def generate(pipe: Any, prompt: str, seed: int, settings: EvalSettings) -> tuple
         callback_on_step_end=keep_latents,
         callback_on_step_end_tensor_inputs=["latents"],
     )
-    return captured["latents"][0].float().cpu(), output.frames[0].float().cpu()
+    latents = family_of_pipeline(pipe).clean_latents(pipe, captured["latents"])
+    return latents[0].float().cpu(), output.frames[0].float().cpu()
 
 
 @torch.inference_mode()

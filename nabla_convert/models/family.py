@@ -117,6 +117,10 @@ class ModelFamily(ABC):
         """The transformer the pipeline uses at `timestep`."""
         return pipe.transformer
 
+    def clean_latents(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        """The pipeline's latents during denoising (what its step callback sees) as `velocity` takes x_0."""
+        return latents
+
     def bare_pipeline(self, transformer: torch.nn.Module) -> Any:
         """A pipeline around a bare transformer (no text encoder, no VAE) for calibration from embeddings."""
         raise FamilyError(f"{self.name}: bare_pipeline is not supported for this family yet")
@@ -125,14 +129,16 @@ class ModelFamily(ABC):
         """A pipeline of `root` that can only encode prompts."""
         raise FamilyError(f"{self.name}: load_text_encoder is not supported for this family yet")
 
-    def encode_prompts(self, pipe: Any, prompts: list[str], max_length: int = 512) -> torch.Tensor:
-        """Text conditioning (N, L, D) of prompts, as the pipeline passes it to the transformer."""
+    def encode_prompts(self, pipe: Any, prompts: list[str], max_length: int = 512) -> Any:
+        """Text conditioning of prompts as `velocity` takes it (a tensor or a dict of tensors with batch first)."""
         raise FamilyError(f"{self.name}: encode_prompts is not supported for this family yet")
 
     def velocity(
-        self, transformer: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor
+        self, transformer: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: Any
     ) -> torch.Tensor:
-        """One denoising call: the flow-matching velocity (noise - x_0) of latents (B, C, F, H, W) at `timesteps`."""
+        """One denoising call: the flow-matching velocity (noise - x_0) of latents at `timesteps` (0-1000), in the
+        latent layout the family's pipeline denoises, with `encode_prompts`' conditioning. `transformer` may be
+        wrapped for distributed training (its `.module` is the model)."""
         raise FamilyError(f"{self.name}: velocity is not supported for this family yet")
 
     def is_native(self, root: Path) -> bool:

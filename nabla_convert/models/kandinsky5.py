@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from diffusers import Kandinsky5Transformer3DModel
+from diffusers import Kandinsky5T2VPipeline, Kandinsky5Transformer3DModel
 from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnProcessor
 
 from nabla_convert.config import NablaConfig
@@ -149,6 +149,39 @@ class Kandinsky5Family(ModelFamily):
             selection_precision="bfloat16",
             provenance={"settings": "the checkpoint's own attention_type nabla config"},
         )
+
+    def encode_prompts(self, pipe, prompts, max_length=512):
+        """Qwen2.5-VL hidden states (N, L, D) and the pooled CLIP embedding (N, D2), as the pipeline encodes them."""
+        embeds, pooled, _ = pipe.encode_prompt(prompts, max_sequence_length=max_length, device=pipe._execution_device)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def velocity(self, transformer, noisy, timesteps, prompt_embeds):
+        """noisy (B, T, H, W, C) channels-last; the visual condition (I2V) is empty, as in text-to-video sampling."""
+        config = getattr(transformer, "module", transformer).config
+        hidden = noisy
+        if config.visual_cond:
+            hidden = torch.cat([noisy, torch.zeros_like(noisy), noisy.new_zeros(*noisy.shape[:-1], 1)], dim=-1)
+        frames, height, width = noisy.shape[1:4]
+        text = prompt_embeds["prompt_embeds"].to(noisy.dtype)
+        return transformer(
+            hidden_states=hidden,
+            encoder_hidden_states=text,
+            timestep=timesteps.to(noisy.dtype),
+            pooled_projections=prompt_embeds["pooled_prompt_embeds"].to(noisy.dtype),
+            visual_rope_pos=[
+                torch.arange(n // p, device=noisy.device)
+                for n, p in zip((frames, height, width), config.patch_size, strict=True)
+            ],
+            text_rope_pos=torch.arange(text.shape[1], device=noisy.device),
+            # the pipeline picks the RoPE scale from the pixel size; the method does not use its instance
+            scale_factor=Kandinsky5T2VPipeline._get_scale_factor(
+                None, *(n * self.vae_stride[1] for n in (height, width))
+            ),
+        ).sample
+
+    def clean_latents(self, pipe, latents):
+        """The pipeline denoises (B, T, H, W, C) latents with the visual condition and its mask appended."""
+        return latents[..., : pipe.transformer.config.in_visual_dim]
 
     def random_inputs(self, transformer, grid, batch, device, dtype):
         config = transformer.config

@@ -258,7 +258,10 @@ class WanFamily(ModelFamily):
 
     def velocity(self, transformer, noisy, timesteps, prompt_embeds):
         return transformer(
-            hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds, return_dict=False
+            hidden_states=noisy,
+            timestep=timesteps,
+            encoder_hidden_states=prompt_embeds.to(noisy.dtype),
+            return_dict=False,
         )[0]
 
 

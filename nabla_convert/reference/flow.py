@@ -49,7 +49,7 @@ def flow_matching_loss(
 
     `weight` (broadcast to the latents, e.g. (B, 1, T, H, W)) makes it a weighted mean per sample.
     `velocity(transformer, noisy, timesteps, prompt_embeds)` is the denoising call of the model's family
-    (default: the Wan transformer's keyword call).
+    (default: the Wan transformer's keyword call); it receives `prompt_embeds` as given.
     """
     dtype = getattr(transformer, "module", transformer).dtype  # the model, also inside a DistributedDataParallel
     s = sigmas.view(-1, 1, 1, 1, 1).to(latents.dtype)
@@ -62,7 +62,7 @@ def flow_matching_loss(
             return_dict=False,
         )[0]
     else:
-        prediction = velocity(transformer, noisy.to(dtype), sigmas * 1000, prompt_embeds.to(dtype))
+        prediction = velocity(transformer, noisy.to(dtype), sigmas * 1000, prompt_embeds)
     error = F.mse_loss(prediction.float(), (noise - latents).float(), reduction="none")
     if weight is None:
         return error.mean(dim=(1, 2, 3, 4))

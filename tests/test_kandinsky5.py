@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from diffusers.models.transformers.transformer_kandinsky import nablaT_v2
 from test_wan import RasterNablaReference
 
 from nabla_convert import NablaConfig, apply_nabla, convert, load
+from nabla_convert.adapt import AdaptSettings, adapt
 from nabla_convert.config import LayerSettings
 from nabla_convert.eval import EvalSettings, run_eval
 from nabla_convert.models import family_for_arch, family_of
@@ -238,20 +240,11 @@ def test_bench_inputs_run_a_nabla_model():
     assert torch.isfinite(out).all()
 
 
-def test_adapt_refuses_kandinsky5_in_one_line(tmp_path):
-    from nabla_convert.adapt import AdaptError, AdaptSettings, adapt
-
-    tiny_kandinsky5_transformer().save_pretrained(tmp_path / "dense")
-    out = convert(tmp_path / "dense", tmp_path / "nabla", NablaConfig(threshold=0.5))
-    with pytest.raises(AdaptError, match="adapt does not support kandinsky5 checkpoints yet"):
-        adapt(out, tmp_path / "adapted", AdaptSettings(steps=1, latent_shape=(1, 8, 8)))
-    assert not (tmp_path / "adapted.run").exists()
-
-
 @pytest.mark.slow
 def test_pipeline_calibrate_convert_push_and_stock_generation(tmp_path):
-    """A tiny Kandinsky5T2VPipeline (Qwen2.5-VL, CLIP, HunyuanVideo VAE) through calibrate -> convert -> push
-    --dry-run, then stock Kandinsky5T2VPipeline.from_pretrained generates with NABLA at the calibrated density."""
+    """A tiny Kandinsky5T2VPipeline (Qwen2.5-VL, CLIP, HunyuanVideo VAE) through calibrate -> convert -> adapt
+    (2 LoRA steps on teacher rollouts) -> push --dry-run; stock Kandinsky5T2VPipeline.from_pretrained generates
+    with NABLA at the calibrated density; eval compares it with the dense pipeline."""
     from click.testing import CliRunner
 
     from nabla_convert.calibrate import calibrate
@@ -266,7 +259,13 @@ def test_pipeline_calibrate_convert_push_and_stock_generation(tmp_path):
         tmp_path / "dense", tmp_path / "cal", prompts=["a red ball moves left", "a blue cube"], steps=2,
         sample_steps=2, guidance=1.0, target_density=0.5, device="cpu", progress=False, **shape,
     )  # fmt: skip
-    out = convert(tmp_path / "dense", tmp_path / "nabla", calibration.config())
+    converted = convert(tmp_path / "dense", tmp_path / "nabla", calibration.config())
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball moves left\na blue cube\n")
+    plan = dict(latent_shape=(2, 16, 22), rollout_steps=2, text_length=16, validation_samples=1, lora_rank=4)
+    out = adapt(converted, tmp_path / "adapted", AdaptSettings(steps=2, prompts=str(prompts), **plan), progress=False)
+    report = json.loads((out / "nabla_reports" / "adapt.json").read_text())
+    assert report["summary"]["steps"] == 2 and (out / "lora").is_dir()
     result = CliRunner().invoke(main, ["push", str(out), "--repo-id", "me/k5-nabla", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "pipeline_tag: text-to-video" in result.output
@@ -286,8 +285,6 @@ def test_pipeline_calibrate_convert_push_and_stock_generation(tmp_path):
     assert video.shape == (1, 5, 3, 128, 176) and torch.isfinite(video).all()
     densities = layer_densities(nabla_transformers(pipe)["transformer"])
     assert set(densities) == {0, 1} and max(densities.values()) < 0.9
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red ball moves left\na blue cube\n")
     settings = EvalSettings(steps=2, guidance=3.0, preview_samples=1, **shape)
     result = run_eval(
         tmp_path / "dense",

@@ -41,6 +41,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from nabla_convert.adapt.data import (
+    Conditioning,
     DataError,
     LatentDataset,
     TimestepSampler,
@@ -48,6 +49,7 @@ from nabla_convert.adapt.data import (
     sample_positions,
     split_heldout,
     step_generator,
+    take,
     write_latent_shard,
 )
 from nabla_convert.adapt.losses import LOSSES, DenseTeacher, loss_target, relative_error, velocity, weighted_mse
@@ -80,7 +82,7 @@ class AdaptSettings:
     lr: AdamW learning rate (default 1e-4 with LoRA, 1e-5 for a full fine-tune); warmup_steps
         (default steps // 20) then `lr_scheduler` (diffusers.optimization names) to zero.
     lora_rank: 0 = full fine-tune; >0 = peft LoRA of that rank (alpha = rank unless given) on
-        `lora_targets`, and the frozen base is the teacher.
+        `lora_targets` (default: the family's attention projections), and the frozen base is the teacher.
     batch_size per process and micro-step, grad_accum micro-steps per step.
     weighting_scheme / logit_mean / logit_std / mode_scale: timestep density and loss weight as in
         diffusers' SD3 scripts; shift: flow shift (default: the checkpoint's scheduler config);
@@ -105,7 +107,7 @@ class AdaptSettings:
     max_grad_norm: float = 1.0
     lora_rank: int = 0
     lora_alpha: float | None = None
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_targets: tuple[str, ...] | None = None
     batch_size: int = 1
     grad_accum: int = 1
     weighting_scheme: str = "logit_normal"
@@ -126,7 +128,8 @@ class AdaptSettings:
 
     def __post_init__(self) -> None:
         for name in ("latent_shape", "lora_targets", "sigma_range"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.loss not in LOSSES:
             raise AdaptError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.loss == "flow" and not self.data:
@@ -234,13 +237,13 @@ def _default_shift(root: Path) -> float:
     return 3.0
 
 
-def _lora_config(settings: AdaptSettings):
+def _lora_config(settings: AdaptSettings, family: ModelFamily):
     from peft import LoraConfig
 
     return LoraConfig(
         r=settings.lora_rank,
         lora_alpha=settings.lora_alpha or settings.lora_rank,
-        target_modules=list(settings.lora_targets),
+        target_modules=list(settings.lora_targets or family.lora_targets),
         init_lora_weights=True,
     )
 
@@ -255,10 +258,11 @@ def folder_family(folder: Path) -> ModelFamily:
 
 def load_student(folder: Path, settings: AdaptSettings, dtype: torch.dtype) -> torch.nn.Module:
     """The NABLA transformer with weights in `dtype` (diffusers keeps its fp32 modules); with LoRA, fp32 adapters."""
-    model = folder_family(folder).nabla_class.from_pretrained(folder, torch_dtype=dtype)
+    family = folder_family(folder)
+    model = family.nabla_class.from_pretrained(folder, torch_dtype=dtype)
     if settings.lora_rank:
         model.requires_grad_(False)
-        model.add_adapter(_lora_config(settings))
+        model.add_adapter(_lora_config(settings, family))
         cast_training_params(model, dtype=torch.float32)
     return model
 
@@ -268,7 +272,7 @@ def teacher_rollouts(
     teacher: DenseTeacher,
     settings: AdaptSettings,
     sampler: TimestepSampler,
-    in_channels: int,
+    sample_shape: tuple[int, ...],
     accelerator: Accelerator,
     folder: Path,
     progress: bool = True,
@@ -306,12 +310,11 @@ def teacher_rollouts(
     for row, index in enumerate(
         tqdm(mine, desc="teacher rollouts", disable=not (progress and accelerator.is_local_main_process))
     ):
-        shape = (1, in_channels, *settings.latent_shape)
-        x = torch.randn(shape, generator=step_generator(settings.seed, -2, index)).to(device)
+        x = torch.randn((1, *sample_shape), generator=step_generator(settings.seed, -2, index)).to(device)
         scheduler.set_timesteps(settings.rollout_steps, device=device)
         for t in scheduler.timesteps:
             with accelerator.autocast():
-                v = teacher(x, t.expand(1), embeds[row : row + 1])
+                v = teacher(x, t.expand(1), take(embeds, slice(row, row + 1)))
             x = scheduler.step(v.float(), t, x).prev_sample
         latents.append(x.cpu())
     write_latent_shard(folder / f"shard-{accelerator.process_index:05d}.safetensors", torch.cat(latents), embeds)
@@ -326,7 +329,7 @@ class ValidationSet:
     """Fixed held-out samples, noise and noise levels (spread over the range), with cached teacher velocities."""
 
     latents: torch.Tensor
-    prompt_embeds: torch.Tensor
+    conditioning: Conditioning
     noise: torch.Tensor
     sigmas: torch.Tensor
     timesteps: torch.Tensor
@@ -339,15 +342,18 @@ class ValidationSet:
         noise = torch.randn(batch["latents"].shape, generator=step_generator(settings.seed, -3))
         sigmas, timesteps = sampler.at((torch.arange(count) + 0.5) / count)
         noisy = add_noise(batch["latents"], noise, sigmas)
+        conditioning = dataset.conditioning(batch)
         outputs = []
         for chunk in range(0, count, settings.batch_size):
             part = slice(chunk, chunk + settings.batch_size)
+            inputs = (
+                *(t[part].to(accelerator.device) for t in (noisy, timesteps)),
+                take(conditioning, part, accelerator.device),
+            )
             with accelerator.autocast():
-                prediction = teacher(
-                    *(t[part].to(accelerator.device) for t in (noisy, timesteps, batch["prompt_embeds"]))
-                )
+                prediction = teacher(*inputs)
             outputs.append(prediction.float().cpu())
-        return cls(batch["latents"], batch["prompt_embeds"], noise, sigmas, timesteps, torch.cat(outputs))
+        return cls(batch["latents"], conditioning, noise, sigmas, timesteps, torch.cat(outputs))
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, settings: AdaptSettings, accelerator: Accelerator) -> dict[str, float]:
@@ -357,7 +363,8 @@ class ValidationSet:
         noisy = add_noise(self.latents, self.noise, self.sigmas)
         for chunk in range(0, len(self.latents), settings.batch_size):
             part = slice(chunk, chunk + settings.batch_size)
-            inputs = (t[part].to(accelerator.device) for t in (noisy, self.timesteps, self.prompt_embeds))
+            device = accelerator.device
+            inputs = (*(t[part].to(device) for t in (noisy, self.timesteps)), take(self.conditioning, part, device))
             with accelerator.autocast():
                 prediction = velocity(model, *inputs).float().cpu()
             target = self.teacher[part] if settings.loss == "distill" else self.noise[part] - self.latents[part]
@@ -514,7 +521,14 @@ def adapt(
         dataset = LatentDataset(settings.data)
     else:
         teacher_rollouts(
-            root, teacher, settings, sampler, student.config.in_channels, accelerator, paths.rollouts, progress
+            root,
+            teacher,
+            settings,
+            sampler,
+            family.sample_shape(student.config, settings.latent_shape),
+            accelerator,
+            paths.rollouts,
+            progress,
         )
         dataset = LatentDataset(paths.rollouts)
     train, heldout = split_heldout(len(dataset), settings.heldout_fraction)
@@ -561,9 +575,8 @@ def adapt(
                 positions = sample_positions(settings.seed, len(train), first, settings.batch_size)
                 batch = dataset.batch([train[p] for p in positions])
                 noise, sigmas, timesteps = sample_noise(settings.seed, first, batch["latents"].shape, sampler)
-                latents, noise, embeds = (
-                    t.to(accelerator.device) for t in (batch["latents"], noise, batch["prompt_embeds"])
-                )
+                latents, noise = (t.to(accelerator.device) for t in (batch["latents"], noise))
+                embeds = take(dataset.conditioning(batch), slice(None), accelerator.device)
                 timesteps = timesteps.to(accelerator.device)
                 noisy = add_noise(latents, noise, sigmas)
                 with accelerator.autocast():

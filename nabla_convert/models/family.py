@@ -33,6 +33,7 @@ class ModelFamily(ABC):
     nabla_class: ClassVar[type]  # subclass that applies its config's `_nabla` settings on load
     pipeline_tags: ClassVar[dict[str, str]]  # pipeline class name -> Hub pipeline tag
     block_classes: ClassVar[tuple[str, ...]]  # blocks to shard (FSDP) and checkpoint one by one
+    lora_targets: ClassVar[tuple[str, ...]]  # attention projections adapt puts LoRA adapters on
     archs: ClassVar[dict[str, dict[str, Any]]]  # bench presets: constructor kwargs of public checkpoints
     layers_key: ClassVar[str] = "num_layers"  # config key of the number of NABLA layers
     vae_stride: ClassVar[tuple[int, int, int]] = (4, 8, 8)  # latent frames, height, width per pixel
@@ -116,6 +117,10 @@ class ModelFamily(ABC):
     def denoiser_for(self, pipe: Any, timestep: float) -> torch.nn.Module:
         """The transformer the pipeline uses at `timestep`."""
         return pipe.transformer
+
+    def sample_shape(self, config: Mapping[str, Any], latent_grid: tuple[int, int, int]) -> tuple[int, ...]:
+        """Shape of one latent sample that `velocity` takes, for latent frames, height and width `latent_grid`."""
+        return (config["in_channels"], *latent_grid)
 
     def clean_latents(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
         """The pipeline's latents during denoising (what its step callback sees) as `velocity` takes x_0."""

@@ -93,6 +93,7 @@ class Kandinsky5Family(ModelFamily):
         "Kandinsky5I2VPipeline": "image-to-video",
     }
     block_classes = ("Kandinsky5TransformerEncoderBlock", "Kandinsky5TransformerDecoderBlock")
+    lora_targets = ("to_query", "to_key", "to_value", "self_attention.out_layer", "cross_attention.out_layer")
     layers_key = "num_visual_blocks"
     # Kandinsky5Transformer3DModel configs of the public checkpoints (Lite: head dim 64, Pro: 128).
     archs: ClassVar[dict[str, dict[str, Any]]] = {
@@ -150,6 +151,9 @@ class Kandinsky5Family(ModelFamily):
             provenance={"settings": "the checkpoint's own attention_type nabla config"},
         )
 
+    def load_text_encoder(self, root, device):
+        return Kandinsky5T2VPipeline.from_pretrained(root, transformer=None, vae=None).to(device)
+
     def encode_prompts(self, pipe, prompts, max_length=512):
         """Qwen2.5-VL hidden states (N, L, D) and the pooled CLIP embedding (N, D2), as the pipeline encodes them."""
         embeds, pooled, _ = pipe.encode_prompt(prompts, max_sequence_length=max_length, device=pipe._execution_device)
@@ -178,6 +182,9 @@ class Kandinsky5Family(ModelFamily):
                 None, *(n * self.vae_stride[1] for n in (height, width))
             ),
         ).sample
+
+    def sample_shape(self, config, latent_grid):
+        return (*latent_grid, config["in_visual_dim"])
 
     def clean_latents(self, pipe, latents):
         """The pipeline denoises (B, T, H, W, C) latents with the visual condition and its mask appended."""

@@ -133,6 +133,7 @@ class WanFamily(ModelFamily):
         "WanVideoToVideoPipeline": "video-to-video",
     }
     block_classes = ("WanTransformerBlock",)
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     # WanTransformer3DModel configs of the public Wan2.1 T2V checkpoints (their transformer/config.json).
     archs: ClassVar[dict[str, dict[str, Any]]] = {
         "wan2.1-t2v-1.3b": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),

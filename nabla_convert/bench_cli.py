@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig, parse_window
+from nabla_convert.folders import FolderError, check_output_file
 from nabla_convert.models import family_for_arch, family_for_class_name
 from nabla_convert.recipes import load_recipe
 
@@ -27,6 +28,15 @@ def _model_config(model: Path) -> tuple[ModelFamily, dict[str, Any], NablaConfig
             nabla = NablaConfig.from_dict(data[CONFIG_KEY]) if CONFIG_KEY in data else None
             return family, {k: v for k, v in data.items() if not k.startswith("_")}, nabla
     raise click.BadParameter(f"{model} holds no transformer/config.json or config.json", param_hint="MODEL")
+
+
+def _is_bench_report(path: Path) -> bool:
+    """Whether `path` holds a report bench wrote (so --out may replace it)."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(report, dict) and {"summary", "environment"} <= report.keys()
 
 
 def _densities(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...]:
@@ -57,7 +67,14 @@ def _densities(ctx: click.Context, param: click.Parameter, value: str | None) ->
 )
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="2 = a CFG batch.")
 @click.option("--skip-step", is_flag=True, help="Only the per-attention-call table.")
-@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default="bench.json", show_default=True)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="bench.json",
+    show_default=True,
+    help="JSON report (an existing file is replaced only if it is an earlier bench report).",
+)
 def bench(
     model, arch, resolution, frames, density, threshold, sta, recipe, q_block, kv_block, layers, batch, skip_step, out
 ) -> None:
@@ -72,6 +89,10 @@ def bench(
         raise click.UsageError("give either MODEL or --arch")
     if density and (threshold is not None or recipe is not None):
         raise click.UsageError("--density forces the selection; it cannot be combined with --threshold or --recipe")
+    try:
+        check_output_file(out, {"MODEL": model}, _is_bench_report)
+    except FolderError as err:
+        raise click.ClickException(str(err)) from None
     try:
         size = parse_resolution(resolution)
         if arch is not None:

@@ -8,6 +8,7 @@ import click
 
 from nabla_convert.config import ConfigError, NablaConfig, NablaError, load_config_file, parse_window
 from nabla_convert.convert import convert
+from nabla_convert.folders import check_output
 from nabla_convert.recipes import load_recipe
 
 
@@ -89,7 +90,9 @@ def main() -> None:
 @click.option("--dense-steps", type=click.IntRange(min=0), help="Run the first K denoising steps dense.")
 @click.option("--revision", help="Hub revision when MODEL is a Hub id.")
 @click.option("--token", envvar="HF_TOKEN", help="Hub token when MODEL is a private Hub id.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists and is not empty.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace --out if it exists and is not empty (only a folder nabla-convert wrote)."
+)
 @click.option(
     "--base",
     help="Dense diffusers pipeline (folder or Hub id) that completes a checkpoint in its family's own layout "
@@ -115,10 +118,13 @@ def convert_command(
     diffusers pipeline of the same architecture (README: importing the published NABLA fine-tunes).
     """
     settings = nabla_settings(config, recipe, threshold, sta, dense_steps)
+    model = model or default_model()
+    inputs = {"MODEL": model, "--config file": config, **({"--base": base} if base else {})}
+    check_output(out, inputs, overwrite=overwrite)
     calibration = config.parent / "calibration.json" if config else None
     reports = {"calibration": calibration} if calibration and calibration.is_file() else None
     written = convert(
-        model or default_model(),
+        model,
         out,
         settings,
         revision=revision,

@@ -1,12 +1,16 @@
 """convert: a dense diffusers checkpoint of a registered family -> a self-describing NABLA checkpoint.
 
 Weights are never re-serialised, so they stay bit-exact with their dtype and sharding: on the same
-filesystem they are hard-linked (no second copy, conversion in seconds), elsewhere or with
-link=False copied. Only the transformers' config.json (class name + `_nabla` settings) and
-model_index.json change, and they are written as new files (atomic replace), never in place, so
-the source behind a hard link is never touched; removing or overwriting the output only drops links.
-The result is written to a temporary sibling folder and renamed into place at the end, so an
-interrupted or failed conversion leaves nothing partial at --out.
+filesystem they are hard-linked (no second copy), elsewhere or with link=False copied. Only the
+transformers' config.json (class name + `_nabla` settings) and model_index.json change, and they are
+written as new files (atomic replace), never in place, so the source behind a hard link is never
+touched; removing or overwriting the output only drops links. Before anything is written, --out is
+checked against the input (folders.check_output), links leaving MODEL are refused, and every
+safetensors header is read (no tensor is loaded): a truncated file or a transformer tensor whose
+name, shape or dtype does not fit the model config stops the conversion. The result is built in a
+temporary sibling folder (removed on error and on SIGTERM) and renamed into place at the end, so an
+interrupted or failed conversion leaves nothing partial at --out. The output's marker
+(.nabla-convert.json) records the sha256 of every weight file; push checks the weights against it.
 
 A checkpoint in a family's own layout (the original layout the published NABLA fine-tunes ship in)
 is imported with `base`: the dense diffusers pipeline of the same architecture gives every other
@@ -18,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -26,11 +29,28 @@ from pathlib import Path
 from typing import Any
 
 from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig, NablaError
+from nabla_convert.folders import (
+    MARKER,
+    check_links,
+    check_output,
+    name_matcher,
+    public_name,
+    replace_folder,
+    staging,
+    weight_digests,
+    write_marker,
+)
 from nabla_convert.io import atomic_write_text
 from nabla_convert.models import families, family_for_class_name
 from nabla_convert.models.family import TRANSFORMER_COMPONENTS, ModelFamily
 
 REPORTS_DIR = "nabla_reports"  # calibration.json, eval.json, bench.json: measurements the model card shows
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+# Not carried into the output: the base model's card (push writes the NABLA model's own), VCS/cache files, and the
+# base's own nabla-convert marker (the output gets a new one).
+COPY_IGNORE = (".cache", ".git*", "README.md", MARKER)
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 
 class ConvertError(NablaError, ValueError):
@@ -52,7 +72,7 @@ def resolve_model(
     if path.exists():
         if not path.is_dir():
             raise ConvertError(f"{path} is not a folder")
-        return path, {"base_model": str(path.resolve()), "base_revision": revision}
+        return path, {"base_model": public_name(path), "base_revision": revision}
     if os.path.isabs(str(model)) or str(model).startswith(".") or str(model).count("/") != 1:
         raise ConvertError(f"model folder not found: {model}")
     from huggingface_hub import snapshot_download
@@ -66,11 +86,6 @@ def resolve_model(
         raise ConvertError(f"{model}: could not download from the Hub: {err}") from None
     commit = Path(local).name  # snapshot folders are named by commit hash
     return Path(local), {"base_model": str(model), "base_revision": commit}
-
-
-def transformer_folders(root: Path) -> dict[str, Path]:
-    """Component name -> transformer folder, for a pipeline folder or a single transformer folder."""
-    return {name: folder for name, (folder, _) in transformer_components(root).items()}
 
 
 def transformer_components(root: Path) -> dict[str, tuple[Path, ModelFamily]]:
@@ -134,11 +149,11 @@ def link_or_copy(src: str, dst: str) -> None:
 
 
 def _copy_tree(src: Path, dst: Path, *, link: bool = True, skip: Path | None = None) -> None:
-    """Everything but the base model's card (push writes the NABLA model's own), VCS/cache files and the
-    weights under `skip` (replaced by an import); files hard-linked when `link` allows it."""
+    """Everything but COPY_IGNORE and the weights under `skip` (replaced by an import); files hard-linked
+    when `link` allows it."""
 
     def ignore(folder: str, names: list[str]) -> set[str]:
-        ignored = shutil.ignore_patterns(".cache", ".git*", "README.md")(folder, names)
+        ignored = shutil.ignore_patterns(*COPY_IGNORE)(folder, names)
         if skip is not None and Path(folder) == skip:
             ignored |= shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json")(folder, names)
         return ignored
@@ -165,6 +180,80 @@ def native_import(root: Path, base: str | os.PathLike | None, **hub: Any) -> tup
         family,
         {"pipeline_base": base_source["base_model"], "pipeline_base_revision": base_source["base_revision"]},
     )
+
+
+def tensor_header(path: Path, root: Path, error: type[NablaError] = ConvertError) -> dict[str, tuple[str, list[int]]]:
+    """Tensor name -> (safetensors dtype, shape) from a file's header, read by safetensors without loading a tensor.
+
+    safetensors also checks that the data section covers every tensor, so a truncated file fails here.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as weights:
+            names = weights.keys()  # a safe_open handle is not iterable itself
+            return {name: (weights.get_slice(name).get_dtype(), weights.get_slice(name).get_shape()) for name in names}
+    except (SafetensorError, OSError) as err:
+        raise error(f"{path.relative_to(root).as_posix()} is not readable safetensors: {err}") from None
+
+
+def expected_tensors(folder: Path, family: ModelFamily) -> dict[str, Any]:
+    """The transformer's state dict as its config.json builds it, on the meta device (no memory, no weights read)."""
+    import torch
+
+    config = {k: v for k, v in _read_json(folder / "config.json").items() if k != CONFIG_KEY}
+    try:
+        with torch.device("meta"):
+            model = family.transformer_classes[0].from_config(config)
+    except (TypeError, ValueError) as err:
+        raise ConvertError(f"{folder / 'config.json'} does not describe a {family.name} transformer: {err}") from None
+    return model.state_dict()
+
+
+def check_transformer_weights(folder: Path, root: Path, family: ModelFamily) -> None:
+    """Every tensor the model config asks for is in the safetensors weights, with its shape and a matching dtype."""
+    where = folder.relative_to(root).as_posix() if folder != root else "the model"
+    if (folder / WEIGHTS_INDEX).is_file():
+        weight_map = _read_json(folder / WEIGHTS_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConvertError(f"{where}/{WEIGHTS_INDEX} has no weight_map")
+        shards = sorted(set(map(str, weight_map.values())))
+    elif (folder / WEIGHTS_NAME).is_file():
+        shards = [WEIGHTS_NAME]
+    else:
+        raise ConvertError(f"{where} has no {WEIGHTS_NAME} nor {WEIGHTS_INDEX} (only safetensors weights are read)")
+    stored: dict[str, tuple[str, list[int]]] = {}
+    for shard in shards:
+        if Path(shard).name != shard or not (folder / shard).is_file():
+            raise ConvertError(f"{where}/{WEIGHTS_INDEX} lists shard {shard!r}, which is not a file beside it")
+        stored.update(tensor_header(folder / shard, root))
+    expected = expected_tensors(folder, family)
+    missing, extra = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
+    if missing:
+        raise ConvertError(
+            f"{where}: the weights lack {len(missing)} tensor(s) config.json asks for (e.g. {missing[0]})"
+        )
+    if extra:
+        raise ConvertError(
+            f"{where}: the weights hold {len(extra)} tensor(s) config.json does not know (e.g. {extra[0]})"
+        )
+    for name, tensor in expected.items():
+        dtype, shape = stored[name]
+        if list(shape) != list(tensor.shape):
+            raise ConvertError(f"{where}: tensor {name} has shape {shape}, config.json asks for {list(tensor.shape)}")
+        if (dtype in FLOAT_DTYPES) != tensor.dtype.is_floating_point:
+            raise ConvertError(f"{where}: tensor {name} is stored as {dtype}, config.json asks for {tensor.dtype}")
+
+
+def check_model_files(root: Path, components: Mapping[str, tuple[Path, ModelFamily]]) -> None:
+    """Before copying: no link leaves MODEL, every safetensors header parses, every transformer fits its config."""
+    skip = name_matcher(COPY_IGNORE)
+    check_links(root, "MODEL", skip)
+    for path in sorted(root.rglob("*.safetensors")):
+        if not any(skip(part) for part in path.relative_to(root).parts):
+            tensor_header(path, root)
+    for folder, family in components.values():
+        check_transformer_weights(folder, root, family)
 
 
 def base_license(root: Path) -> str | None:
@@ -215,8 +304,9 @@ def convert(
     layout is completed with. `link=False` copies weight files instead of hard-linking them.
     """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConvertError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    reads = {f"{name} report": path for name, path in (reports or {}).items()}
+    inputs = {"MODEL": model, **({"--base": base} if base is not None else {}), **reads}
+    check_output(out, inputs, overwrite=overwrite)  # a Hub id names no local path: skipped
     root, source = resolve_model(model, revision=revision, token=token)
     imported = native_import(root, base, token=token)
     tree = root
@@ -229,6 +319,9 @@ def convert(
     else:
         components = transformer_components(root)
     chosen = configs_for(components, config)
+    check_model_files(root, {} if imported else components)  # an import is checked once written, below
+    if imported is not None:
+        check_model_files(tree, {})
     provenance = {
         "tool": "nabla-convert",
         "tool_version": version("nabla-convert"),
@@ -238,13 +331,12 @@ def convert(
     license_name = base_license(tree)
     if license_name:
         provenance["base_license"] = license_name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staging(out) as work:
         staged = work / "out"
         _copy_tree(tree, staged, link=link, skip=None if imported is None else tree / "transformer")
         if imported is not None:
             imported[1].import_native(root, tree / "transformer", staged / "transformer")
+            check_transformer_weights(staged / "transformer", staged, imported[1])
         for name, cfg in chosen.items():
             _rewrite_transformer_config(staged / name, components[name][1], cfg.with_provenance(**provenance))
         for name, report in (reports or {}).items():
@@ -255,11 +347,8 @@ def convert(
             for name, (_, family) in components.items():
                 model_index[name] = nabla_class_entry(family)
             atomic_write_text(staged / "model_index.json", json.dumps(model_index, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staged, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        write_marker(staged, "convert", weight_digests(staged))
+        replace_folder(staged, out)
     return out
 
 

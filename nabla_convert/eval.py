@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from nabla_convert.config import CONFIG_KEY, NablaConfig, NablaError
 from nabla_convert.convert import resolve_model
+from nabla_convert.folders import check_output, public_name, write_marker
 from nabla_convert.io import DTYPES, atomic_write, atomic_write_text, markdown_table, resolve_device
 from nabla_convert.models import family_of_pipeline
 from nabla_convert.models.nabla import layer_densities, reset_densities
@@ -441,9 +442,10 @@ def render_report(result: EvalResult) -> str:
 
 
 def write_outputs(result: EvalResult, out_dir: str | os.PathLike) -> Path:
-    """report.md, eval.json, grid.png and samples.gif in `out_dir`, each written atomically."""
+    """report.md, eval.json, grid.png and samples.gif in `out_dir`, each written atomically, and the folder's marker."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(out_dir, "eval")
     atomic_write_text(out_dir / "eval.json", json.dumps(json_safe(result.to_json()), indent=2, allow_nan=False) + "\n")
     save_grid(result, out_dir / "grid.png")
     save_gif(result, out_dir / "samples.gif")
@@ -514,8 +516,15 @@ def run_eval(
     device: str = "auto",
     dtype: str = "float32",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> EvalResult:
-    """Load two pipeline folders, evaluate B against A and write the report files into `out_dir`."""
+    """Load two pipeline folders, evaluate B against A and write the report files into `out_dir`.
+
+    `out_dir` must not touch the inputs; an existing non-empty one is replaced only with `overwrite`, and only when
+    nabla-convert wrote it. The report names each model by its Hub id or folder name, never its local path.
+    """
+    inputs = {"MODEL_A": path_a, "MODEL_B": path_b, "--prompts file": prompts_file, "--latents file": latents_file}
+    check_output(out_dir, inputs, overwrite=overwrite)
     prompts = load_prompts(prompts_file)
     held_out = load_held_out(latents_file) if latents_file is not None else None
     folder_a, folder_b = pipeline_folder(path_a), pipeline_folder(path_b)  # both checked before the slow loads
@@ -528,7 +537,7 @@ def run_eval(
         settings,
         held_out=held_out,
         max_samples=max_samples,
-        names=(str(path_a), str(path_b)),
+        names=(public_name(path_a), public_name(path_b)),
         progress=progress,
     )
     write_outputs(result, out_dir)

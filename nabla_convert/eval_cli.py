@@ -45,8 +45,23 @@ def _seeds(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int,
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace --out if it holds an earlier nabla-convert report.")
 def eval_command(
-    model_a, model_b, out, prompts, seeds, steps, guidance, height, width, frames, max_samples, latents, device, dtype
+    model_a,
+    model_b,
+    out,
+    prompts,
+    seeds,
+    steps,
+    guidance,
+    height,
+    width,
+    frames,
+    max_samples,
+    latents,
+    device,
+    dtype,
+    overwrite,
 ) -> None:
     """Run the same prompts and seeds through MODEL_A and MODEL_B and compare B against A.
 
@@ -66,6 +81,7 @@ def eval_command(
         latents_file=latents,
         device=device,
         dtype=dtype,
+        overwrite=overwrite,
     )
     summary = result.summary()
     click.echo(

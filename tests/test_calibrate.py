@@ -391,3 +391,60 @@ def test_probe_matches_block_sparse_attention():
     # a window over the whole grid keeps every block: dense, no error
     assert record["density"][0, 2].tolist() == [1.0, 1.0] and record["err_num"][0, 2].max() < 1e-9
     assert (record["density"][0, 1] > record["density"][0, 0]).all()
+
+
+def test_rerun_resumes_from_the_stats_of_a_killed_run_and_refuses_other_settings(tmp_path):
+    """Killed during the second sample: the rerun measures only that sample again, and ends with the stats of an
+    uninterrupted run (reloaded from disk); other settings are refused unless overwrite."""
+    torch.manual_seed(3)
+    pipe = wan_pipeline(tiny_transformer(num_layers=2, heads=2))
+    plan, base = make_plan(None, steps=2, sample_steps=2, thresholds=THRESHOLDS, query_blocks=2, **SIZE)
+    samples = prompt_samples(["a red ball", "a blue cube"], (0,))
+    calls = {"n": 0, "limit": None}
+
+    def count_and_stop(module, args, kwargs):
+        calls["n"] += 1
+        if calls["limit"] is not None and calls["n"] > calls["limit"]:
+            raise KeyboardInterrupt
+
+    handle = pipe.transformer.register_forward_pre_hook(count_and_stop, with_kwargs=True)
+    whole = collect(pipe, samples, plan, base, stats_path=tmp_path / "whole.safetensors", progress=False)
+    per_sample = calls["n"] // 2
+    calls.update(n=0, limit=per_sample + 2)  # sample 0 done, one step of sample 1
+    stats_file = tmp_path / "stats.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        collect(pipe, samples, plan, base, stats_path=stats_file, progress=False)
+    assert sorted(set(Stats.load(stats_file).components["transformer"].sample)) == [0, 1]
+
+    calls.update(n=0, limit=None)
+    resumed = collect(pipe, samples, plan, base, stats_path=stats_file, progress=False)
+    assert calls["n"] == per_sample  # only the unfinished sample ran again
+    reloaded, reference = Stats.load(stats_file).components["transformer"], whole.components["transformer"]
+    assert (reloaded.sample, reloaded.step) == (reference.sample, reference.step) == ([0, 0, 1, 1], [0, 1, 0, 1])
+    for key in ("density", "err_num", "err_den"):
+        torch.testing.assert_close(torch.stack(getattr(reloaded, key)), torch.stack(getattr(reference, key)))
+    assert resumed.components["transformer"].sample == reloaded.sample
+
+    other, _ = make_plan(None, steps=2, sample_steps=2, thresholds=(0.5,), query_blocks=2, **SIZE)
+    before = stats_file.read_bytes()
+    with pytest.raises(CalibrationError, match=r"other settings \(candidates, plan\); pass --overwrite"):
+        collect(pipe, samples, other, base, stats_path=stats_file, progress=False)
+    assert stats_file.read_bytes() == before
+    collect(pipe, samples, other, base, stats_path=stats_file, progress=False, overwrite=True)
+    assert Stats.load(stats_file).meta["candidates"] == [[0.5, None]]
+    handle.remove()
+
+
+def test_calibrate_out_never_touches_an_input_or_a_foreign_folder(tiny_folder, tmp_path):
+    args = ["--prompts", str(TEST_PROMPTS), "--steps", "1", "--sample-steps", "1", "--target-density", "0.5"]
+    before = {p: p.read_bytes() for p in tiny_folder.rglob("*") if p.is_file()}
+    for out in (tiny_folder, tiny_folder / "cal", tiny_folder.parent):
+        result = CliRunner().invoke(main, ["calibrate", str(tiny_folder), "--out", str(out), *args])
+        assert result.exit_code == 1 and "MODEL" in result.output and len(result.output.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in tiny_folder.rglob("*") if p.is_file()} == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my own report")
+    result = CliRunner().invoke(main, ["calibrate", str(tiny_folder), "--out", str(mine), *args, "--overwrite"])
+    assert result.exit_code == 1 and "not written by nabla-convert" in result.output
+    assert (mine / "report.md").read_text() == "my own report"

@@ -18,6 +18,7 @@ import nabla_convert
 from nabla_convert import NablaConfig, convert, load
 from nabla_convert.cli import main
 from nabla_convert.convert import ConvertError
+from nabla_convert.folders import FolderError
 from nabla_convert.models.tiny import tiny_wan_pipeline
 from nabla_convert.models.wan import NablaAttnProcessor, NablaWanTransformer3DModel
 
@@ -38,7 +39,7 @@ def test_convert_pipeline_round_trip(tiny_pipeline_dir, tmp_path):
     ]
     config = json.loads((out / "transformer" / "config.json").read_text())
     assert config["_nabla"]["threshold"] == 0.4
-    assert config["_nabla"]["provenance"]["base_model"] == str(tiny_pipeline_dir.resolve())
+    assert config["_nabla"]["provenance"]["base_model"] == "pipe"  # the folder name, never the local path
 
     stock = WanPipeline.from_pretrained(out)
     assert isinstance(stock.transformer, NablaWanTransformer3DModel)
@@ -192,14 +193,17 @@ def test_convert_refuses_nonempty_out_and_failed_convert_leaves_nothing(tiny_pip
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ConvertError, match="not empty"):
+    with pytest.raises(FolderError, match="not empty"):
         convert(tiny_pipeline_dir, out, NablaConfig())
+    with pytest.raises(FolderError, match="not written by nabla-convert"):
+        convert(tiny_pipeline_dir, out, NablaConfig(), overwrite=True)
     assert (out / "keep.txt").read_text() == "mine"
     with pytest.raises(ConvertError, match="the model has 2"):
         convert(tiny_pipeline_dir, tmp_path / "new", NablaConfig(dense_layers=(7,)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    convert(tiny_pipeline_dir, out, NablaConfig(), overwrite=True)
-    assert not (out / "keep.txt").exists()
+    first = convert(tiny_pipeline_dir, tmp_path / "first", NablaConfig(threshold=0.4))
+    convert(tiny_pipeline_dir, first, NablaConfig(threshold=0.6), overwrite=True)  # a folder convert wrote
+    assert load(first).transformer._nabla_state.config.threshold == 0.6
 
 
 def test_load_refuses_dense_checkpoint(tiny_pipeline_dir):

@@ -21,6 +21,7 @@ from huggingface_hub.errors import RepositoryNotFoundError
 
 from nabla_convert import NablaConfig, NablaWanTransformer3DModel, convert
 from nabla_convert.config import LayerSettings
+from nabla_convert.folders import MARKER
 from nabla_convert.hub import (
     AuthenticationError,
     HubConnectionError,
@@ -70,7 +71,9 @@ def converted(tiny_pipeline_dir, tmp_path) -> Path:
 
 
 def local_files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """What a push publishes: every file but the local marker of the nabla-convert run that wrote the folder."""
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {path: content for path, content in files.items() if path != MARKER}
 
 
 def remote_files(hub: LoopbackHub, revision: str) -> dict[str, bytes]:
@@ -104,7 +107,9 @@ def test_push_new_repo_uploads_every_byte_and_verifies(hub, converted):
     check = HfApi(endpoint=hub.url, token=ALICE).verify_repo_checksums(
         REPO, revision=result.commit_oid, local_dir=converted
     )
-    assert check.mismatches == [] and check.extra_paths == [] and check.checked_count == len(local)
+    assert (
+        check.mismatches == [] and check.extra_paths == [MARKER] and check.checked_count == len(local)
+    )  # marker: local only
     info = HfApi(endpoint=hub.url, token=ALICE).model_info(REPO, files_metadata=True)
     shards = [s for s in info.siblings if s.rfilename.endswith(".safetensors")]
     assert shards and all(s.lfs.sha256 == hashlib.sha256(local[s.rfilename]).hexdigest() for s in shards)
@@ -321,3 +326,74 @@ def test_round_trip_stock_pipeline_matches_local(hub, converted, tmp_path):
     for pipe in (remote_pipe, local_pipe):
         pipe.set_progress_bar_config(disable=True)
     assert torch.equal(generate(remote_pipe, seed=3), generate(local_pipe, seed=3))
+
+
+def test_links_leaving_the_folder_are_refused_and_never_uploaded(hub, converted, tmp_path):
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0")
+    (converted / "README.md").symlink_to(secret)
+    (converted / "vae" / "extra.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")  # dangling
+
+    for dry_run in (["--dry-run"], []):
+        result = run_cli(converted, "--repo-id", REPO, "--token", ALICE, "--endpoint", hub.url, *dry_run)
+        assert result.exit_code == InvalidCheckpointError.exit_code, result.output
+        line = error_line(result)
+        assert "README.md -> " in line and "vae/extra.safetensors -> " in line and "root:x" not in result.output
+    assert hub.state.requests == [] and REPO not in hub.state.repos
+    assert secret.read_text() == "root:x:0:0" and (converted / "README.md").is_symlink()
+
+
+def rewrite_a_weight(folder: Path, value: float) -> None:
+    from safetensors.torch import load_file, save_file
+
+    shard = sorted((folder / "transformer").glob("diffusion_pytorch_model-*.safetensors"))[0]
+    tensors = load_file(shard)
+    tensors[sorted(tensors)[0]].view(-1)[0] = value
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def test_weights_edited_after_conversion_are_refused_unless_restamped(hub, converted):
+    rewrite_a_weight(converted, 0.123)
+    result = run_cli(converted, "--repo-id", REPO, "--token", ALICE, "--endpoint", hub.url)
+    assert result.exit_code == InvalidCheckpointError.exit_code, result.output
+    assert "diffusion_pytorch_model-00001-of-00004.safetensors (changed)" in error_line(result)
+    assert "--restamp" in error_line(result) and hub.state.requests == []
+
+    marker_before = (converted / MARKER).read_text()
+    dry = run_cli(converted, "--repo-id", REPO, "--dry-run", "--restamp")
+    assert dry.exit_code == 0 and "re-stamped" in dry.output
+    assert (converted / MARKER).read_text() == marker_before  # a dry run writes nothing
+
+    result = run_cli(converted, "--repo-id", REPO, "--token", ALICE, "--endpoint", hub.url, "--restamp")
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((converted / MARKER).read_text())["weights"]
+    assert recorded == {
+        p: hashlib.sha256(c).hexdigest() for p, c in local_files(converted).items() if p.endswith(".safetensors")
+    }
+    assert run_cli(converted, "--repo-id", REPO, "--dry-run").exit_code == 0  # consistent again
+
+
+def test_folder_without_manifest_needs_restamp(hub, converted):
+    (converted / MARKER).unlink()
+    result = run_cli(converted, "--repo-id", REPO, "--dry-run")
+    assert result.exit_code == InvalidCheckpointError.exit_code and "no weights manifest" in error_line(result)
+    assert run_cli(converted, "--repo-id", REPO, "--dry-run", "--restamp").exit_code == 0
+
+
+def test_non_finite_weights_are_refused(hub, converted):
+    rewrite_a_weight(converted, float("nan"))
+    result = run_cli(converted, "--repo-id", REPO, "--token", ALICE, "--endpoint", hub.url, "--restamp")
+    assert result.exit_code == InvalidCheckpointError.exit_code, result.output
+    assert "1 tensors hold NaN or inf" in error_line(result) and hub.state.requests == []
+
+
+def test_failed_push_leaves_the_folder_as_it_was(hub, converted):
+    before = local_files(converted)
+    result = run_cli(converted, "--repo-id", REPO, "--token", ALICE_READ, "--endpoint", hub.url)
+    assert result.exit_code == PermissionDeniedError.exit_code
+    assert local_files(converted) == before and not (converted / "README.md").exists()
+
+    (converted / "README.md").write_text("---\nlicense: mit\n---\n# mine\n")
+    result = run_cli(converted, "--repo-id", REPO, "--token", ALICE_READ, "--endpoint", hub.url, "--regenerate-card")
+    assert result.exit_code == PermissionDeniedError.exit_code
+    assert (converted / "README.md").read_text() == "---\nlicense: mit\n---\n# mine\n"

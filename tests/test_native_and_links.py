@@ -18,6 +18,7 @@ from test_wan import inputs, raster_reference
 from nabla_convert import NablaConfig, convert, load
 from nabla_convert.config import ConfigError
 from nabla_convert.convert import ConvertError
+from nabla_convert.folders import public_name
 
 # diffusers name fragment -> the official WanModel name (the Wan2.1 repository's state dict), written out here
 # independently of diffusers' converter so that the test checks it
@@ -112,8 +113,8 @@ def test_native_checkpoint_imports_and_matches_diffusers_converter(native_dir, t
     pipe = WanPipeline.from_pretrained(out)  # stock loader, other components from the base
     assert (out / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
     provenance = json.loads((out / "transformer" / "config.json").read_text())["_nabla"]["provenance"]
-    assert provenance["base_model"] == str(native_dir.resolve())
-    assert provenance["pipeline_base"] == str(tiny_pipeline_dir.resolve())
+    assert provenance["base_model"] == public_name(native_dir)  # folder names, not local paths
+    assert provenance["pipeline_base"] == public_name(tiny_pipeline_dir)
     reference = diffusers_reference(native_dir, tiny_pipeline_dir)
     if config.threshold < 1.0:
         reference = raster_reference(reference, (2, 12, 20), config)

@@ -6,8 +6,8 @@ sorted order; every shard holds the same tensors with the same shapes except the
                  latent already normalised as the pipeline does ((z - latents_mean) / latents_std);
   prompt_embeds  (N, L, text_dim) float: text embeddings as the family's encode_prompts returns them
                  (padded with zeros to L tokens, L = max_sequence_length);
-  any further conditioning tensor of the family (N, ...), e.g. pooled_prompt_embeds of Kandinsky 5.
-Latents are in the layout the family's pipeline denoises ((N, F, H, W, C) channels-last for Kandinsky 5).
+  any further conditioning tensor of the family (N, ...), e.g. pooled_prompt_embeds (a pooled text embedding).
+Latents are in the layout the family's pipeline denoises (channels-first or channels-last: ModelFamily.sample_shape).
 Shard metadata {"format": "nabla-convert-latents", "version": "1"} marks them. `write_latent_shard`
 writes one; adapt.trainer.teacher_rollouts makes one from the dense teacher alone (no videos needed).
 

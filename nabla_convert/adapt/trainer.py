@@ -2,10 +2,15 @@
 
 Runs on accelerate: one process on CPU or GPU, or `accelerate launch` (DDP / FSDP, configs in
 recipes/accelerate/). The run folder `<out>.run/` holds settings.json, metrics.jsonl (one JSON
-object per step and per validation), checkpoints/step-NNNNNN (accelerate save_state, written to a
-temp folder and renamed) and, for data-free distillation, rollouts/ (the teacher-made latent
-dataset). `resume=True` continues from the newest checkpoint; since every random draw is a function
-of (seed, step), the resumed run ends with the weights an uninterrupted run would have had.
+object per step and per validation), checkpoints/step-NNNNNN (safetensors + JSON, no pickle: see
+checkpoint.py; written to a temp folder and renamed) and, for data-free distillation, rollouts/ (the
+teacher-made latent dataset). `resume=True` continues from the newest checkpoint; since every random
+draw is a function of (seed, step), the resumed run ends with the weights an uninterrupted run would
+have had. A step whose gradient norm is not finite (NaN data, a diverging lr) stops the run before
+the weights are updated; the checkpoints written so far are kept.
+
+The output and the run folder must not touch CONVERTED or the data (folders.check_output); links that
+leave CONVERTED or the run folder are refused, never followed.
 
 The result at `out` is a converted checkpoint like `convert` writes: the input folder's other
 parts copied, the trained transformer saved with save_pretrained (LoRA merged) keeping `_nabla`
@@ -23,9 +28,9 @@ converted with q_block = kv_block = 128. On CPU the reference backend trains any
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -40,6 +45,7 @@ from diffusers.training_utils import cast_training_params
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from nabla_convert.adapt.checkpoint import load_checkpoint, save_checkpoint
 from nabla_convert.adapt.data import (
     Conditioning,
     DataError,
@@ -55,6 +61,19 @@ from nabla_convert.adapt.data import (
 from nabla_convert.adapt.losses import LOSSES, DenseTeacher, loss_target, relative_error, velocity, weighted_mse
 from nabla_convert.config import CONFIG_KEY, NablaConfig, NablaError
 from nabla_convert.convert import transformer_components
+from nabla_convert.folders import (
+    MARKER,
+    check_links,
+    check_output,
+    name_matcher,
+    public_name,
+    remove_stale_temps,
+    replace_folder,
+    sigterm_raises,
+    staging,
+    weight_digests,
+    write_marker,
+)
 from nabla_convert.io import atomic_write_text, read_prompts
 from nabla_convert.models import family_for_class_name, family_of
 from nabla_convert.models.family import ModelFamily
@@ -63,6 +82,7 @@ from nabla_convert.models.nabla import layer_densities, reset_densities
 LORA_FOLDER = "lora"
 REPORT_PATH = "nabla_reports/adapt.json"
 RESUMABLE_CHANGES = {"checkpoint_every", "validate_every", "keep_checkpoints"}
+NOT_COPIED = (".cache", ".git", MARKER)  # parts of CONVERTED the output does not take over (besides the transformer)
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -161,19 +181,6 @@ class AdaptSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
-
-
-class TrainState:
-    """The optimizer-step counter, saved and restored with each accelerate checkpoint."""
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
 
 
 @dataclass
@@ -396,6 +403,7 @@ class MetricsLog:
 
 
 def _check_run_folder(paths: RunPaths, settings: AdaptSettings, resume: bool) -> None:
+    check_links(paths.root, "the run folder")
     checkpoint = paths.latest_checkpoint()
     if checkpoint is not None and not resume:
         raise AdaptError(f"{paths.root} already holds checkpoints; pass --resume to continue, or remove it")
@@ -409,22 +417,31 @@ def _check_run_folder(paths: RunPaths, settings: AdaptSettings, resume: bool) ->
             raise AdaptError(f"cannot resume {paths.root} with changed settings {changed}; use the original ones")
 
 
-def _save_checkpoint(accelerator: Accelerator, paths: RunPaths, step: int, keep: int) -> None:
-    """accelerate save_state into a temp folder, renamed into place; older checkpoints beyond `keep` removed."""
+def _save_checkpoint(accelerator: Accelerator, paths: RunPaths, model, optimizer, lr_scheduler, step: int, keep: int):
+    """The run's state at `step`, built in a temp folder and renamed into place; checkpoints beyond `keep` removed."""
     final = paths.checkpoints / f"step-{step:06d}"
-    staging = paths.checkpoints / f".tmp-step-{step:06d}"
-    if accelerator.is_main_process and staging.exists():
-        shutil.rmtree(staging)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+    if not accelerator.is_main_process:
+        save_checkpoint(accelerator, model, optimizer, lr_scheduler, step, final)  # joins the gather; writes nothing
+    else:
+        with staging(final) as work:
+            save_checkpoint(accelerator, model, optimizer, lr_scheduler, step, work / final.name)
+            replace_folder(work / final.name, final)
         for old in sorted(paths.checkpoints.glob("step-*"))[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def _check_finite(grad_norm: torch.Tensor | None, loss: torch.Tensor, step: int, paths: RunPaths) -> None:
+    """Stop before a non-finite gradient reaches the weights (the norm is global, so every process stops)."""
+    if grad_norm is not None and math.isfinite(float(grad_norm)):
+        return
+    kept = paths.latest_checkpoint()
+    raise AdaptError(
+        f"step {step}: the gradient norm is {float(grad_norm) if grad_norm is not None else 'unknown'} "
+        f"(loss {float(loss):.4g}): stopped before updating the weights; "
+        f"{f'last good checkpoint {kept}' if kept else 'no checkpoint was written yet'}; "
+        "check the data for NaN/inf, or lower --lr"
+    )
 
 
 def sample_noise(
@@ -482,22 +499,42 @@ def adapt(
     root, out = Path(converted), Path(out)
     if not root.is_dir():
         raise AdaptError(f"converted checkpoint folder not found: {root}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise AdaptError(f"{out} exists and is not empty; choose another --out or remove it")
+    paths = RunPaths(run_folder(out))
+    inputs = {"CONVERTED folder": root, "--data": settings.data, "--prompts file": settings.prompts}
+    check_output(out, inputs, overwrite=None)
+    check_output(paths.root, inputs, overwrite=None, reuse="adapt")
+    check_links(root, "CONVERTED", name_matcher(NOT_COPIED))
     component, folder = _component_folder(root, settings.component)
     family = folder_family(folder)
     if not family.supports_training():
         raise AdaptError(f"adapt does not support {family.name} checkpoints yet (no denoising call for training)")
-    paths = RunPaths(run_folder(out))
     _check_run_folder(paths, settings, resume)
+    with sigterm_raises():
+        return _train(root, out, component, folder, paths, settings, resume, stop_after, progress)
+
+
+def _train(
+    root: Path,
+    out: Path,
+    component: str,
+    folder: Path,
+    paths: RunPaths,
+    settings: AdaptSettings,
+    resume: bool,
+    stop_after: int | None,
+    progress: bool,
+) -> Path | None:
 
     mixed_precision = _mixed_precision(settings)
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=settings.grad_accum)
     set_seed(settings.seed)
     if accelerator.is_main_process:
+        write_marker(paths.root, "adapt")
+        remove_stale_temps(paths.checkpoints)
         atomic_write_text(paths.settings, json.dumps(settings.to_dict(), indent=2) + "\n")
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
 
+    family = folder_family(folder)
     _fsdp_wrap_blocks(accelerator, family)
     student = load_student(folder, settings, half if settings.lora_rank else torch.float32).to(accelerator.device)
     if settings.gradient_checkpointing and not _fsdp_checkpoints(accelerator):
@@ -544,73 +581,71 @@ def adapt(
         num_training_steps=settings.steps * accelerator.num_processes,
     )
     model, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
     checkpoint = paths.latest_checkpoint() if resume else None
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-    log = MetricsLog(paths.metrics, accelerator.is_main_process, state.step if checkpoint is not None else None)
+    step = load_checkpoint(accelerator, model, optimizer, lr_scheduler, checkpoint) if checkpoint is not None else 0
+    log = MetricsLog(paths.metrics, accelerator.is_main_process, step if checkpoint is not None else None)
     unwrapped = accelerator.unwrap_model(model)
 
     def validate() -> dict[str, float]:
-        record = {"step": state.step, "kind": "validation", **validation.evaluate(unwrapped, settings, accelerator)}
+        record = {"step": step, "kind": "validation", **validation.evaluate(unwrapped, settings, accelerator)}
         log.write(record)
         return record
 
-    before = validate() if state.step == 0 else None
-    last_step = settings.steps if stop_after is None else min(settings.steps, state.step + stop_after)
+    before = validate() if step == 0 else None
+    last_step = settings.steps if stop_after is None else min(settings.steps, step + stop_after)
     bar = tqdm(
         total=settings.steps,
-        initial=state.step,
+        initial=step,
         desc="adapt",
         disable=not (progress and accelerator.is_local_main_process),
     )
     world, rank = accelerator.num_processes, accelerator.process_index
-    while state.step < last_step:
-        started = time.perf_counter()
-        total_loss = torch.zeros((), device=accelerator.device)
-        for micro in range(settings.grad_accum):
-            with accelerator.accumulate(model):
-                first = ((state.step * settings.grad_accum + micro) * world + rank) * settings.batch_size
-                positions = sample_positions(settings.seed, len(train), first, settings.batch_size)
-                batch = dataset.batch([train[p] for p in positions])
-                noise, sigmas, timesteps = sample_noise(settings.seed, first, batch["latents"].shape, sampler)
-                latents, noise = (t.to(accelerator.device) for t in (batch["latents"], noise))
-                embeds = take(dataset.conditioning(batch), slice(None), accelerator.device)
-                timesteps = timesteps.to(accelerator.device)
-                noisy = add_noise(latents, noise, sigmas)
-                with accelerator.autocast():
-                    target = loss_target(settings.loss, teacher, latents, noise, noisy, timesteps, embeds)
-                prediction = velocity(model, noisy, timesteps, embeds)
-                loss = weighted_mse(prediction, target, sigmas, settings.weighting_scheme)
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-                total_loss += loss.detach() / settings.grad_accum
-        state.step += 1
-        mean_loss = float(accelerator.reduce(total_loss, "mean"))
-        log.write(
-            {
-                "step": state.step,
-                "loss": mean_loss,
-                "lr": lr_scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "seconds": time.perf_counter() - started,
-            }
-        )
-        bar.set_postfix(loss=f"{mean_loss:.4g}")
-        bar.update(1)
-        if settings.validate_every and state.step % settings.validate_every == 0 and state.step < settings.steps:
-            validate()
-        every = settings.checkpoint_every
-        if (every and state.step % every == 0) or state.step == last_step < settings.steps:
-            _save_checkpoint(accelerator, paths, state.step, settings.keep_checkpoints)
-    bar.close()
-    if state.step < settings.steps:
+    with bar:  # closed (its line ended) also when a step fails, so the error gets its own line
+        while step < last_step:
+            started = time.perf_counter()
+            total_loss = torch.zeros((), device=accelerator.device)
+            for micro in range(settings.grad_accum):
+                with accelerator.accumulate(model):
+                    first = ((step * settings.grad_accum + micro) * world + rank) * settings.batch_size
+                    positions = sample_positions(settings.seed, len(train), first, settings.batch_size)
+                    batch = dataset.batch([train[p] for p in positions])
+                    noise, sigmas, timesteps = sample_noise(settings.seed, first, batch["latents"].shape, sampler)
+                    latents, noise = (t.to(accelerator.device) for t in (batch["latents"], noise))
+                    embeds = take(dataset.conditioning(batch), slice(None), accelerator.device)
+                    timesteps = timesteps.to(accelerator.device)
+                    noisy = add_noise(latents, noise, sigmas)
+                    with accelerator.autocast():
+                        target = loss_target(settings.loss, teacher, latents, noise, noisy, timesteps, embeds)
+                    prediction = velocity(model, noisy, timesteps, embeds)
+                    loss = weighted_mse(prediction, target, sigmas, settings.weighting_scheme)
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+                        _check_finite(grad_norm, loss.detach(), step + 1, paths)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+                    total_loss += loss.detach() / settings.grad_accum
+            step += 1
+            mean_loss = float(accelerator.reduce(total_loss, "mean"))
+            log.write(
+                {
+                    "step": step,
+                    "loss": mean_loss,
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "seconds": time.perf_counter() - started,
+                }
+            )
+            bar.set_postfix(loss=f"{mean_loss:.4g}")
+            bar.update(1)
+            if settings.validate_every and step % settings.validate_every == 0 and step < settings.steps:
+                validate()
+            every = settings.checkpoint_every
+            if (every and step % every == 0) or step == last_step < settings.steps:
+                _save_checkpoint(accelerator, paths, model, optimizer, lr_scheduler, step, settings.keep_checkpoints)
+    if step < settings.steps:
         return None
     after = validate()
     full_state = accelerator.get_state_dict(model)
@@ -623,8 +658,9 @@ def adapt(
 
 
 def _stale(root: Path, folder: Path, name: str, component: str) -> bool:
-    """Parts of the input not carried over: the retrained transformer, VCS/cache folders, the old eval report."""
-    if name in (".cache", ".git"):
+    """Parts of the input not carried over: the retrained transformer, VCS/cache folders and the input's marker, the
+    old eval report."""
+    if name in NOT_COPIED:
         return True
     return (folder == root and name == component) or (folder == root / "nabla_reports" and name == "eval.json")
 
@@ -642,9 +678,7 @@ def write_adapted(
     """Write the adapted checkpoint: other parts of `root` copied, the transformer re-saved, atomically."""
     model = load_student(folder, settings, _weights_dtype(folder))
     model.load_state_dict(state_dict)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staging(out) as work:
         staged = work / "out"
         if component:
             shutil.copytree(
@@ -661,7 +695,9 @@ def write_adapted(
             "lr": settings.learning_rate,
             "batch_size": settings.batch_size * settings.grad_accum,
             "seed": settings.seed,
-            "data": settings.data or f"teacher rollouts ({settings.rollout_steps} steps)",
+            "data": public_name(settings.data)
+            if settings.data
+            else f"teacher rollouts ({settings.rollout_steps} steps)",
             "student_teacher_error_before": before["student_teacher_error"],
             "student_teacher_error_after": after["student_teacher_error"],
             "heldout_loss_before": before["heldout_loss"],
@@ -672,9 +708,8 @@ def write_adapted(
         model.save_pretrained(staged / component if component else staged)
         report = {"summary": summary, "validation": {"before": before, "after": after}}
         atomic_write_text(staged / REPORT_PATH, json.dumps(report, indent=2) + "\n")
-        os.replace(staged, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        write_marker(staged, "adapt", weight_digests(staged))
+        replace_folder(staged, out)
     return out
 
 

@@ -5,6 +5,9 @@ over candidate thresholds / STA windows (collect.py), chooses each layer's setti
 (search.py) and writes nabla_config.json (for `convert --config`), calibration.json (the
 `nabla_reports/calibration.json` of a converted folder), report.md, PNG plots and
 stats.safetensors; `recalibrate(stats, out, ...)` re-runs the search on saved stats without the model.
+--out must not touch MODEL or the prompt files (folders.check_output) and is marked as a calibrate folder; rerun
+into the same folder with the same settings, calibrate resumes from the stats it saved (a killed run loses at
+most the sample in progress); other settings are refused unless overwrite=True (--overwrite).
 
 Recipe `calibrate:` section (all keys optional; CLI options override them):
   thresholds:     candidate thresholds in (0, 1]            default [0.2, 0.3, ..., 0.9, 0.95, 0.99]
@@ -43,6 +46,7 @@ from nabla_convert.calibrate.report import write_outputs
 from nabla_convert.calibrate.search import ComponentChoice, Target, evaluate, search
 from nabla_convert.config import NablaConfig
 from nabla_convert.convert import resolve_model, transformer_components
+from nabla_convert.folders import check_output, public_name, write_marker
 from nabla_convert.io import DTYPES, atomic_write, resolve_device
 from nabla_convert.models import family_of
 from nabla_convert.recipes import Recipe, load_recipe
@@ -153,6 +157,7 @@ def calibrate(
     device: str = "auto",
     dtype: str = "auto",
     progress: bool = True,
+    overwrite: bool = False,
     **overrides: Any,
 ) -> Calibration:
     """Measure `model` (pipeline folder, transformer folder, Hub id, or a loaded pipeline) and write the outputs.
@@ -168,22 +173,36 @@ def calibrate(
         samples = prompt_samples(prompts, plan.seeds)
     else:
         samples = embedding_samples(prompt_embeds, plan.seeds, plan.guidance)
-    if isinstance(model, (str, os.PathLike)):
-        name, pipe = str(model), load_pipeline(model, text_encoder=prompts is not None, device=device, dtype=dtype)
+    out = Path(out)
+    local = model if isinstance(model, (str, os.PathLike)) else None
+    check_output(out, {"MODEL": local, "--prompt-embeds file": prompt_embeds}, overwrite=overwrite, reuse="calibrate")
+    if local is not None:
+        name, pipe = (
+            public_name(local),
+            load_pipeline(local, text_encoder=prompts is not None, device=device, dtype=dtype),
+        )
     else:
         name, pipe = type(model).__name__, model
     for transformer in pipeline_transformers(pipe).values():
         layers = len(family_of(transformer).self_attention(transformer))
         replace(base, dense_layers=plan.dense_layers).check_num_layers(layers)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stats = collect(pipe, samples, plan, base, stats_path=out / STATS_FILE, model=name, progress=progress)
+    write_marker(out, "calibrate")
+    stats_path = out / STATS_FILE
+    stats = collect(
+        pipe, samples, plan, base, stats_path=stats_path, model=name, progress=progress, overwrite=overwrite
+    )
     choices = search(stats, target, plan.dense_layers, plan.dense_steps)
     return Calibration(stats, choices, write_outputs(out, stats, choices))
 
 
-def recalibrate(stats_file: str | os.PathLike, out: str | os.PathLike, **overrides: Any) -> Calibration:
-    """Re-run the search on saved stats with another target / dense layers / dense steps, without the model."""
+def recalibrate(
+    stats_file: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, **overrides: Any
+) -> Calibration:
+    """Re-run the search on saved stats with another target / dense layers / dense steps, without the model.
+
+    `out` may be the calibrate folder that holds `stats_file`; another calibrate folder's stats are replaced only
+    with `overwrite`."""
     stats = Stats.load(stats_file)
     if not any(comp.sample for comp in stats.components.values()):
         raise CalibrationError(f"{stats_file} holds no measurements yet")
@@ -194,8 +213,13 @@ def recalibrate(stats_file: str | os.PathLike, out: str | os.PathLike, **overrid
     plan = CalibrationPlan(**{**measured, **given})
     choices = search(stats, Target.from_plan(plan), plan.dense_layers, plan.dense_steps)
     out = Path(out)
+    in_place = (out / STATS_FILE).exists() and (out / STATS_FILE).samefile(stats_file)
+    check_output(out, {} if in_place else {"--from-stats file": stats_file}, overwrite=overwrite, reuse="calibrate")
+    if (out / STATS_FILE).exists() and not in_place and not overwrite:
+        raise CalibrationError(f"{out} holds the stats of another calibration; pass --overwrite to replace them")
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / STATS_FILE).exists() or not (out / STATS_FILE).samefile(stats_file):
+    write_marker(out, "calibrate")
+    if not in_place:
         atomic_write(out / STATS_FILE, lambda tmp: shutil.copyfile(stats_file, tmp))
     return Calibration(stats, choices, write_outputs(out, stats, choices))
 

@@ -55,15 +55,21 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Re-run only the search on a stats.safetensors from an earlier run (no model needed).",
 )
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Start over in an --out that holds another calibration (by default a rerun resumes its own stats).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--dtype", type=click.Choice(["auto", *sorted(DTYPES)]), default="auto", show_default=True)
-def calibrate_command(model, out, prompts, prompt_embeds, recipe, from_stats, device, dtype, **plan) -> None:
+def calibrate_command(model, out, prompts, prompt_embeds, recipe, from_stats, overwrite, device, dtype, **plan) -> None:
     """Measure MODEL's self-attention layers on prompts and choose each layer's NABLA threshold for a target.
 
     MODEL is a diffusers pipeline folder, a transformer folder (with --prompt-embeds) or a Hub
     id; omitted, the embedded reference model at its native size (256x256, 33 frames, 12 steps) on
     calibration/prompts_reference.txt (captions in its vocabulary). Writes nabla_config.json (for `convert --config`),
-    calibration.json, report.md, PNG plots and stats.safetensors to --out.
+    calibration.json, report.md, PNG plots and stats.safetensors to --out. Rerun with the same
+    settings into the same --out, a killed calibration resumes from its saved stats.
     """
     if from_stats:
         if model or prompts or prompt_embeds or recipe:
@@ -74,7 +80,7 @@ def calibrate_command(model, out, prompts, prompt_embeds, recipe, from_stats, de
         ignored = sorted(key for key, value in plan.items() if value is not None and key not in search_only)
         if ignored:
             raise click.UsageError(f"--from-stats takes only the search options; drop {', '.join(ignored)}")
-        result = recalibrate(from_stats, out, **plan)
+        result = recalibrate(from_stats, out, overwrite=overwrite, **plan)
     else:
         if prompts and prompt_embeds:
             raise click.UsageError("give --prompts or --prompt-embeds, not both")
@@ -95,6 +101,7 @@ def calibrate_command(model, out, prompts, prompt_embeds, recipe, from_stats, de
             recipe=recipe,
             device=device,
             dtype=dtype,
+            overwrite=overwrite,
             **plan,
         )
     for name, choice in result.choices.items():

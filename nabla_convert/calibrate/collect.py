@@ -15,7 +15,10 @@ same post-RoPE q and k, every candidate (threshold, STA window):
 
 Measurements of each (sample, step) are summed over the step's calls (CFG runs the transformer
 twice) and written to the stats file when the step ends (atomic rewrite), so an interrupted run
-keeps what it measured.
+keeps what it measured, and a rerun with the same settings resumes: samples measured at every step
+are kept, a partly measured one is measured again (each sample's trajectory is a function of its
+seed, so the result is what an uninterrupted run gives). A stats file of other settings is never
+overwritten unless asked to (`overwrite`).
 """
 
 from __future__ import annotations
@@ -188,6 +191,13 @@ class ComponentStats:
     err_den: list[torch.Tensor] = field(default_factory=list)  # (layers, heads): sum |O_dense|^2
     map_heads: list[int] = field(default_factory=list)
     maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> pooled block map (map heads, nq, nk)
+
+    def keep_samples(self, kept: set[int]) -> None:
+        """Drop the records of samples not in `kept` (measured only part way)."""
+        rows = [i for i, sample in enumerate(self.sample) if sample in kept]
+        for key in ("sample", "step", "local_step", "density", "err_num", "err_den"):
+            values = getattr(self, key)
+            setattr(self, key, [values[i] for i in rows])
 
 
 @dataclass
@@ -448,6 +458,34 @@ def new_stats(pipe: Any, samples: Sequence[Sample], plan: CalibrationPlan, base:
     return Stats(meta, components)
 
 
+def resumed_stats(fresh: Stats, path: Path, overwrite: bool) -> tuple[Stats, set[int]]:
+    """The stats to continue from and the samples already measured at every step: those of an earlier run with the
+    same settings at `path`; none when there is no such file or `overwrite`; an error for other settings."""
+    if overwrite or not path.is_file():
+        return fresh, set()
+    earlier = Stats.load(path)
+    keys = ("model", "plan", "measured_steps", "candidates", "samples", "base_config")
+    same = json.loads(json.dumps({k: fresh.meta[k] for k in keys}))
+    changed = sorted(k for k in keys if earlier.meta.get(k) != same[k])
+    shapes = {name: (c.num_layers, c.num_heads) for name, c in fresh.components.items()}
+    if shapes != {name: (c.num_layers, c.num_heads) for name, c in earlier.components.items()}:
+        changed.append("model layers/heads")
+    if changed:
+        raise CalibrationError(
+            f"{path} holds measurements of other settings ({', '.join(changed)}); pass --overwrite to start over"
+        )
+    steps = set(fresh.meta["measured_steps"])
+    finished = set(range(len(fresh.meta["samples"])))
+    for comp in earlier.components.values():
+        done: dict[int, set[int]] = {}
+        for sample, step in zip(comp.sample, comp.step, strict=True):
+            done.setdefault(sample, set()).add(step)
+        finished &= {sample for sample, found in done.items() if found == steps}
+    for comp in earlier.components.values():
+        comp.keep_samples(finished)
+    return earlier, finished
+
+
 def collect(
     pipe: Any,
     samples: Sequence[Sample],
@@ -457,14 +495,19 @@ def collect(
     stats_path: str | os.PathLike | None = None,
     model: str = "",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Stats:
     """Run every sample through the dense pipeline and measure the plan's candidates at its sampled steps.
 
-    The pipeline's transformers are restored afterwards (their previous NABLA settings, or dense).
+    With `stats_path`, an earlier run's file there is resumed (same settings) or refused (other settings) unless
+    `overwrite`. The pipeline's transformers are restored afterwards (their previous NABLA settings, or dense).
     """
     if not samples:
         raise CalibrationError("no samples to calibrate on")
     stats = new_stats(pipe, samples, plan, base, model)
+    finished: set[int] = set()
+    if stats_path is not None:
+        stats, finished = resumed_stats(stats, Path(stats_path), overwrite)
     measured = plan.measured_steps()
     last = measured[-1]
     maps_at = map_step(measured)
@@ -486,7 +529,10 @@ def collect(
             total=len(samples) * (last + 1), desc="calibrate (samples x steps)", unit="step", disable=not progress
         )
 
+        bar.update(len(finished) * (last + 1))
         for index, sample in enumerate(samples):
+            if index in finished:
+                continue
 
             def start_step(step: int, sample_index: int = index) -> None:
                 for probe in probes.values():

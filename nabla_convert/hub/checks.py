@@ -1,9 +1,11 @@
 """Checks a converted folder before anything leaves the machine, and writes down what will be uploaded.
 
 A push that fails half way, or succeeds with a broken checkpoint, costs more than reading every header first:
-the config must carry `_nabla`, every weight index must match its shards tensor for tensor, every safetensors
-file must parse, no file may exceed the Hub's per-file limit, and the measurement reports must be JSON objects.
-The manifest (size, sha256, git blob sha1 per file) is what the upload is later verified against.
+no link may lead out of the folder (it would publish what lies outside), the config must carry `_nabla`, every
+weight index must match its shards tensor for tensor, every safetensors file must parse and hold only finite
+numbers, no file may exceed the Hub's per-file limit, and the measurement reports must be JSON objects.
+The manifest (size, sha256, git blob sha1 per file) is what the upload is later verified against; its weight
+files must match the sha256 that convert or adapt recorded in the folder's marker (weights_changed).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig
-from nabla_convert.convert import REPORTS_DIR
+from nabla_convert.convert import REPORTS_DIR, tensor_header
+from nabla_convert.folders import MARKER, check_links, is_weight_file
 from nabla_convert.hub.errors import InvalidCheckpointError
 
 NABLA_LIBRARY = "nabla_convert"
@@ -80,6 +84,7 @@ def check_checkpoint(folder: str | Path) -> Checkpoint:
     folder = Path(folder)
     if not folder.is_dir():
         raise InvalidCheckpointError(f"{folder} is not a folder")
+    check_links(folder, "the folder", skip=lambda path: not uploaded(path), error=InvalidCheckpointError)
     pipeline_class = None
     if (folder / "model_index.json").is_file():
         model_index = read_json(folder / "model_index.json", folder)
@@ -140,13 +145,18 @@ def check_transformer(folder: Path, subfolder: str, expected_class: str | None) 
 
 def tensor_shapes(path: Path, folder: Path) -> dict[str, list[int]]:
     """Tensor name -> shape from a safetensors header; a truncated or garbled file fails here, before any upload."""
-    try:
-        with safe_open(path, framework="pt") as weights:
-            names = weights.keys()  # a safe_open handle is not iterable itself
-            return {name: weights.get_slice(name).get_shape() for name in names}
-    except (SafetensorError, OSError) as err:
-        where = path.relative_to(folder).as_posix()
-        raise InvalidCheckpointError(f"{where} is not readable safetensors: {err}") from None
+    return {name: shape for name, (_, shape) in tensor_header(path, folder, InvalidCheckpointError).items()}
+
+
+def check_finite(path: Path, folder: Path) -> None:
+    """Every floating tensor of a safetensors file holds finite numbers (read one tensor at a time)."""
+    with safe_open(path, framework="pt") as weights:
+        names = weights.keys()
+        bad = [n for n in names if (t := weights.get_tensor(n)).is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise InvalidCheckpointError(
+            f"{path.relative_to(folder).as_posix()}: {len(bad)} tensors hold NaN or inf (e.g. {bad[0]}); not publishing"
+        )
 
 
 def check_weights(folder: Path) -> None:
@@ -186,6 +196,7 @@ def check_weights(folder: Path) -> None:
     for path in sorted(folder.rglob("*.safetensors")):
         if path not in indexed:
             tensor_shapes(path, folder)
+        check_finite(path, folder)
 
 
 def read_reports(folder: Path) -> dict[str, dict[str, Any]]:
@@ -202,10 +213,27 @@ def read_reports(folder: Path) -> dict[str, dict[str, Any]]:
     return reports
 
 
+def uploaded(path: str) -> bool:
+    """Whether a relative path is published: not .git/, huggingface_hub's .cache/, nor the folder's marker."""
+    return path != MARKER and bool(list(filter_repo_objects([path], ignore_patterns=DEFAULT_IGNORE_PATTERNS)))
+
+
 def upload_paths(folder: Path) -> list[str]:
-    """The files upload_folder sends: everything under the folder except .git/ and huggingface_hub's .cache/."""
-    files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
-    return list(filter_repo_objects(files, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+    """The files a push sends: everything under the folder except .git/, .cache/ and the marker."""
+    return sorted(
+        p for path in folder.rglob("*") if path.is_file() and uploaded(p := path.relative_to(folder).as_posix())
+    )
+
+
+def weights_changed(manifest: tuple[ManifestEntry, ...], recorded: dict[str, str]) -> list[str]:
+    """Weight files that differ from the sha256 manifest convert/adapt recorded: changed, missing or new."""
+    current = {entry.path: entry.sha256 for entry in manifest if is_weight_file(entry.path)}
+    changed = [
+        f"{path} (changed)" for path in sorted(current.keys() & recorded.keys()) if current[path] != recorded[path]
+    ]
+    missing = [f"{path} (missing)" for path in sorted(recorded.keys() - current.keys())]
+    new = [f"{path} (not recorded)" for path in sorted(current.keys() - recorded.keys())]
+    return changed + missing + new
 
 
 def build_manifest(folder: str | Path, replaced: dict[str, bytes] | None = None) -> tuple[ManifestEntry, ...]:

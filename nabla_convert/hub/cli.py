@@ -44,6 +44,11 @@ EXIT_CODE_HELP = "\b\nExit codes:\n" + "\n".join(
 @click.option("--commit-message", default=None, help="Commit title.")
 @click.option("--dry-run", is_flag=True, help="Check the folder, print the manifest and model card; no network.")
 @click.option("--regenerate-card", is_flag=True, help="Replace the folder's README.md with a generated card.")
+@click.option(
+    "--restamp",
+    is_flag=True,
+    help="Accept weights changed since convert/adapt recorded their sha256, and record them anew after the push.",
+)
 def push(
     folder: Path,
     repo_id: str,
@@ -55,12 +60,18 @@ def push(
     commit_message: str | None,
     dry_run: bool,
     regenerate_card: bool,
+    restamp: bool,
 ) -> None:
     """Check a converted checkpoint FOLDER, upload it with a model card, and verify the Hub's checksums."""
     try:
         if dry_run:
             plan = prepare_push(
-                folder, repo_id, revision=revision, create_pr=create_pr, regenerate_card=regenerate_card
+                folder,
+                repo_id,
+                revision=revision,
+                create_pr=create_pr,
+                regenerate_card=regenerate_card,
+                restamp=restamp,
             )
             click.echo(plan.describe())
             click.echo("\nDry run: nothing was sent and nothing was written.")
@@ -75,6 +86,7 @@ def push(
             endpoint=endpoint,
             commit_message=commit_message,
             regenerate_card=regenerate_card,
+            restamp=restamp,
         )
     except PushError as err:
         click.echo(f"Error: {err}", err=True)

@@ -1,15 +1,16 @@
 """Publish a converted checkpoint to the Hugging Face Hub: check, describe, upload, verify.
 
-`prepare_push` does everything that needs no network (checks, model card, sha256 manifest) and is what a dry run
-shows. `push_to_hub` then creates the repo (and branch), uploads with `upload_folder` in one commit, and compares
-the Hub's checksums for that commit with the manifest, so a push that returns has put exactly these bytes there.
-Each network step is idempotent (exist_ok, content-addressed upload), so a transient failure retries the step.
+`prepare_push` does everything that needs no network (checks, model card, sha256 manifest, the weights compared
+with the manifest convert/adapt recorded) and is what a dry run shows. `push_to_hub` then creates the repo (and
+branch), uploads exactly the manifest's files (the card from memory) in one commit with `create_commit`, and
+compares the Hub's checksums for that commit with the manifest, so a push that returns has put exactly these bytes
+there. FOLDER is written only after a verified push: the generated README.md, and with `restamp` the new weights
+manifest. Each network step is idempotent (exist_ok, content-addressed upload), so a transient failure retries it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from typing import TypeVar
 
 import httpx2
 import yaml
-from huggingface_hub import HfApi, ModelCard, get_token
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, get_token
 from huggingface_hub.errors import (
     HfHubHTTPError,
     OfflineModeIsEnabled,
@@ -29,8 +30,9 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import RepoFile
 
+from nabla_convert.folders import MARKER, is_weight_file, read_marker, write_marker
 from nabla_convert.hub.card import generate_card
-from nabla_convert.hub.checks import Checkpoint, ManifestEntry, build_manifest, check_checkpoint
+from nabla_convert.hub.checks import Checkpoint, ManifestEntry, build_manifest, check_checkpoint, weights_changed
 from nabla_convert.hub.errors import (
     AuthenticationError,
     HubConnectionError,
@@ -73,6 +75,7 @@ class PushPlan:
     card: str
     card_is_new: bool  # generated now (written to README.md on push) rather than kept from the folder
     manifest: tuple[ManifestEntry, ...]
+    restamp: bool  # the weights differ from the recorded manifest (or there is none) and will be recorded anew
 
     @property
     def total_bytes(self) -> int:
@@ -94,6 +97,7 @@ class PushPlan:
             f"Would upload {len(self.manifest)} files ({human_size(self.total_bytes)}) from {checkpoint.folder} "
             f"to {self.target}.",
             f"Checked: {checkpoint.pipeline_class or 'transformer folder'} ({parts}); reports: {reports}.",
+            f"Weights: {self.weights_note()}.",
             "",
             "sha256 manifest:",
             *(f"  {entry.sha256}  {entry.size:>12}  {entry.path}" for entry in self.manifest),
@@ -103,6 +107,14 @@ class PushPlan:
             self.card,
         ]
         return "\n".join(lines)
+
+    def weights(self) -> dict[str, str]:
+        return {entry.path: entry.sha256 for entry in self.manifest if is_weight_file(entry.path)}
+
+    def weights_note(self) -> str:
+        if self.restamp:
+            return f"{len(self.weights())} files, re-stamped in {MARKER} after the push (--restamp)"
+        return f"{len(self.weights())} files, each matching the sha256 recorded when they were written"
 
 
 def check_target(revision: str | None, create_pr: bool) -> None:
@@ -119,8 +131,13 @@ def prepare_push(
     revision: str | None = None,
     create_pr: bool = False,
     regenerate_card: bool = False,
+    restamp: bool = False,
 ) -> PushPlan:
-    """Check the options and the folder, and build the card and manifest, without any network call."""
+    """Check the options and the folder, and build the card and manifest, without any network call.
+
+    The weight files must match the sha256 manifest convert/adapt recorded, so an edit made after conversion is
+    caught; `restamp` accepts the folder's current weights instead (recorded after a successful push).
+    """
     check_target(revision, create_pr)
     folder = Path(folder)
     checkpoint = check_checkpoint(folder)
@@ -137,7 +154,19 @@ def prepare_push(
     else:
         card, card_is_new = generate_card(checkpoint, repo_id), True
     manifest = build_manifest(folder, {CARD_NAME: card.encode("utf-8")} if card_is_new else None)
-    return PushPlan(repo_id, revision, create_pr, checkpoint, card, card_is_new, manifest)
+    recorded = (read_marker(folder) or {}).get("weights")
+    if not restamp and not isinstance(recorded, dict):
+        raise InvalidCheckpointError(
+            f"{folder} has no weights manifest ({MARKER}, written by convert and adapt); pass --restamp to record "
+            "the current weights"
+        )
+    changed = [] if restamp else weights_changed(manifest, recorded)
+    if changed:
+        listed = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise InvalidCheckpointError(
+            f"weights differ from the sha256 recorded when they were written: {listed}; pass --restamp if intended"
+        )
+    return PushPlan(repo_id, revision, create_pr, checkpoint, card, card_is_new, manifest, restamp)
 
 
 @dataclass(frozen=True)
@@ -180,6 +209,7 @@ def push_to_hub(
     endpoint: str | None = None,
     commit_message: str | None = None,
     regenerate_card: bool = False,
+    restamp: bool = False,
     retries: int = DEFAULT_RETRIES,
 ) -> PushResult:
     """Check, upload and verify a converted checkpoint; raise a PushError subclass naming the cause on failure.
@@ -187,17 +217,19 @@ def push_to_hub(
     `revision` is a branch (created from main if missing) or an open pull request ref ("refs/pr/N");
     `create_pr` opens a pull request against main instead of committing to a branch. `private` applies when the
     repo is created; an existing repo keeps its visibility. `token` defaults to HF_TOKEN or the saved login.
+    `restamp` accepts weights changed since convert/adapt recorded them. FOLDER is written only after the Hub's
+    checksums verified: the generated card, and with `restamp` the weights manifest.
     """
     check_target(revision, create_pr)
     token = token or get_token()
     if not token:
         raise AuthenticationError("no Hugging Face token: pass --token, set HF_TOKEN, or run `hf auth login`")
     folder = Path(folder)
-    plan = prepare_push(folder, repo_id, revision=revision, create_pr=create_pr, regenerate_card=regenerate_card)
+    plan = prepare_push(
+        folder, repo_id, revision=revision, create_pr=create_pr, regenerate_card=regenerate_card, restamp=restamp
+    )
     api = HfApi(endpoint=endpoint, token=token)
     branch = revision or DEFAULT_BRANCH
-    if plan.card_is_new:
-        atomic_write_text(folder / CARD_NAME, plan.card)
     message = commit_message or f"Upload NABLA sparse-attention checkpoint (nabla-convert {version('nabla-convert')})"
     with hub_errors(api.endpoint, repo_id, branch):
         repo_id = retrying(lambda: ensure_repo(api, repo_id, private), retries)
@@ -207,13 +239,12 @@ def push_to_hub(
         # A retried commit whose first answer was lost is a no-op (the files are then already there), except with
         # create_pr, where it would open a second pull request.
         commit = retrying(
-            lambda: api.upload_folder(
+            lambda: api.create_commit(
                 repo_id=repo_id,
-                folder_path=folder,
+                operations=upload_operations(folder, plan),
                 revision=revision,
                 create_pr=create_pr,
                 commit_message=message,
-                allow_patterns=[glob.escape(entry.path) for entry in plan.manifest],
             ),
             retries,
         )
@@ -221,6 +252,10 @@ def push_to_hub(
     if mismatches:
         listed = "; ".join(mismatches[:3]) + (f"; and {len(mismatches) - 3} more" if len(mismatches) > 3 else "")
         raise VerificationError(f"the Hub's copy of commit {commit.oid[:12]} differs from {folder}: {listed}")
+    if plan.card_is_new:
+        atomic_write_text(folder / CARD_NAME, plan.card)
+    if plan.restamp:
+        write_marker(folder, (read_marker(folder) or {}).get("command", "push"), plan.weights())
     return PushResult(
         repo_id=repo_id,
         repo_url=str(commit.repo_url),
@@ -231,6 +266,15 @@ def push_to_hub(
         created_commit=commit.oid != head_before,
         files=plan.manifest,
     )
+
+
+def upload_operations(folder: Path, plan: PushPlan) -> list[CommitOperationAdd]:
+    """One addition per manifest entry, made fresh for each attempt; a generated card is sent from memory."""
+    card = plan.card.encode("utf-8") if plan.card_is_new else None
+    return [
+        CommitOperationAdd(entry.path, card if entry.path == CARD_NAME and card is not None else folder / entry.path)
+        for entry in plan.manifest
+    ]
 
 
 def ensure_repo(api: HfApi, repo_id: str, private: bool) -> str:

@@ -10,6 +10,7 @@ import click
 
 from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig, parse_window
 from nabla_convert.folders import FolderError, check_output_file
+from nabla_convert.io import read_json
 from nabla_convert.models import family_for_arch, family_for_class_name
 from nabla_convert.recipes import load_recipe
 
@@ -21,7 +22,7 @@ def _model_config(model: Path) -> tuple[ModelFamily, dict[str, Any], NablaConfig
     """Family, architecture (transformer constructor kwargs) and NABLA settings of a pipeline or transformer folder."""
     for candidate in (model / "transformer" / "config.json", model / "config.json"):
         if candidate.is_file():
-            data = json.loads(candidate.read_text())
+            data = read_json(candidate, "model config", dict)
             family = family_for_class_name(data.get("_class_name"))
             if family is None:
                 raise click.BadParameter(f"{candidate} holds no supported transformer", param_hint="MODEL")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import click
@@ -21,6 +22,13 @@ def default_model() -> str:
             f"no MODEL given and the embedded reference model is missing at {REFERENCE_PIPELINE}"
         )
     return str(REFERENCE_PIPELINE)
+
+
+def model_argument(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A MODEL folder or Hub id: an empty one is a mistake (it would mean the current folder), not the default."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("empty; give a folder or a Hub id, or leave it out for the reference model")
+    return value
 
 
 def _window(ctx: click.Context, param: click.Parameter, value: str | None):
@@ -51,20 +59,54 @@ def nabla_settings(
     return NablaConfig(threshold=threshold, sta=sta, dense_steps=dense_steps or 0)
 
 
+# name -> (module:attribute of the Click command, the one line `nabla-convert --help` shows for it)
+LAZY_COMMANDS = {
+    "calibrate": ("nabla_convert.calibrate.cli:calibrate_command", "Measure layers on prompts; choose thresholds."),
+    "adapt": ("nabla_convert.adapt.cli:adapt_command", "Fine-tune a converted model back to its dense self."),
+    "push": ("nabla_convert.hub.cli:push", "Check, upload and verify a converted checkpoint on the Hub."),
+    "eval": ("nabla_convert.eval_cli:eval_command", "Compare two pipelines on the same prompts and seeds."),
+    "bench": ("nabla_convert.bench_cli:bench", "Time NABLA against dense attention on this GPU."),
+}
+
+
 class NablaGroup(click.Group):
-    """Lists commands in pipeline order; reports NablaError (bad input, missing files, corrupt checkpoints)
-    as a one-line error, exit code 1."""
+    """Loads each stage's command only when it runs (so `--help` and `convert` import no training or plotting
+    stack), lists commands in pipeline order, and reports errors as one line with their exit code."""
 
     order = ("calibrate", "convert", "adapt", "push", "eval", "bench")
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(self.commands, key=lambda name: self.order.index(name) if name in self.order else len(self.order))
+        names = {*self.commands, *LAZY_COMMANDS}
+        return sorted(names, key=lambda name: self.order.index(name) if name in self.order else len(self.order))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.commands or name not in LAZY_COMMANDS:
+            return self.commands.get(name)
+        module, attribute = LAZY_COMMANDS[name][0].split(":")
+        command = getattr(importlib.import_module(module), attribute)
+        self.add_command(command, name)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list without importing the lazy commands."""
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in LAZY_COMMANDS:
+                rows.append((name, LAZY_COMMANDS[name][1]))
+            else:
+                rows.append((name, self.commands[name].get_short_help_str(formatter.width - 6 - len(name))))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context):
+        """The exit-code policy of nabla_convert.errors: a NablaError exits with its code, a file the operating
+        system refuses with 1, each as one "Error: ..." line; Click's usage errors exit with 2."""
         try:
             return super().invoke(ctx)
-        except NablaError as err:
-            raise click.ClickException(str(err)) from None
+        except (NablaError, OSError) as err:
+            failure = click.ClickException(" ".join(str(err).split()))
+            failure.exit_code = getattr(err, "exit_code", 1)
+            raise failure from None
 
 
 @click.group(cls=NablaGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,7 +116,7 @@ def main() -> None:
 
 
 @main.command("convert")
-@click.argument("model", required=False)
+@click.argument("model", required=False, callback=model_argument)
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output folder (created).")
 @click.option(
     "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="NABLA config JSON (from calibrate)."
@@ -118,7 +160,7 @@ def convert_command(
     diffusers pipeline of the same architecture (README: importing the published NABLA fine-tunes).
     """
     settings = nabla_settings(config, recipe, threshold, sta, dense_steps)
-    model = model or default_model()
+    model = default_model() if model is None else model
     inputs = {"MODEL": model, "--config file": config, **({"--base": base} if base else {})}
     check_output(out, inputs, overwrite=overwrite)
     calibration = config.parent / "calibration.json" if config else None
@@ -135,21 +177,6 @@ def convert_command(
         link=not copy,
     )
     click.echo(f"wrote NABLA checkpoint to {written}")
-
-
-def _register_commands() -> None:
-    """Each stage's command lives beside its API; the group only collects them."""
-    from nabla_convert.adapt.cli import adapt_command
-    from nabla_convert.bench_cli import bench
-    from nabla_convert.calibrate.cli import calibrate_command
-    from nabla_convert.eval_cli import eval_command
-    from nabla_convert.hub.cli import push
-
-    for command in (calibrate_command, adapt_command, push, eval_command, bench):
-        main.add_command(command)
-
-
-_register_commands()
 
 
 if __name__ == "__main__":  # accelerate launch -m nabla_convert.cli adapt ...

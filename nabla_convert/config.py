@@ -9,49 +9,88 @@ config.json, key `_nabla`), so a converted folder describes itself.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
-from nabla_convert.attention.flex import BACKENDS
-from nabla_convert.io import atomic_write_text
+from nabla_convert.errors import NablaError
+from nabla_convert.io import atomic_write_text, read_json
 
 SCHEMA_VERSION = 1
+BACKENDS = ("auto", "flex", "flex_eager", "reference")
 CONFIG_KEY = "_nabla"
 SELECTION_PRECISIONS = ("float32", "bfloat16")
-
-
-class NablaError(Exception):
-    """Base of the errors nabla-convert reports to users as one line (the CLI prints them, exit code 1)."""
 
 
 class ConfigError(NablaError, ValueError):
     """A NABLA config or recipe that cannot be used, with a message that says why."""
 
 
+# Schema checks for values read from JSON and YAML: they refuse what is not already the right type instead of
+# coercing it (the string "12" is not the layer list [1, 2], true is not the threshold 1.0).
+
+
+def check_int(value: Any, where: str, minimum: int | None = None) -> int:
+    """An integer (Python's or numpy's; not a bool, a float or a string)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{where} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def check_number(value: Any, where: str) -> float:
+    """A finite int or float (Python's or numpy's; not a bool, not a string)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_int_list(value: Any, where: str, minimum: int | None = None) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where} must be a list of integers, got {value!r}")
+    return tuple(check_int(item, f"{where} item", minimum) for item in value)
+
+
+def check_number_list(value: Any, where: str) -> tuple[float, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where} must be a list of numbers, got {value!r}")
+    return tuple(check_number(item, f"{where} item") for item in value)
+
+
+def check_mapping(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {value!r}")
+    return value
+
+
+def check_video_size(height: int, width: int, where: str = "") -> None:
+    """The video VAEs (8x) and patch (2x) of the supported families need frame sides that are multiples of 16."""
+    for name, side in (("height", height), ("width", width)):
+        if side % 16:
+            raise ConfigError(f"{where}{name} must be a multiple of 16 (the VAE's and patch's size), got {side}")
+
+
 def parse_window(value: Any) -> tuple[int, int, int] | None:
-    """STA window from None, "11,3,3", "11-3-3" or a 3-sequence of positive ints."""
+    """STA window from None, "11,3,3", "11-3-3" (command-line text) or a 3-sequence of positive ints."""
     if value is None:
         return None
     if isinstance(value, str):
-        parts = value.replace("-", ",").replace("x", ",").split(",")
+        try:
+            window = tuple(int(p) for p in value.replace("-", ",").replace("x", ",").split(","))
+        except ValueError:
+            raise ConfigError(f"STA window must be three integers like 11,3,3, got {value!r}") from None
     else:
-        parts = list(value)
-    try:
-        window = tuple(int(p) for p in parts)
-    except (TypeError, ValueError):
-        raise ConfigError(f"STA window must be three integers like 11,3,3, got {value!r}") from None
+        window = check_int_list(value, "STA window")
     if len(window) != 3 or min(window) < 1:
         raise ConfigError(f"STA window must be three positive integers (wT, wH, wW), got {value!r}")
     return window  # type: ignore[return-value]
 
 
 def check_threshold(value: Any, where: str = "threshold") -> float:
-    try:
-        threshold = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where} must be a number in [0, 1], got {value!r}") from None
+    threshold = check_number(value, where)
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"{where} must be in [0, 1] (0 = STA window only), got {threshold}")
     return threshold
@@ -73,6 +112,8 @@ class LayerSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold", check_threshold(self.threshold))
         object.__setattr__(self, "sta", parse_window(self.sta))
+        if not isinstance(self.dense, bool):
+            raise ConfigError(f"dense must be true or false, got {self.dense!r}")
         if not self.dense:
             check_sta_only(self.threshold, self.sta, "layer settings")
 
@@ -81,7 +122,7 @@ class LayerSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "layer") -> LayerSettings:
-        unknown = set(data) - {"threshold", "sta", "dense"}
+        unknown = set(check_mapping(data, where)) - {"threshold", "sta", "dense"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         try:
@@ -120,29 +161,33 @@ class NablaConfig:
             raise ConfigError(
                 f"selection_precision must be one of {SELECTION_PRECISIONS}, got {self.selection_precision!r}"
             )
-        tile = tuple(int(t) for t in self.tile)
-        if len(tile) != 2 or min(tile) < 1:
+        tile = check_int_list(self.tile, "tile", minimum=1)
+        if len(tile) != 2:
             raise ConfigError(f"tile must be two positive integers, got {self.tile!r}")
         object.__setattr__(self, "tile", tile)
         tile_size = tile[0] * tile[1]
         for name in ("q_block", "kv_block"):
-            size = getattr(self, name)
-            if not isinstance(size, int) or size < tile_size or size % tile_size:
+            size = check_int(getattr(self, name), name)
+            if size < tile_size or size % tile_size:
                 raise ConfigError(f"{name} must be a positive multiple of the tile size {tile_size}, got {size!r}")
-        if not isinstance(self.dense_steps, int) or self.dense_steps < 0:
-            raise ConfigError(f"dense_steps must be a non-negative integer, got {self.dense_steps!r}")
-        if self.backend not in BACKENDS:
+        check_int(self.dense_steps, "dense_steps", minimum=0)
+        if not isinstance(self.backend, str) or self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.schema_version > SCHEMA_VERSION:
+        if check_int(self.schema_version, "schema_version") > SCHEMA_VERSION:
             raise ConfigError(
                 f"config schema {self.schema_version} is newer than this nabla-convert ({SCHEMA_VERSION}); upgrade it"
             )
-        object.__setattr__(self, "dense_layers", tuple(sorted({int(i) for i in self.dense_layers})))
+        check_mapping(self.provenance, "provenance")
+        dense_layers = check_int_list(self.dense_layers, "dense_layers", minimum=0)
+        object.__setattr__(self, "dense_layers", tuple(sorted(set(dense_layers))))
         layers = {}
-        for index, settings in self.layers.items():
+        for index, settings in check_mapping(self.layers, "layers").items():
+            if isinstance(index, str) and index.isdigit() and index.isascii():  # JSON object keys are strings
+                index = int(index)
+            check_int(index, "a layers key (a layer index)", minimum=0)
             if not isinstance(settings, LayerSettings):
-                settings = LayerSettings.from_dict(dict(settings), where=f"layer {index}")
-            layers[int(index)] = settings
+                settings = LayerSettings.from_dict(settings, where=f"layer {index}")
+            layers[index] = settings
         object.__setattr__(self, "layers", dict(sorted(layers.items())))
 
     def layer(self, index: int) -> LayerSettings:
@@ -172,7 +217,7 @@ class NablaConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NablaConfig:
         if not isinstance(data, dict):
-            raise ConfigError(f"a NABLA config must be a JSON object, got {type(data).__name__}")
+            raise ConfigError(f"a NABLA config must be a mapping of settings, got {type(data).__name__}")
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
@@ -188,13 +233,10 @@ def load_config_file(path: str | os.PathLike) -> dict[str, NablaConfig]:
 
     Returns a mapping from pipeline component name to config; the key "*" means "every transformer".
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    data = read_json(path, "config file")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON: {err}") from None
-    if isinstance(data, dict) and data and all(k.startswith("transformer") for k in data):
-        return {name: NablaConfig.from_dict(sub) for name, sub in data.items()}
-    return {"*": NablaConfig.from_dict(data)}
+        if isinstance(data, dict) and data and all(k.startswith("transformer") for k in data):
+            return {name: NablaConfig.from_dict(sub) for name, sub in data.items()}
+        return {"*": NablaConfig.from_dict(data)}
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig, NablaError
 from nabla_convert.folders import (
@@ -40,9 +40,11 @@ from nabla_convert.folders import (
     weight_digests,
     write_marker,
 )
-from nabla_convert.io import atomic_write_text
-from nabla_convert.models import families, family_for_class_name
-from nabla_convert.models.family import TRANSFORMER_COMPONENTS, ModelFamily
+from nabla_convert.io import atomic_write_text, read_json
+from nabla_convert.models import TRANSFORMER_COMPONENTS, families, family_for_class_name
+
+if TYPE_CHECKING:
+    from nabla_convert.models.family import ModelFamily
 
 REPORTS_DIR = "nabla_reports"  # calibration.json, eval.json, bench.json: measurements the model card shows
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -58,16 +60,15 @@ class ConvertError(NablaError, ValueError):
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConvertError(f"cannot read {path}: {err}") from None
+    return read_json(path, "model file", dict)
 
 
 def resolve_model(
     model: str | os.PathLike, *, revision: str | None = None, token: str | None = None
 ) -> tuple[Path, dict]:
     """A local folder, or a Hub repo id fetched with snapshot_download. Returns (folder, source info)."""
+    if not str(model).strip():
+        raise ConvertError("MODEL is empty: give a folder or a Hub id (or leave it out for the reference model)")
     path = Path(model)
     if path.exists():
         if not path.is_dir():
@@ -76,8 +77,22 @@ def resolve_model(
     if os.path.isabs(str(model)) or str(model).startswith(".") or str(model).count("/") != 1:
         raise ConvertError(f"model folder not found: {model}")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+    from huggingface_hub.utils import validate_repo_id
 
+    from nabla_convert.hub.push import check_token
+
+    try:
+        validate_repo_id(str(model))
+    except HFValidationError:
+        raise ConvertError(f"model folder not found, and {model!r} is not a valid Hub id (namespace/name)") from None
+    if token:
+        check_token(token)
     try:
         local = snapshot_download(str(model), revision=revision, token=token)
     except RepositoryNotFoundError:

@@ -22,10 +22,26 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from nabla_convert.config import CONFIG_KEY, NablaConfig, NablaError
+from nabla_convert.config import (
+    CONFIG_KEY,
+    ConfigError,
+    NablaConfig,
+    NablaError,
+    check_int,
+    check_number,
+    check_video_size,
+)
 from nabla_convert.convert import resolve_model
 from nabla_convert.folders import check_output, public_name, write_marker
-from nabla_convert.io import DTYPES, atomic_write, atomic_write_text, markdown_table, resolve_device
+from nabla_convert.io import (
+    DTYPES,
+    atomic_write,
+    atomic_write_text,
+    markdown_table,
+    open_safetensors,
+    resolve_device,
+    torch_dtype,
+)
 from nabla_convert.models import family_of_pipeline
 from nabla_convert.models.nabla import layer_densities, reset_densities
 from nabla_convert.reference import HEIGHT, NUM_FRAMES, RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS, WIDTH, heldout_prompts
@@ -48,6 +64,15 @@ class EvalSettings:
     loss_seed: int = 0
     preview_samples: int = 3
     preview_frames: int = 4
+
+    def __post_init__(self) -> None:
+        try:
+            for name in ("steps", "height", "width", "frames"):
+                check_int(getattr(self, name), name, minimum=1)
+            check_number(self.guidance, "guidance")
+            check_video_size(self.height, self.width)
+        except ConfigError as err:
+            raise EvalError(str(err)) from None
 
 
 @dataclass
@@ -455,23 +480,13 @@ def write_outputs(result: EvalResult, out_dir: str | os.PathLike) -> Path:
 
 def load_prompts(path: str | os.PathLike | None = None) -> list[str]:
     """One prompt per non-empty line; without a path, the reference model's bundled held-out prompts."""
-    try:
-        prompts = heldout_prompts(path)
-    except FileNotFoundError as err:
-        raise EvalError(f"{err}{'' if path else ' (the bundled held-out prompts); pass --prompts FILE'}") from None
-    if not prompts:
-        raise EvalError(f"prompt file has no prompts: {path}")
-    return prompts
+    return heldout_prompts(path)
 
 
 def load_held_out(path: str | os.PathLike) -> HeldOut:
     """Held-out latents from a safetensors file: tensor "latents" (N, C, F, H, W), metadata "prompts" (JSON list)."""
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise EvalError(f"latent file not found: {path}")
-    with safe_open(str(path), framework="pt") as handle:
+    with open_safetensors(path, "latent file") as handle:
         if "latents" not in handle.keys():  # noqa: SIM118 (safe_open has no __contains__)
             raise EvalError(f"{path}: no tensor named 'latents'")
         latents = handle.get_tensor("latents")
@@ -498,7 +513,7 @@ def load_pipeline(path: str | os.PathLike, device: str = "auto", dtype: str = "f
 
     if dtype not in DTYPES:
         raise EvalError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DiffusionPipeline.from_pretrained(pipeline_folder(path), torch_dtype=DTYPES[dtype]).to(
+    return DiffusionPipeline.from_pretrained(pipeline_folder(path), torch_dtype=torch_dtype(dtype)).to(
         resolve_device(device)
     )
 

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import click
 
-from nabla_convert.eval import EvalSettings, run_eval
+from nabla_convert import reference
+from nabla_convert.cli import model_argument
 from nabla_convert.io import DTYPES
-
-DEFAULTS = EvalSettings()
 
 
 def _seeds(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -23,8 +22,8 @@ def _seeds(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int,
 
 
 @click.command("eval")
-@click.argument("model_a")
-@click.argument("model_b")
+@click.argument("model_a", callback=model_argument)
+@click.argument("model_b", callback=model_argument)
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option(
     "--prompts",
@@ -32,11 +31,11 @@ def _seeds(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int,
     help="Prompt file, one per line (default: the reference model's held-out prompts).",
 )
 @click.option("--seeds", default="0", show_default=True, callback=_seeds, help="Comma-separated seeds per prompt.")
-@click.option("--steps", type=click.IntRange(min=1), default=DEFAULTS.steps, show_default=True)
-@click.option("--guidance", type=float, default=DEFAULTS.guidance, show_default=True, help="CFG scale.")
-@click.option("--height", type=click.IntRange(min=16), default=DEFAULTS.height, show_default=True)
-@click.option("--width", type=click.IntRange(min=16), default=DEFAULTS.width, show_default=True)
-@click.option("--frames", type=click.IntRange(min=1), default=DEFAULTS.frames, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=reference.RECOMMENDED_STEPS, show_default=True)
+@click.option("--guidance", type=float, default=reference.RECOMMENDED_GUIDANCE, show_default=True, help="CFG scale.")
+@click.option("--height", type=click.IntRange(min=16), default=reference.HEIGHT, show_default=True)
+@click.option("--width", type=click.IntRange(min=16), default=reference.WIDTH, show_default=True)
+@click.option("--frames", type=click.IntRange(min=1), default=reference.NUM_FRAMES, show_default=True)
 @click.option("--max-samples", type=click.IntRange(min=1), help="Evaluate at most this many (prompt, seed) pairs.")
 @click.option(
     "--latents",
@@ -69,6 +68,8 @@ def eval_command(
     PSNR/SSIM, each transformer's flow-matching loss on held-out latents, per-layer NABLA density.
     MODEL_A/MODEL_B are diffusers pipeline folders (dense or converted) or Hub ids.
     """
+    from nabla_convert.eval import EvalSettings, run_eval
+
     settings = EvalSettings(steps=steps, guidance=guidance, height=height, width=width, frames=frames)
     result = run_eval(
         model_a,

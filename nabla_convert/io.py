@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from nabla_convert.errors import DeviceError, InputFileError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:  # torch loads when a device or dtype is needed, not for every command's --help
+    import torch
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -35,12 +39,59 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """One prompt per non-empty line."""
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """The text of a UTF-8 file (a byte-order mark is dropped), or an InputFileError that says why not."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        raise InputFileError(f"{what} {path} is not a file" if path.exists() else f"{what} not found: {path}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputFileError(
+            f"{what} {path} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); save it as UTF-8"
+        ) from None
+    if "\0" in text:
+        raise InputFileError(f"{what} {path} holds NUL bytes: a binary file, not text")
+    return text
+
+
+def read_json(path: str | os.PathLike, what: str = "file", kind: type = object) -> Any:
+    """The JSON value (of type `kind`) of a UTF-8 file, or an InputFileError naming the file and the fault."""
+    text = read_text(path, what)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputFileError(f"{what} {path} is not valid JSON: {err}") from None
+    if not isinstance(data, kind):
+        raise InputFileError(f"{what} {path} holds a JSON {type(data).__name__}, not a {kind.__name__}")
+    return data
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike, what: str = "file") -> Iterator[Any]:
+    """safetensors' safe_open (torch tensors), with an unreadable file reported as an InputFileError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"{what} {path} is not a file" if path.exists() else f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
+    except SafetensorError as err:
+        raise InputFileError(f"{what} {path} is not a readable safetensors file ({err})") from None
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """One prompt per non-empty line; a file without any is an error, not an empty run."""
+    prompts = [line.strip() for line in read_text(path, "prompt file").splitlines() if line.strip()]
+    if not prompts:
+        raise InputFileError(f"prompt file {path} has no prompts (one per line)")
+    bad = next((p for p in prompts if not p.replace("\t", " ").isprintable()), None)
+    if bad is not None:
+        raise InputFileError(f"prompt file {path} holds control characters in {bad[:40]!r}")
+    return prompts
 
 
 def format_cell(value: Any) -> str:
@@ -64,11 +115,26 @@ def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype named by one of DTYPES."""
+    import torch
+
+    return getattr(torch, name)
+
+
 def resolve_device(device: str) -> torch.device:
-    """ "auto" -> the GPU when there is one, else the CPU; anything else as torch reads it."""
+    """ "auto" -> the GPU when there is one, else the CPU; anything else as torch reads it, if this machine has it."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+        torch.empty(0, device=resolved)
+    except (RuntimeError, AssertionError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DeviceError(f"device {device!r} is not usable on this machine ({reason[:160]})") from None
+    return resolved
 
 
 def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:

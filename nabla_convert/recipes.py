@@ -16,9 +16,11 @@ from typing import Any
 
 import yaml
 
-from nabla_convert.config import ConfigError, NablaConfig
+from nabla_convert.config import ConfigError, NablaConfig, check_mapping
+from nabla_convert.io import read_text
+from nabla_convert.shipped import shipped_folder
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = shipped_folder("recipes")
 RECIPE_KEYS = {"name", "description", "nabla", "calibrate", "adapt"}
 
 
@@ -36,7 +38,8 @@ def find_recipe(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    for candidate in (RECIPES_DIR / f"{name_or_path}.yaml", RECIPES_DIR / str(name_or_path)):
+    named = path.name == str(name_or_path) and path.name not in ("", ".", "..")  # a name, not a path elsewhere
+    for candidate in (RECIPES_DIR / f"{path.name}.yaml", RECIPES_DIR / path.name) if named else ():
         if candidate.is_file():
             return candidate
     shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
@@ -46,9 +49,9 @@ def find_recipe(name_or_path: str | os.PathLike) -> Path:
 def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
     path = find_recipe(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text(path, "recipe"))
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping with a 'nabla' section")
     unknown = set(data) - RECIPE_KEYS
@@ -56,14 +59,19 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
         raise ConfigError(f"{path}: unknown recipe keys {sorted(unknown)}; known: {sorted(RECIPE_KEYS)}")
     if "nabla" not in data:
         raise ConfigError(f"{path}: a recipe needs a 'nabla' section")
+    name, description = data.get("name", path.stem), data.get("description", "")
     try:
-        nabla = NablaConfig.from_dict(data["nabla"] or {})
+        for key, value in (("name", name), ("description", description)):
+            if not isinstance(value, str):
+                raise ConfigError(f"{key} must be text, got {value!r}")
+        sections = {key: check_mapping(data.get(key) or {}, key) for key in ("nabla", "calibrate", "adapt")}
+        nabla = NablaConfig.from_dict(sections["nabla"])
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     return Recipe(
-        name=str(data.get("name", path.stem)),
-        description=str(data.get("description", "")).strip(),
-        nabla=nabla.with_provenance(recipe=str(data.get("name", path.stem))),
-        calibrate=dict(data.get("calibrate") or {}),
-        adapt=dict(data.get("adapt") or {}),
+        name=name,
+        description=description.strip(),
+        nabla=nabla.with_provenance(recipe=name),
+        calibrate=sections["calibrate"],
+        adapt=sections["adapt"],
     )

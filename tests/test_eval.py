@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from safetensors.torch import save_file
 import nabla_convert.reference as nabla_reference
 from nabla_convert import NablaConfig, apply_nabla, convert, layer_densities
 from nabla_convert.cli import main
+from nabla_convert.errors import InputFileError
 from nabla_convert.eval import (
     EvalError,
     EvalSettings,
@@ -253,17 +255,31 @@ def test_cli_bad_model_is_one_line_error(tiny_pipeline_dir, tmp_path, which, mes
 
 def test_prompt_files(tmp_path):
     assert load_prompts(prompts_file(tmp_path)) == PROMPTS  # blank lines skipped
-    (tmp_path / "empty.txt").write_text("\n \n")
-    with pytest.raises(EvalError, match="no prompts"):
-        load_prompts(tmp_path / "empty.txt")
-    with pytest.raises(EvalError, match="not found"):
-        load_prompts(tmp_path / "absent.txt")
     bundled = Path(nabla_reference.__file__).parent / "prompts_heldout.txt"
-    if bundled.is_file():
-        assert load_prompts() == [line.strip() for line in bundled.read_text().splitlines() if line.strip()]
-    else:
-        with pytest.raises(EvalError, match="pass --prompts FILE"):
-            load_prompts()
+    assert load_prompts() == [line.strip() for line in bundled.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "not found"),
+        (b"\n \n\t\n", "has no prompts"),
+        ("caf\xe9\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 at offset 3)"),
+        ("a red ball\n".encode("utf-16"), "not UTF-8 text (byte 0xff at offset 0)"),
+        (b"a red ball\x00\n", "NUL bytes"),
+        (b"a red\x1b[31m ball\n", "control characters"),
+    ],
+)
+def test_bad_prompt_files_are_refused_with_the_reason(tmp_path, content, message):
+    path = tmp_path / "prompts.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(InputFileError, match=re.escape(message)):
+        load_prompts(path)
+    with pytest.raises(InputFileError, match="is not a file"):
+        load_prompts(tmp_path)
+    path.write_bytes("\ufeffa red ball\n".encode())  # a UTF-8 byte-order mark is fine
+    assert load_prompts(path) == ["a red ball"]
 
 
 def test_evaluate_needs_samples(tiny_pipeline_dir):

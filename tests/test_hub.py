@@ -25,6 +25,7 @@ from nabla_convert.folders import MARKER
 from nabla_convert.hub import (
     AuthenticationError,
     HubConnectionError,
+    InvalidArgumentsError,
     InvalidCheckpointError,
     NotFoundError,
     PermissionDeniedError,
@@ -397,3 +398,43 @@ def test_failed_push_leaves_the_folder_as_it_was(hub, converted):
     result = run_cli(converted, "--repo-id", REPO, "--token", ALICE_READ, "--endpoint", hub.url, "--regenerate-card")
     assert result.exit_code == PermissionDeniedError.exit_code
     assert (converted / "README.md").read_text() == "---\nlicense: mit\n---\n# mine\n"
+
+
+@pytest.mark.parametrize("token", [ALICE + "\nhf_second_line", ALICE + " ", "hf_tab\there", "hf_ünï"])
+def test_unusable_token_is_refused_unprinted_before_any_request(hub, converted, token):
+    result = run_cli(converted, "--repo-id", REPO, "--token", token, "--endpoint", hub.url)
+    assert result.exit_code == AuthenticationError.exit_code == 4, result.output
+    assert "token" in error_line(result)
+    for part in token.split():
+        assert part not in result.output
+    assert hub.state.requests == []
+
+
+@pytest.mark.parametrize(
+    "repo_id", ["tiny-nabla", "alice/tiny/nabla", "alice/tiny..nabla", "alice/tiny nabla", "-alice/x", "alice/", ""]
+)
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_malformed_repo_id_is_refused_before_any_request(hub, converted, repo_id, dry_run):
+    result = run_cli(converted, "--repo-id", repo_id, "--token", ALICE, "--endpoint", hub.url, *["--dry-run"] * dry_run)
+    assert result.exit_code == InvalidArgumentsError.exit_code == 2, result.output
+    assert "--repo-id" in error_line(result)
+    assert hub.state.requests == []
+
+
+@pytest.mark.parametrize("endpoint", ["htp://hub.example", "hub.example", "http://", "http://hub example", "ftp://x"])
+def test_malformed_endpoint_is_refused_without_retries(hub, converted, endpoint, monkeypatch):
+    waits = []
+    monkeypatch.setattr(push_module.time, "sleep", waits.append)
+    result = run_cli(converted, "--repo-id", REPO, "--token", ALICE, "--endpoint", endpoint)
+    assert result.exit_code == InvalidArgumentsError.exit_code == 2, result.output
+    assert "endpoint" in error_line(result) and waits == []
+
+
+def test_unexpected_client_error_is_one_line_without_the_token(hub, converted, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError(f"Illegal header value b'Bearer {ALICE}'")
+
+    monkeypatch.setattr(push_module.HfApi, "repo_info", broken)
+    result = run_cli(converted, "--repo-id", REPO, "--token", ALICE, "--endpoint", hub.url)
+    assert result.exit_code == 1 and "Illegal header value" in error_line(result)
+    assert ALICE not in result.output

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nabla_convert.config import NablaError
-from nabla_convert.io import atomic_write
+from nabla_convert.io import atomic_write, open_safetensors
 
 SHARD_METADATA = {"format": "nabla-convert-latents", "version": "1"}
 TENSOR_NAMES = ("latents", "prompt_embeds")  # always present; families may add conditioning tensors
@@ -79,7 +79,7 @@ class LatentDataset(torch.utils.data.Dataset):
         with safe_open(shards[0], framework="pt") as f:
             self.names = tuple(sorted(f.keys(), key=lambda name: (name not in TENSOR_NAMES, name)))
         for shard in shards:
-            with safe_open(shard, framework="pt") as f:
+            with open_safetensors(shard, "latent shard") as f:
                 missing = set(TENSOR_NAMES) - set(f.keys())
                 if missing:
                     raise DataError(f"{shard} lacks tensors {sorted(missing)} (a latent shard holds {TENSOR_NAMES})")

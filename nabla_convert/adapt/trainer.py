@@ -59,7 +59,16 @@ from nabla_convert.adapt.data import (
     write_latent_shard,
 )
 from nabla_convert.adapt.losses import LOSSES, DenseTeacher, loss_target, relative_error, velocity, weighted_mse
-from nabla_convert.config import CONFIG_KEY, NablaConfig, NablaError
+from nabla_convert.config import (
+    CONFIG_KEY,
+    ConfigError,
+    NablaConfig,
+    NablaError,
+    check_int,
+    check_int_list,
+    check_number,
+    check_number_list,
+)
 from nabla_convert.convert import transformer_components
 from nabla_convert.folders import (
     MARKER,
@@ -74,7 +83,7 @@ from nabla_convert.folders import (
     weight_digests,
     write_marker,
 )
-from nabla_convert.io import atomic_write_text, read_prompts
+from nabla_convert.io import atomic_write_text, read_json, read_prompts
 from nabla_convert.models import family_for_class_name, family_of
 from nabla_convert.models.family import ModelFamily
 from nabla_convert.models.nabla import layer_densities, reset_densities
@@ -147,6 +156,10 @@ class AdaptSettings:
     component: str = "transformer"
 
     def __post_init__(self) -> None:
+        try:
+            self.check_types()
+        except ConfigError as err:
+            raise AdaptError(f"adapt settings: {err}") from None
         for name in ("latent_shape", "lora_targets", "sigma_range"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
@@ -154,17 +167,50 @@ class AdaptSettings:
             raise AdaptError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.loss == "flow" and not self.data:
             raise AdaptError("flow matching needs a latent dataset (--data)")
-        positive = ("steps", "batch_size", "grad_accum", "validation_samples", "keep_checkpoints", "text_length")
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise AdaptError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("lora_rank", "checkpoint_every", "validate_every", "rollout_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise AdaptError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if self.lr is not None and self.lr <= 0:
+            raise AdaptError(f"lr must be positive, got {self.lr}")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise AdaptError(f"mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise AdaptError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+
+    def check_types(self) -> None:
+        """Refuse values of the wrong type (a recipe's "10" steps, true for a float) instead of coercing them."""
+        positive = ("steps", "batch_size", "grad_accum", "validation_samples", "keep_checkpoints", "text_length")
+        for name in positive:
+            check_int(getattr(self, name), name, minimum=1)
+        for name in ("lora_rank", "checkpoint_every", "validate_every", "rollout_steps"):
+            check_int(getattr(self, name), name, minimum=0)
+        check_int(self.seed, "seed")
+        if self.warmup_steps is not None:
+            check_int(self.warmup_steps, "warmup_steps", minimum=0)
+        for name in ("weight_decay", "max_grad_norm", "logit_mean", "logit_std", "mode_scale", "heldout_fraction"):
+            check_number(getattr(self, name), name)
+        for name in ("lr", "lora_alpha", "shift"):
+            if getattr(self, name) is not None:
+                check_number(getattr(self, name), name)
+        shape = check_int_list(self.latent_shape, "latent_shape", minimum=1)
+        if len(shape) != 3:
+            raise ConfigError(f"latent_shape must be three integers F, H, W, got {self.latent_shape!r}")
+        sigmas = check_number_list(self.sigma_range, "sigma_range")
+        if len(sigmas) != 2:
+            raise ConfigError(f"sigma_range must be two numbers, got {self.sigma_range!r}")
+        targets = self.lora_targets
+        if targets is not None and (
+            not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets)
+        ):
+            raise ConfigError(f"lora_targets must be a list of module names, got {self.lora_targets!r}")
+        for name in ("loss", "lr_scheduler", "weighting_scheme", "mixed_precision", "component"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be text, got {getattr(self, name)!r}")
+        for name in ("data", "prompts"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a path, got {getattr(self, name)!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
+        object.__setattr__(self, "latent_shape", shape)
+        object.__setattr__(self, "sigma_range", sigmas)
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
 
     @classmethod
     def from_dict(cls, plan: dict[str, Any], /, **overrides: Any) -> AdaptSettings:
@@ -173,7 +219,10 @@ class AdaptSettings:
         unknown = set(plan) - known
         if unknown:
             raise AdaptError(f"unknown adapt settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**{**plan, **{k: v for k, v in overrides.items() if v is not None}})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if plan.keys() & given.keys():  # a recipe value an option replaces must still be valid
+            cls(**{**given, **plan})
+        return cls(**{**plan, **given})
 
     @property
     def learning_rate(self) -> float:
@@ -220,7 +269,7 @@ def _component_folder(root: Path, component: str) -> tuple[str, Path]:
     if name not in components:
         raise AdaptError(f"{root} has no transformer component {component!r} (found: {sorted(components)})")
     folder = components[name][0]
-    if CONFIG_KEY not in json.loads((folder / "config.json").read_text()):
+    if CONFIG_KEY not in read_json(folder / "config.json", "model file", dict):
         raise AdaptError(f"{folder} is a dense checkpoint (no {CONFIG_KEY} settings); run convert first")
     return name, folder
 
@@ -237,7 +286,7 @@ def _weights_dtype(folder: Path) -> torch.dtype:
 def _default_shift(root: Path) -> float:
     scheduler_config = root / "scheduler" / "scheduler_config.json"
     if scheduler_config.is_file():
-        config = json.loads(scheduler_config.read_text())
+        config = read_json(scheduler_config, "scheduler config", dict)
         for key in ("flow_shift", "shift"):
             if isinstance(config.get(key), (int, float)):
                 return float(config[key])
@@ -257,7 +306,7 @@ def _lora_config(settings: AdaptSettings, family: ModelFamily):
 
 def folder_family(folder: Path) -> ModelFamily:
     """The family of the transformer stored in `folder` (its config.json's class name)."""
-    family = family_for_class_name(json.loads((folder / "config.json").read_text()).get("_class_name"))
+    family = family_for_class_name(read_json(folder / "config.json", "model file", dict).get("_class_name"))
     if family is None:
         raise AdaptError(f"{folder} holds no supported transformer")
     return family

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from nabla_convert.config import BACKENDS
+
 Backend = Literal["auto", "flex", "flex_eager", "reference"]
-BACKENDS = ("auto", "flex", "flex_eager", "reference")
 
 
 def compact_indices(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,7 +47,7 @@ from nabla_convert.calibrate.search import ComponentChoice, Target, evaluate, se
 from nabla_convert.config import NablaConfig
 from nabla_convert.convert import resolve_model, transformer_components
 from nabla_convert.folders import check_output, public_name, write_marker
-from nabla_convert.io import DTYPES, atomic_write, resolve_device
+from nabla_convert.io import DTYPES, atomic_write, open_safetensors, resolve_device, torch_dtype
 from nabla_convert.models import family_of
 from nabla_convert.recipes import Recipe, load_recipe
 
@@ -89,12 +89,8 @@ def embedding_samples(path: str | os.PathLike, seeds: Sequence[int], guidance: f
     "negative_prompt_embeds" (N or 1, L, D) and optional metadata "prompts" (a JSON list of N labels)."""
     import json
 
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise CalibrationError(f"prompt embeddings file not found: {path}")
-    with safe_open(str(path), framework="pt") as handle:
+    with open_safetensors(path, "prompt embeddings file") as handle:
         names = set(handle.keys())
         if "prompt_embeds" not in names:
             raise CalibrationError(f"{path}: no tensor named 'prompt_embeds' (N, L, D)")
@@ -138,11 +134,11 @@ def load_pipeline(model: str | os.PathLike, *, text_encoder: bool, device: str =
         if text_encoder:
             raise CalibrationError(f"{model} is a transformer folder without a text encoder: give --prompt-embeds")
         family = components[""][1]
-        transformer = family.transformer_classes[0].from_pretrained(folder, torch_dtype=DTYPES[dtype])
+        transformer = family.transformer_classes[0].from_pretrained(folder, torch_dtype=torch_dtype(dtype))
         pipe = family.bare_pipeline(transformer)
     else:
         skipped = {"vae": None} if text_encoder else {"vae": None, "text_encoder": None, "tokenizer": None}
-        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=DTYPES[dtype], **skipped)
+        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype(dtype), **skipped)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(torch_device)
 

@@ -7,10 +7,12 @@ from pathlib import Path
 import click
 
 from nabla_convert.calibrate import calibrate, recalibrate
+from nabla_convert.cli import model_argument
 from nabla_convert.eval import load_prompts
 from nabla_convert.io import DTYPES
+from nabla_convert.shipped import shipped_folder
 
-DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "calibration" / "prompts.txt"
+DEFAULT_PROMPTS = shipped_folder("calibration") / "prompts.txt"
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -23,7 +25,7 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 @click.command("calibrate")
-@click.argument("model", required=False)
+@click.argument("model", required=False, callback=model_argument)
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option(
     "--prompts",

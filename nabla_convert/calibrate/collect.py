@@ -45,8 +45,19 @@ from nabla_convert.attention import (
     sta_block_mask,
 )
 from nabla_convert.attention.mask import block_scores
-from nabla_convert.config import ConfigError, LayerSettings, NablaConfig, NablaError, check_threshold, parse_window
-from nabla_convert.io import atomic_write
+from nabla_convert.config import (
+    ConfigError,
+    LayerSettings,
+    NablaConfig,
+    NablaError,
+    check_int,
+    check_int_list,
+    check_number,
+    check_threshold,
+    check_video_size,
+    parse_window,
+)
+from nabla_convert.io import atomic_write, open_safetensors
 from nabla_convert.models import family_of, family_of_pipeline
 from nabla_convert.models.nabla import NablaAttnProcessor, apply_nabla, nabla_state, remove_nabla, set_processors
 
@@ -108,24 +119,29 @@ class CalibrationPlan:
         windows = tuple(dict.fromkeys(parse_window(w) for w in self.sta))
         object.__setattr__(self, "sta", windows or (None,))
         for name in ("steps", "height", "width", "frames", "query_blocks"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"calibrate.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.dense_steps, int) or not 0 <= self.dense_steps < self.steps:
+            check_int(getattr(self, name), f"calibrate.{name}", minimum=1)
+        check_video_size(self.height, self.width, "calibrate.")
+        if not 0 <= check_int(self.dense_steps, "dense_steps") < self.steps:
             raise ConfigError(f"dense_steps must be in [0, steps={self.steps}), got {self.dense_steps!r}")
         if isinstance(self.sample_steps, (list, tuple)):
-            steps = tuple(sorted({int(s) for s in self.sample_steps}))
+            steps = tuple(sorted(set(check_int_list(self.sample_steps, "calibrate.sample_steps"))))
             if not steps or steps[0] < 0 or steps[-1] >= self.steps:
                 raise ConfigError(f"calibrate.sample_steps must be step indices in [0, {self.steps}), got {steps}")
             object.__setattr__(self, "sample_steps", steps)
-        elif not isinstance(self.sample_steps, int) or self.sample_steps < 1:
+        elif isinstance(self.sample_steps, bool) or not isinstance(self.sample_steps, int) or self.sample_steps < 1:
             raise ConfigError(
                 f"calibrate.sample_steps must be a count >= 1 or a list of steps, got {self.sample_steps!r}"
             )
-        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        object.__setattr__(self, "seeds", check_int_list(self.seeds, "calibrate.seeds"))
         if not self.seeds:
             raise ConfigError("give at least one seed")
-        object.__setattr__(self, "dense_layers", tuple(sorted({int(i) for i in self.dense_layers})))
+        dense_layers = check_int_list(self.dense_layers, "dense_layers", minimum=0)
+        object.__setattr__(self, "dense_layers", tuple(sorted(set(dense_layers))))
+        check_number(self.guidance, "calibrate.guidance")
+        for name in ("target_density", "error_budget"):
+            if getattr(self, name) is not None:
+                check_number(getattr(self, name), f"calibrate.{name}")
+        check_number(self.error_quantile, "calibrate.error_quantile")
         if self.target_density is not None and self.error_budget is not None:
             raise ConfigError("give a target density or an error budget, not both")
         if self.target_density is not None and not 0.0 < self.target_density <= 1.0:
@@ -243,20 +259,13 @@ class Stats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Stats:
-        from safetensors import SafetensorError, safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise CalibrationError(f"stats file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                header = handle.metadata() or {}
-                if header.get("format") != STATS_FORMAT:
-                    raise CalibrationError(f"{path} is not a calibration stats file ({STATS_FORMAT})")
-                meta = json.loads(header["meta"])
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-        except SafetensorError as err:
-            raise CalibrationError(f"cannot read {path}: {err}") from None
+        with open_safetensors(path, "stats file") as handle:
+            header = handle.metadata() or {}
+            if header.get("format") != STATS_FORMAT:
+                raise CalibrationError(f"{path} is not a calibration stats file ({STATS_FORMAT})")
+            meta = json.loads(header["meta"])
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
         components = {}
         for name, info in meta.pop("components").items():
             comp = ComponentStats(info["num_layers"], info["num_heads"], map_heads=list(info["map_heads"]))

@@ -6,7 +6,7 @@ later, a missing repo or missing permission a different --repo-id or token, a ch
 
 from __future__ import annotations
 
-from nabla_convert.config import NablaError
+from nabla_convert.errors import NablaError
 
 
 class PushError(NablaError):
@@ -16,7 +16,7 @@ class PushError(NablaError):
 
 
 class InvalidArgumentsError(PushError):
-    """Options that contradict each other (the same exit code as a Click usage error)."""
+    """A malformed repo id, revision or endpoint, or options that contradict each other (a usage error)."""
 
     exit_code = 2
 

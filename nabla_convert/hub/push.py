@@ -13,23 +13,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import TypeVar
 
-import httpx2
 import yaml
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, get_token
 from huggingface_hub.errors import (
     HfHubHTTPError,
+    HFValidationError,
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
 from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import validate_repo_id
 
+from nabla_convert.errors import InputFileError
 from nabla_convert.folders import MARKER, is_weight_file, read_marker, write_marker
 from nabla_convert.hub.card import generate_card
 from nabla_convert.hub.checks import Checkpoint, ManifestEntry, build_manifest, check_checkpoint, weights_changed
@@ -43,7 +46,7 @@ from nabla_convert.hub.errors import (
     PushError,
     VerificationError,
 )
-from nabla_convert.io import atomic_write_text
+from nabla_convert.io import atomic_write_text, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +120,39 @@ class PushPlan:
         return f"{len(self.weights())} files, each matching the sha256 recorded when they were written"
 
 
-def check_target(revision: str | None, create_pr: bool) -> None:
+def check_target(repo_id: str, revision: str | None, create_pr: bool) -> None:
+    """Refuse a malformed repo id or revision, or contradictory options, before any file is read or request sent."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise InvalidArgumentsError(
+            f"invalid --repo-id {repo_id!r}: use namespace/name with letters, digits, '-', '_' or '.'"
+        ) from None
+    if "/" not in repo_id:
+        raise InvalidArgumentsError(f"invalid --repo-id {repo_id!r}: give the namespace too, like you/{repo_id}")
+    if revision is not None and (not revision.strip() or not revision.isprintable() or " " in revision):
+        raise InvalidArgumentsError(f"invalid --revision {revision!r}: a branch name or refs/pr/N")
     if create_pr and revision not in (None, DEFAULT_BRANCH):
         raise InvalidArgumentsError(
             "--create-pr opens a pull request against main; it cannot be combined with --revision"
+        )
+
+
+def check_endpoint(endpoint: str) -> None:
+    """An http(s) URL with a host: anything else fails the same way on every retry."""
+    url = urllib.parse.urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or not url.hostname or not endpoint.isprintable() or " " in endpoint:
+        raise InvalidArgumentsError(
+            f"invalid Hub endpoint {endpoint!r}: give an http(s) URL like https://huggingface.co"
+        )
+
+
+def check_token(token: str) -> None:
+    """A token goes into an HTTP header: refuse one that cannot, without ever printing it."""
+    if not token.isascii() or not token.isprintable() or " " in token:
+        raise AuthenticationError(
+            f"the token ({len(token)} characters) holds spaces, line breaks or other characters no token has; "
+            "check --token or HF_TOKEN"
         )
 
 
@@ -138,12 +170,15 @@ def prepare_push(
     The weight files must match the sha256 manifest convert/adapt recorded, so an edit made after conversion is
     caught; `restamp` accepts the folder's current weights instead (recorded after a successful push).
     """
-    check_target(revision, create_pr)
+    check_target(repo_id, revision, create_pr)
     folder = Path(folder)
     checkpoint = check_checkpoint(folder)
     card_path = folder / CARD_NAME
     if card_path.is_file() and not regenerate_card:
-        card, card_is_new = card_path.read_text(encoding="utf-8"), False
+        try:
+            card, card_is_new = read_text(card_path, CARD_NAME), False
+        except InputFileError as err:
+            raise InvalidCheckpointError(f"{err}; fix it or pass --regenerate-card") from None
         try:
             ModelCard(card)
         except (ValueError, yaml.YAMLError) as err:
@@ -220,18 +255,20 @@ def push_to_hub(
     `restamp` accepts weights changed since convert/adapt recorded them. FOLDER is written only after the Hub's
     checksums verified: the generated card, and with `restamp` the weights manifest.
     """
-    check_target(revision, create_pr)
+    check_target(repo_id, revision, create_pr)
+    api = HfApi(endpoint=endpoint, token=token)
+    check_endpoint(api.endpoint)
     token = token or get_token()
     if not token:
         raise AuthenticationError("no Hugging Face token: pass --token, set HF_TOKEN, or run `hf auth login`")
+    check_token(token)
     folder = Path(folder)
     plan = prepare_push(
         folder, repo_id, revision=revision, create_pr=create_pr, regenerate_card=regenerate_card, restamp=restamp
     )
-    api = HfApi(endpoint=endpoint, token=token)
     branch = revision or DEFAULT_BRANCH
     message = commit_message or f"Upload NABLA sparse-attention checkpoint (nabla-convert {version('nabla-convert')})"
-    with hub_errors(api.endpoint, repo_id, branch):
+    with hub_errors(api.endpoint, repo_id, branch, token):
         repo_id = retrying(lambda: ensure_repo(api, repo_id, private), retries)
         if branch != DEFAULT_BRANCH and not branch.startswith("refs/"):
             retrying(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True), retries)
@@ -310,22 +347,36 @@ def remote_mismatches(api: HfApi, repo_id: str, revision: str, manifest: tuple[M
 
 
 def causes(err: BaseException) -> Iterator[BaseException]:
-    """The exception and what it was explicitly raised from (huggingface_hub wraps LFS upload errors that way)."""
+    """The exception and what it was raised from or while handling: huggingface_hub wraps LFS upload errors with
+    `from`; the HTTP client raises its transport errors while handling the socket's (with `from None`)."""
     current: BaseException | None = err
     while current is not None:
         yield current
-        current = current.__cause__
+        current = current.__cause__ or current.__context__
+
+
+def connection_failure(err: BaseException) -> OSError | None:
+    """The socket error under a failed request (refused, reset, timed out, unknown host), if that is what it was.
+
+    The HTTP client raises its own transport errors from the operating system's, so the standard library's classes
+    name the cause whichever HTTP client this huggingface_hub version uses.
+    """
+    for cause in causes(err):
+        if isinstance(cause, (OfflineModeIsEnabled, HfHubHTTPError)):
+            return None
+        if isinstance(cause, OSError):
+            return cause
+    return None
 
 
 def is_transient(err: BaseException) -> bool:
+    """Worth another try: a dropped or timed-out connection, or a Hub answer that says "later" (429, 5xx)."""
     for cause in causes(err):
         if isinstance(cause, OfflineModeIsEnabled):
             return False
-        if isinstance(cause, httpx2.TransportError):
-            return True
         if isinstance(cause, HfHubHTTPError):
             return cause.response is not None and cause.response.status_code in TRANSIENT_STATUS
-    return False
+    return isinstance(connection_failure(err), (ConnectionError, TimeoutError))
 
 
 def retrying(step: Callable[[], T], retries: int) -> T:
@@ -343,8 +394,9 @@ def retrying(step: Callable[[], T], retries: int) -> T:
 
 
 @contextlib.contextmanager
-def hub_errors(endpoint: str, repo_id: str, revision: str) -> Iterator[None]:
-    """Turn huggingface_hub and transport exceptions into one-line PushErrors, one class per cause."""
+def hub_errors(endpoint: str, repo_id: str, revision: str, token: str) -> Iterator[None]:
+    """Turn huggingface_hub and transport exceptions into one-line PushErrors, one class per cause; the token
+    never appears in a message."""
     try:
         yield
     except PushError:
@@ -352,16 +404,20 @@ def hub_errors(endpoint: str, repo_id: str, revision: str) -> Iterator[None]:
     except Exception as err:
         translated = translate(err, endpoint, repo_id, revision)
         if translated is None:
-            raise
+            said = " ".join(str(err).replace(token, "<token>").split())
+            translated = PushError(
+                f"unexpected failure talking to the Hub at {endpoint} ({type(err).__name__}): {said}"
+            )
         raise translated from err
 
 
 def translate(err: BaseException, endpoint: str, repo_id: str, revision: str) -> PushError | None:
+    unreachable = connection_failure(err)
+    if unreachable is not None:
+        return HubConnectionError(f"cannot reach the Hub at {endpoint}: {unreachable.strerror or unreachable}")
     for cause in causes(err):
         if isinstance(cause, OfflineModeIsEnabled):
             return HubConnectionError("offline mode is on (HF_HUB_OFFLINE): unset it to push")
-        if isinstance(cause, httpx2.TransportError):
-            return HubConnectionError(f"cannot reach the Hub at {endpoint}: {cause}")
         if isinstance(cause, RevisionNotFoundError):
             return NotFoundError(f"revision {revision!r} of {repo_id} does not exist on {endpoint}")
         if isinstance(cause, RepositoryNotFoundError):

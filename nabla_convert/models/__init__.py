@@ -20,6 +20,7 @@ from nabla_convert.config import ConfigError
 if TYPE_CHECKING:
     from nabla_convert.models.family import ModelFamily
 
+TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")  # pipeline components a family's transformers may be
 FAMILY_MODULES = ("nabla_convert.models.wan", "nabla_convert.models.kandinsky5")
 _REGISTRY: dict[type, ModelFamily] = {}
 _loaded = False
@@ -94,6 +95,7 @@ def all_pipeline_tags() -> dict[str, str]:
 
 __all__ = [
     "FAMILY_MODULES",
+    "TRANSFORMER_COMPONENTS",
     "all_pipeline_tags",
     "families",
     "family_for_arch",

@@ -15,8 +15,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from nabla_convert.config import ConfigError, NablaConfig
-
-TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
+from nabla_convert.models import TRANSFORMER_COMPONENTS
 
 
 class FamilyError(ConfigError):

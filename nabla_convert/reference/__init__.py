@@ -8,9 +8,12 @@ model never saw in training.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nabla_convert.io import read_prompts
-from nabla_convert.reference.scenes import Scene, render, sample_scenes
+
+if TYPE_CHECKING:  # the scene generator needs torch; the constants here serve command-line defaults without it
+    from nabla_convert.reference.scenes import Scene
 
 REFERENCE_PIPELINE = Path(__file__).parent / "pipeline"
 PROMPTS_TRAIN = Path(__file__).parent / "prompts_train.txt"  # captions of the first training clips (calibration)
@@ -22,6 +25,8 @@ RECOMMENDED_STEPS, RECOMMENDED_GUIDANCE = 12, 5.0
 
 def heldout_scenes(count: int = HELDOUT_COUNT) -> list[Scene]:
     """The scenes whose captions are prompts_heldout.txt, in order."""
+    from nabla_convert.reference.scenes import sample_scenes
+
     return sample_scenes(HELDOUT_SEED, 0, count, heldout=True)
 
 
@@ -32,6 +37,8 @@ def heldout_prompts(path: str | Path | None = None) -> list[str]:
 
 def heldout_videos(count: int = HELDOUT_COUNT, device: str = "cpu"):
     """(prompts, videos) of the held-out scenes: videos (count, 3, NUM_FRAMES, HEIGHT, WIDTH) in [-1, 1]."""
+    from nabla_convert.reference.scenes import render
+
     scenes = heldout_scenes(count)
     return [scene.caption() for scene in scenes], render(scenes, NUM_FRAMES, HEIGHT, WIDTH, device)
 

@@ -160,9 +160,6 @@ class AdaptSettings:
             self.check_types()
         except ConfigError as err:
             raise AdaptError(f"adapt settings: {err}") from None
-        for name in ("latent_shape", "lora_targets", "sigma_range"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.loss not in LOSSES:
             raise AdaptError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.loss == "flow" and not self.data:
@@ -210,7 +207,8 @@ class AdaptSettings:
             raise ConfigError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
         object.__setattr__(self, "latent_shape", shape)
         object.__setattr__(self, "sigma_range", sigmas)
-        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.lora_targets is not None:
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
 
     @classmethod
     def from_dict(cls, plan: dict[str, Any], /, **overrides: Any) -> AdaptSettings:

@@ -16,8 +16,9 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -32,14 +33,7 @@ from nabla_convert.attention.flex import compiled_flex_attention, enable_compile
 from nabla_convert.config import NablaConfig
 from nabla_convert.io import atomic_write_text
 from nabla_convert.models.family import ModelFamily
-from nabla_convert.models.nabla import (
-    NablaAttnProcessor,
-    apply_nabla,
-    layer_densities,
-    nabla_state,
-    reset_densities,
-    set_processors,
-)
+from nabla_convert.models.nabla import NablaAttnProcessor, apply_nabla, layer_densities, remove_nabla, set_processors
 
 DENSE_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -82,9 +76,16 @@ def environment() -> dict[str, str]:
 
 
 def cuda_ms(fn: Callable[[], Any], reps: int = 5, warmup: int = 1) -> float:
-    """Median milliseconds of fn() on the current CUDA stream."""
+    """Median milliseconds of fn() on the current CUDA stream (wall clock where there is no CUDA)."""
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -119,23 +120,32 @@ def dense_times(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, reps: int = 5
 
 
 def forced_keep(
-    layout: TileLayout, batch: int, heads: int, density: float, q_block: int, kv_block: int, seed: int = 0
+    layout: TileLayout,
+    batch: int,
+    heads: int,
+    density: float,
+    q_block: int,
+    kv_block: int,
+    seed: int = 0,
+    device: torch.device | str = "cuda",
 ) -> torch.Tensor:
     """Random selection with `density` of the real key blocks in every query-block row (B, H, nq, nk)."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     nq, nk = layout.padded_len // q_block, layout.padded_len // kv_block
-    kv_real = layout.indices("cuda").valid.view(nk, kv_block).any(-1)
+    kv_real = layout.indices(device).valid.view(nk, kv_block).any(-1)
     per_row = max(1, round(density * int(kv_real.sum())))
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    scores = torch.rand(batch, heads, nq, nk, device="cuda", generator=generator).masked_fill(~kv_real, -1.0)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    scores = torch.rand(batch, heads, nq, nk, device=device, generator=generator).masked_fill(~kv_real, -1.0)
     chosen = scores.topk(per_row, dim=-1).indices
-    return torch.zeros(batch, heads, nq, nk, dtype=torch.bool, device="cuda").scatter_(-1, chosen, True)
+    return torch.zeros(batch, heads, nq, nk, dtype=torch.bool, device=device).scatter_(-1, chosen, True)
 
 
 def block_mask_for(keep: torch.Tensor, layout: TileLayout, q_block: int, kv_block: int, for_backward: bool = False):
+    """The BlockMask the runtime gives compiled CUDA kernels for this selection (valid-only mask_mod)."""
     valid = layout.indices("cuda").valid if layout.is_padded else None
-    return to_block_mask(keep, q_block=q_block, kv_block=kv_block, valid=valid, for_backward=for_backward)
+    selection = BlockSelection.from_keep(keep, q_block=q_block, kv_block=kv_block, valid=valid)
+    return selection.block_mask(for_backward, compiled=True)
 
 
 def sparse_attention_ms(q, k, v, block_mask, q_block: int, kv_block: int, backward: bool = False, reps: int = 5):
@@ -250,6 +260,11 @@ def selection_agreement(token_grid_, heads: int, threshold: float, sta=None, q_b
     return {"differing_blocks": differing, "blocks": fast.numel(), "density": float(reference.float().mean())}
 
 
+def error_line(err: Exception) -> str:
+    """A failure as one short line for a result row (a kernel the card cannot build is a result, not a crash)."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+
+
 @dataclass
 class BlockSizeRow:
     q_block: int
@@ -294,7 +309,7 @@ def block_size_rows(
                 row.forward_backward_ms = both_ms
                 row.compile_backward_s = max(0.0, first_both - both_ms) / 1e3
             except Exception as err:  # a kernel config the card cannot build is a result, not a crash
-                row.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                row.error = error_line(err)
         rows.append(row)
     return rows
 
@@ -337,6 +352,81 @@ def compile_counts(
     }
 
 
+# Forward flex settings tried on top of `kernel_options_for` (inductor's Hopper default for bf16 is
+# 128x64 tiles, 3 stages, 8 warps at head dim 128; 4 warps at 64).
+KERNEL_CANDIDATES: tuple[dict[str, int | bool], ...] = (
+    {},
+    {"num_stages": 2},
+    {"num_stages": 4},
+    {"num_warps": 4},
+    {"num_warps": 8},
+    {"USE_TMA": True},
+    {"USE_TMA": True, "num_stages": 4},
+    {"USE_TMA": True, "num_warps": 4},
+)
+
+
+@dataclass
+class KernelRow:
+    tokens: int
+    padded_tokens: int
+    heads: int
+    head_dim: int
+    q_block: int
+    kv_block: int
+    density: float
+    options: str
+    sparse_ms: float | None
+    error: str | None = None
+
+
+def kernel_option_rows(
+    token_grid_: tuple[int, int, int],
+    heads: int,
+    density: float,
+    *,
+    head_dim: int = 128,
+    q_block: int = 128,
+    kv_block: int = 64,
+    candidates: Sequence[dict[str, int | bool]] = KERNEL_CANDIDATES,
+    reps: int = 5,
+) -> list[KernelRow]:
+    """Compiled flex forward ms of each kernel-option candidate on one forced selection, as the runtime calls it.
+
+    A last row, "padding ignored", lists every kept block as full (no mask_mod anywhere): the time
+    a padded layout would take if partial blocks cost what full ones do (its output is not NABLA's).
+    """
+    layout = TileLayout.for_blocks(token_grid_, (8, 8), q_block, kv_block)
+    q, k, v = random_qkv(1, heads, layout.padded_len, head_dim)
+    keep = forced_keep(layout, 1, heads, density, q_block, kv_block)
+    valid = layout.indices("cuda").valid if layout.is_padded else None
+    real_mask = BlockSelection.from_keep(keep, q_block=q_block, kv_block=kv_block, valid=valid).block_mask(
+        compiled=True
+    )
+    bound_mask = BlockSelection.from_keep(keep, q_block=q_block, kv_block=kv_block).block_mask(compiled=True)
+    base = kernel_options_for(q_block, kv_block, head_dim)
+    trials = [(json.dumps(c, sort_keys=True), {**base, **c}, real_mask) for c in candidates]
+    trials.append(("padding ignored", base, bound_mask))
+    rows = []
+    for label, options, block_mask in tqdm(trials, desc=f"kernel options hd{head_dim}", leave=False):
+        row = KernelRow(layout.num_tokens, layout.padded_len, heads, head_dim, q_block, kv_block, density, label, None)
+        try:
+            row.sparse_ms = cuda_ms(
+                lambda options=options, mask=block_mask: compiled_flex_attention(q, k, v, mask, kernel_options=options),
+                reps,
+            )
+        except Exception as err:  # an option the card or torch cannot build is a result, not a crash
+            row.error = error_line(err)
+        rows.append(row)
+    return rows
+
+
+def best_kernel_options(rows: Sequence[KernelRow]) -> dict[str, int | bool]:
+    """The fastest candidate's extra options (padding-ignored bound excluded)."""
+    timed = [r for r in rows if r.sparse_ms is not None and r.options != "padding ignored"]
+    return json.loads(min(timed, key=lambda r: r.sparse_ms).options)
+
+
 @dataclass
 class StepRow:
     arch: str
@@ -351,37 +441,91 @@ class StepRow:
     dense_peak_gib: float
     nabla_peak_gib: float
     compile_s: float
+    compiled: bool = False
+    graph_breaks: int | None = None
 
     @property
     def speedup(self) -> float:
         return self.dense_ms / self.nabla_ms
 
 
+class ForcedSelections:
+    """One random selection per (batch, heads, layout, density), shared by every layer of a model.
+
+    A selection per layer would keep 40 index sets alive at once (measured: 11 GiB more peak memory
+    than the real path at 14B 720p); the real path holds one selection at a time.
+    """
+
+    def __init__(self) -> None:
+        self.cache: dict[tuple, BlockSelection] = {}
+
+    def get(self, q: torch.Tensor, layout: TileLayout, density: float, q_block: int, kv_block: int) -> BlockSelection:
+        key = (q.shape[0], q.shape[1], layout, density, q_block, kv_block)
+        if key not in self.cache:
+            self.cache.clear()
+            keep = forced_keep(layout, q.shape[0], q.shape[1], density, q_block, kv_block, device=q.device)
+            valid = layout.indices(q.device).valid if layout.is_padded else None
+            self.cache[key] = BlockSelection.from_keep(keep, q_block=q_block, kv_block=kv_block, valid=valid)
+        return self.cache[key]
+
+
 class ForcedDensityProcessor(NablaAttnProcessor):
-    """NablaAttnProcessor whose selection is swapped for a fixed random one of a forced `density`.
+    """NablaAttnProcessor whose selection is swapped for a random one of a forced `density` (eager runs only).
 
     The real selection still runs, so its cost stays in the step time.
     """
 
-    def __init__(self, base: NablaAttnProcessor, density: float) -> None:
+    def __init__(self, base: NablaAttnProcessor, density: float, forced: ForcedSelections) -> None:
         super().__init__(base.layer, base.settings, base.state)
         self.density = density
-        self.forced: BlockSelection | None = None
+        self.forced = forced
 
     def select(self, q: torch.Tensor, k: torch.Tensor, layout: TileLayout) -> BlockSelection:
         super().select(q, k, layout)
-        if self.forced is None:
-            config = self.state.config
-            keep = forced_keep(layout, q.shape[0], q.shape[1], self.density, config.q_block, config.kv_block)
-            valid = layout.indices(q.device).valid if layout.is_padded else None
-            self.forced = BlockSelection.from_keep(keep, q_block=config.q_block, kv_block=config.kv_block, valid=valid)
-        return self.forced
+        config = self.state.config
+        return self.forced.get(q, layout, self.density, config.q_block, config.kv_block)
 
 
-def _peak_gib_and_ms(fn: Callable[[], Any], reps: int) -> tuple[float, float]:
-    torch.cuda.reset_peak_memory_stats()
-    ms = cuda_ms(fn, reps)
-    return torch.cuda.max_memory_allocated() / 2**30, ms
+@contextmanager
+def compiled_blocks(model: torch.nn.Module, reset: bool = True, **compile_kwargs: Any) -> Iterator[None]:
+    """diffusers' regional compile (`compile_repeated_blocks`), undone on exit (the blocks run eager again).
+
+    `reset` starts from a fresh dynamo state; without it, graphs compiled earlier in the process for
+    the same shapes are reused.
+    """
+    if reset:
+        torch._dynamo.reset()
+    model.compile_repeated_blocks(**compile_kwargs)
+    try:
+        yield
+    finally:
+        for module in model.modules():
+            if type(module).__name__ in model._repeated_blocks:
+                module._compiled_call_impl = None
+
+
+def timed_call(fn: Callable[[], Any], reps: int) -> tuple[float, float, float]:
+    """(first call s, median ms of `reps` more calls, peak GiB): the first call compiles or warms up."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    first_s = time.perf_counter() - start
+    ms = cuda_ms(fn, reps, warmup=0)
+    return first_s, ms, torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+
+
+def random_transformer(family: ModelFamily, model_config: dict[str, Any], layers: int | None = None):
+    """The family's transformer of `model_config` with random bf16 weights on CUDA (`layers` blocks at real width
+    if given: a 14B model at 720p needs ~10 s a dense step)."""
+    key = family.layers_key
+    model_config = {**model_config, key: layers or model_config.get(key, 40)}
+    with torch.device("cuda"):
+        return family.transformer_classes[0](**model_config).to(torch.bfloat16).eval()
 
 
 def transformer_step_rows(
@@ -393,63 +537,169 @@ def transformer_step_rows(
     nabla: NablaConfig,
     densities: Sequence[float | None],
     *,
+    thresholds: Sequence[float] = (),
     layers: int | None = None,
     batch: int = 1,
     dense_backend: str = "cudnn",
     reps: int = 3,
+    compiled: Sequence[bool] = (False,),
+    model: torch.nn.Module | None = None,
 ) -> list[StepRow]:
-    """Transformer forward time, dense (best SDPA) vs NABLA, per density (None = the config's thresholds).
+    """Transformer forward time, dense (best SDPA) vs NABLA, eager and/or compiled, in one process.
 
-    Builds the family's transformer from `model_config` with random bf16 weights, truncated to
-    `layers` blocks at real width when given (a 14B model at 720p needs ~10 s a dense step).
+    NABLA runs at each threshold of `thresholds` (the real selection; its measured density is
+    reported) and at each forced density of `densities` (None = the config's threshold; forced
+    densities run eager only). Compiled = diffusers' `compile_repeated_blocks()`, dense and NABLA
+    alike. Builds the family's transformer of `model_config` with random bf16 weights (truncated to
+    `layers` blocks when given) unless `model` is passed; inputs are the family's random inputs.
     """
-    key = family.layers_key
-    model_config = {**model_config, key: layers or model_config.get(key, 40)}
-    with torch.device("cuda"):
-        model = family.transformer_classes[0](**model_config).to(torch.bfloat16).eval()
+    from torch._dynamo.utils import counters
+
+    model = model if model is not None else random_transformer(family, model_config, layers)
     grid = family.token_grid(resolution, frames, family.patch_size(model.config))
-    inputs = family.random_inputs(model, grid, batch, "cuda", torch.bfloat16)
+    inputs = family.random_inputs(model, grid, batch, model.device, model.dtype)
+    layout = TileLayout.for_blocks(grid, nabla.tile, nabla.q_block, nabla.kv_block)
+    settings = [(None, t) for t in thresholds] + [(d, None) for d in densities if d is not None]
+    if not settings:
+        settings = [(None, nabla.threshold)]
 
     def forward():
         with torch.no_grad():
             return model(**inputs, return_dict=False)[0]
 
-    with sdpa_kernel([DENSE_BACKENDS[dense_backend], *DENSE_BACKENDS.values()], set_priority=True):
-        dense_peak, dense_ms = _peak_gib_and_ms(forward, reps)
-    apply_nabla(model, nabla)
     rows = []
-    for density in tqdm(densities, desc=f"{arch} step", leave=False):
-        originals = set_processors(model, lambda _, base: base)
-        if density is not None:
-            set_processors(model, lambda _, base, density=density: ForcedDensityProcessor(base, density))
-        reset_densities(model)
-        start = time.perf_counter()
-        forward()
-        torch.cuda.synchronize()
-        first_s = time.perf_counter() - start
-        measured = None
-        if density is None:
-            measured = statistics.fmean(layer_densities(model).values())
-        nabla_peak, nabla_ms = _peak_gib_and_ms(forward, reps)
-        set_processors(model, lambda index, _, originals=originals: originals[index])
-        layout = nabla_state(model).layout
-        rows.append(
-            StepRow(
-                arch,
-                model_config[key],
-                layout.num_tokens,
-                layout.padded_len,
-                density,
-                None if density is not None else nabla.threshold,
-                measured,
-                dense_ms,
-                nabla_ms,
-                dense_peak,
-                nabla_peak,
-                max(0.0, first_s - nabla_ms / 1e3),
-            )
-        )
+    for is_compiled in compiled:
+        context = compiled_blocks(model) if is_compiled else nullcontext()
+        with context, sdpa_kernel([DENSE_BACKENDS[dense_backend], *DENSE_BACKENDS.values()], set_priority=True):
+            remove_nabla(model)
+            _, dense_ms, dense_peak = timed_call(forward, reps)
+            for density, threshold in tqdm(settings, desc=f"{arch} step", leave=False):
+                if density is not None and is_compiled:
+                    continue
+                apply_nabla(model, nabla if threshold is None else replace(nabla, threshold=threshold))
+                if density is not None:
+                    forced = ForcedSelections()
+                    set_processors(model, lambda _, base, d=density, f=forced: ForcedDensityProcessor(base, d, f))
+                breaks_before = sum(counters["graph_break"].values())
+                first_s, nabla_ms, nabla_peak = timed_call(forward, reps)
+                measured = statistics.fmean(layer_densities(model).values())
+                rows.append(
+                    StepRow(
+                        arch,
+                        family.num_layers(model.config),
+                        layout.num_tokens,
+                        layout.padded_len,
+                        density,
+                        threshold,
+                        measured if density is None else None,
+                        dense_ms,
+                        nabla_ms,
+                        dense_peak,
+                        nabla_peak,
+                        max(0.0, first_s - nabla_ms / 1e3),
+                        is_compiled,
+                        sum(counters["graph_break"].values()) - breaks_before if is_compiled else None,
+                    )
+                )
+            remove_nabla(model)
     return rows
+
+
+KERNEL_CATEGORIES = (  # (category, substrings of CUDA kernel names), first match wins
+    ("sparse attention (flex)", ("flex_attention", "triton_tem")),
+    ("NABLA mask (pool, select)", ("_select_kernel", "_pool_kernel")),
+    ("dense attention (cuDNN/flash)", ("cudnn", "fmha", "flash", "sdpa", "attention")),
+    ("GEMM", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "wgmma")),
+    ("fused elementwise/reductions (inductor)", ("triton_",)),
+)
+
+
+def kernel_time_breakdown(fn: Callable[[], Any], top: int = 12) -> dict[str, Any]:
+    """CUDA kernel time of one fn() call by category (KERNEL_CATEGORIES) and its `top` kernels, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [
+        (event.key, event.device_time_total / 1e3) for event in prof.key_averages() if event.device_time_total > 0
+    ]
+    categories: dict[str, float] = {}
+    for name, ms in kernels:
+        lowered = name.lower()
+        category = next((c for c, keys in KERNEL_CATEGORIES if any(k in lowered for k in keys)), "other")
+        categories[category] = categories.get(category, 0.0) + ms
+    kernels.sort(key=lambda item: -item[1])
+    return {
+        "total_ms": sum(ms for _, ms in kernels),
+        "categories_ms": dict(sorted(categories.items(), key=lambda item: -item[1])),
+        "top_kernels_ms": [[name[:120], ms] for name, ms in kernels[:top]],
+    }
+
+
+def pipeline_seconds(
+    transformer: torch.nn.Module,
+    resolution: tuple[int, int],
+    frames: int,
+    steps: int,
+    *,
+    vae: torch.nn.Module | None = None,
+    guidance_scale: float = 5.0,
+) -> dict[str, float]:
+    """Wall seconds of one stock WanPipeline call (`total_s`) and of its VAE decode inside it (`decode_s`).
+
+    `steps` denoising steps with CFG, then VAE decode to numpy. Text encoding is left out (random
+    prompt embeddings, 512 x text_dim); the VAE is the given one or a float32 AutoencoderKLWan of the
+    Wan2.1 config with random weights.
+    """
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+
+    from nabla_convert.models.wan import WAN
+
+    device = next(transformer.parameters()).device
+    if vae is None:
+        vae = AutoencoderKLWan().to(device, torch.float32).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    pipe = WAN.bare_pipeline(transformer)
+    pipe.register_modules(vae=vae, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device).manual_seed(0)
+    shape = (1, WAN.text_tokens, transformer.config.text_dim)
+    embeds = [torch.randn(shape, device=device, generator=generator, dtype=transformer.dtype) for _ in range(2)]
+    width, height = resolution
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    decode, decode_s = vae.decode, [0.0]
+
+    def timed_decode(*args, **kwargs):
+        start = now()
+        out = decode(*args, **kwargs)
+        decode_s[0] += now() - start
+        return out
+
+    vae.decode = timed_decode
+    try:
+        start = now()
+        with torch.no_grad():
+            pipe(
+                prompt_embeds=embeds[0],
+                negative_prompt_embeds=embeds[1],
+                height=height,
+                width=width,
+                num_frames=frames,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                output_type="np",
+            )
+        total_s = now() - start
+    finally:
+        del vae.decode
+    return {"total_s": total_s, "decode_s": decode_s[0]}
 
 
 @dataclass
@@ -460,6 +710,8 @@ class BenchReport:
     steps: list[StepRow] = field(default_factory=list)
     block_sizes: list[BlockSizeRow] = field(default_factory=list)
     compiles: dict[str, Any] = field(default_factory=dict)
+    kernels: list[KernelRow] = field(default_factory=list)
+    pipelines: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, float | str]:
         """Flat key -> number/string, the `summary` object of nabla_reports/bench.json."""
@@ -473,7 +725,7 @@ class BenchReport:
             out["mask_ms"] = round(self.attention[0].mask_fast_ms, 3)
         for row in self.steps:
             key = f"d{row.density:g}" if row.density is not None else f"thr{row.threshold:g}"
-            out[f"step_speedup_{key}"] = round(row.speedup, 3)
+            out[f"step_speedup_{key}{'_compiled' if row.compiled else ''}"] = round(row.speedup, 3)
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -488,6 +740,8 @@ class BenchReport:
             "steps": rows(self.steps),
             "block_sizes": rows(self.block_sizes),
             "compiles": self.compiles,
+            "kernels": rows(self.kernels),
+            "pipelines": self.pipelines,
         }
 
     def write(self, path: str | os.PathLike) -> Path:
@@ -514,16 +768,19 @@ class BenchReport:
             lines.append("")
         if self.steps:
             lines += [
-                "| model (blocks) | tokens (padded) | density | dense ms | NABLA ms | speedup | peak GiB dense / NABLA | compile s |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- |",
+                "| model (blocks) | tokens (padded) | mode | density | dense ms | NABLA ms | speedup "
+                "| peak GiB dense / NABLA | NABLA first-call overhead s |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             ]
             for r in self.steps:
                 density = (
                     f"{r.density:g}" if r.density is not None else f"thr {r.threshold:g} -> {r.measured_density:.3f}"
                 )
+                mode = "eager" if not r.compiled else f"compiled ({r.graph_breaks} graph breaks)"
                 lines.append(
-                    f"| {r.arch} ({r.layers}) | {r.tokens:,} ({r.padded_tokens:,}) | {density} | {r.dense_ms:.1f} | "
-                    f"{r.nabla_ms:.1f} | {r.speedup:.2f}x | {r.dense_peak_gib:.1f} / {r.nabla_peak_gib:.1f} | {r.compile_s:.1f} |"
+                    f"| {r.arch} ({r.layers}) | {r.tokens:,} ({r.padded_tokens:,}) | {mode} | {density} | "
+                    f"{r.dense_ms:.1f} | {r.nabla_ms:.1f} | {r.speedup:.2f}x | "
+                    f"{r.dense_peak_gib:.1f} / {r.nabla_peak_gib:.1f} | {r.compile_s:.1f} |"
                 )
             lines.append("")
         if self.block_sizes:
@@ -538,6 +795,22 @@ class BenchReport:
                     f"| {r.q_block}x{r.kv_block} | {r.density:g} | {r.forward_ms:.2f} | {both} | "
                     f"{r.compile_forward_s:.0f} / {bwd} | {r.error or ''} |"
                 )
+            lines.append("")
+        if self.kernels:
+            lines += [
+                "| tokens (padded) | heads x head dim | blocks q x kv | density | kernel options | sparse ms |",
+                "| --- | --- | --- | --- | --- | --- |",
+            ]
+            for r in self.kernels:
+                ms = f"{r.sparse_ms:.2f}" if r.sparse_ms is not None else f"fails: {r.error}"
+                lines.append(
+                    f"| {r.tokens:,} ({r.padded_tokens:,}) | {r.heads} x {r.head_dim} | {r.q_block}x{r.kv_block} | "
+                    f"{r.density:g} | {r.options} | {ms} |"
+                )
+            lines.append("")
+        if self.pipelines:
+            lines += ["| pipeline run | seconds (of which VAE decode) |", "| --- | --- |"]
+            lines += [f"| {p['name']} | {p['total_s']:.2f} ({p.get('decode_s', 0):.1f}) |" for p in self.pipelines]
             lines.append("")
         if self.compiles:
             lines.append("compiles: " + ", ".join(f"{k}={v}" for k, v in self.compiles.items()))
@@ -561,8 +834,12 @@ def run_bench(
     batch: int = 1,
     attention: bool = True,
     step: bool = True,
+    compiled: bool = False,
 ) -> BenchReport:
-    """Per attention call and per transformer step: forced densities if given, else the config's threshold."""
+    """Per attention call and per transformer step: forced densities if given, else the config's threshold.
+
+    `compiled` adds step rows with diffusers' `compile_repeated_blocks()` (dense and NABLA; real thresholds only).
+    """
     require_cuda()
     enable_compile_cache()
     heads, head_dim = family.attention_shape(model_config)
@@ -607,5 +884,6 @@ def run_bench(
             layers=layers,
             batch=batch,
             dense_backend=dense_backend,
+            compiled=(False, True) if compiled else (False,),
         )
     return report

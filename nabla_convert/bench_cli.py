@@ -68,6 +68,7 @@ def _densities(ctx: click.Context, param: click.Parameter, value: str | None) ->
 )
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="2 = a CFG batch.")
 @click.option("--skip-step", is_flag=True, help="Only the per-attention-call table.")
+@click.option("--compiled", is_flag=True, help="Also time the step under diffusers' compile_repeated_blocks().")
 @click.option(
     "--out",
     "-o",
@@ -77,7 +78,21 @@ def _densities(ctx: click.Context, param: click.Parameter, value: str | None) ->
     help="JSON report (an existing file is replaced only if it is an earlier bench report).",
 )
 def bench(
-    model, arch, resolution, frames, density, threshold, sta, recipe, q_block, kv_block, layers, batch, skip_step, out
+    model,
+    arch,
+    resolution,
+    frames,
+    density,
+    threshold,
+    sta,
+    recipe,
+    q_block,
+    kv_block,
+    layers,
+    batch,
+    skip_step,
+    compiled,
+    out,
 ) -> None:
     """Time NABLA against the best dense SDPA on this GPU, per attention call and per transformer step.
 
@@ -125,6 +140,7 @@ def bench(
             layers=layers,
             batch=batch,
             step=not skip_step,
+            compiled=compiled,
         )
     except GPUUnavailableError as err:
         raise click.ClickException(str(err)) from None

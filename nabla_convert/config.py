@@ -117,6 +117,11 @@ class LayerSettings:
         if not self.dense:
             check_sta_only(self.threshold, self.sta, "layer settings")
 
+    @property
+    def sta_only(self) -> bool:
+        """Threshold 0 with an STA window: the window alone, no scores (a static choice, not a value test)."""
+        return not self.dense and self.threshold == 0.0 and self.sta is not None
+
     def to_dict(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "sta": list(self.sta) if self.sta else None, "dense": self.dense}
 

@@ -33,7 +33,6 @@ from nabla_convert.attention.flex import (
 from nabla_convert.bench import (
     BenchReport,
     attention_rows,
-    block_mask_for,
     block_size_rows,
     compile_counts,
     cuda_ms,
@@ -102,8 +101,8 @@ def partial_block_cost(token_grid, heads: int, density: float = 0.1) -> dict:
     layout = TileLayout.for_blocks(token_grid, (8, 8), 128, 64)
     q, k, v = random_qkv(1, heads, layout.padded_len)
     keep = forced_keep(layout, 1, heads, density, 128, 64)
-    core = block_mask_for(keep, layout, 128, 64)
     valid = layout.indices("cuda").valid
+    core = to_block_mask(keep, q_block=128, kv_block=64, valid=valid)  # keep-lookup mask_mod
 
     def valid_only(b, h, q_idx, kv_idx):
         return valid[kv_idx]

@@ -48,6 +48,11 @@ def test_tile_order_matches_definition_and_round_trips(grid, block):
     assert layout.indices().valid.tolist() == [p is not None for p in order]
     assert torch.equal(layout.to_raster(tiles), x)
     assert layout.padded_len % block == 0
+    compact = layout.to_tiles(x, padded=False)  # the padded order with its padding tokens left out
+    assert compact.flatten().tolist() == [v for v in expected if v != 0.0]
+    assert torch.equal(layout.to_raster(compact), x)
+    assert torch.equal(layout.pad(compact), tiles)
+    assert torch.equal(layout.unpad(tiles), compact)
 
 
 def test_layout_rejects_wrong_token_count():

@@ -101,4 +101,27 @@ def test_report_arithmetic_and_json(tmp_path) -> None:
     assert data["summary"]["step_speedup_d0.1"] == 2.0
     assert data["summary"]["mask_ms"] == 2.0
     assert data["attention"][0]["speedup"] == pytest.approx(146.0 / 22.0)
-    assert "| wan2.1-t2v-14b (4) | 67,200 (67,200) | 0.1 | 980.0 | 490.0 | 2.00x |" in report.table()
+    assert "| wan2.1-t2v-14b (4) | 67,200 (67,200) | eager | 0.1 | 980.0 | 490.0 | 2.00x |" in report.table()
+    compiled = StepRow("wan2.1-t2v-14b", 40, 75600, 80640, None, 0.1, 0.094, 9000.0, 3000.0, 35.0, 36.0, 40.0, True, 0)
+    report.steps.append(compiled)
+    assert report.summary()["step_speedup_thr0.1_compiled"] == 3.0
+    assert "| compiled (0 graph breaks) | thr 0.1 -> 0.094 | 9000.0 | 3000.0 | 3.00x |" in report.table()
+
+
+def test_forced_density_holds_one_selection_for_all_layers() -> None:
+    """The forced path keeps one random selection per shape alive, as the real path does, not one per layer."""
+    from nabla_convert.bench import ForcedDensityProcessor, ForcedSelections
+    from nabla_convert.models.nabla import apply_nabla, layer_densities
+    from nabla_convert.models.tiny import tiny_transformer
+
+    torch.manual_seed(0)
+    model = apply_nabla(tiny_transformer(num_layers=3).eval(), NablaConfig(threshold=0.5, q_block=128, kv_block=64))
+    forced = ForcedSelections()
+    for block in model.blocks:
+        block.attn1.set_processor(ForcedDensityProcessor(block.attn1.processor, 0.25, forced))
+    with torch.no_grad():
+        model(torch.randn(1, 16, 3, 32, 32), torch.tensor([500]), torch.randn(1, 8, 32), return_dict=False)
+    assert len(forced.cache) == 1
+    (selection,) = forced.cache.values()
+    assert selection.keep.float().mean() == pytest.approx(0.25, abs=0.05)
+    assert list(layer_densities(model).values()) == pytest.approx([float(selection.keep.float().mean())] * 3)

@@ -27,6 +27,7 @@ from nabla_convert.attention.mask import (
     block_scores,
     check_threshold,
     checked_layout,
+    pool_blocks,
     select_by_sorted_cumsum,
     sta_block_mask,
 )
@@ -42,7 +43,7 @@ ONE_BITS = 0x3F800000  # float32 1.0: probabilities lie in [0, 1]
 SEARCH_STEPS = 31  # bisection over [0, ONE_BITS] converges in ceil(log2(ONE_BITS + 1)) = 30 steps
 
 
-def cut_values(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+def cut_values(probs: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
     """Per row of probs (..., n), the smallest c with sum(p for p > c) <= threshold, shape (..., 1).
 
     Bisection over float32 bit patterns in [0, 1]; `probs >= cut` is the NABLA selection.
@@ -59,12 +60,15 @@ def cut_values(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     return hi.view(torch.float32)
 
 
-def select_by_cut(probs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Same selection as `mask.select_by_mass` (ties at the cut kept), by a cut-value search instead of a sort."""
-    check_threshold(threshold)
-    if threshold >= 1.0 or threshold <= 0.0:
-        return torch.full_like(probs, threshold >= 1.0, dtype=torch.bool)
-    return probs >= cut_values(probs, threshold)
+def select_by_cut(probs: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """Same selection as `mask.select_by_mass` (ties at the cut kept), by a cut-value search instead of a sort.
+
+    `threshold` may be a 0-dim tensor: a compiled graph then serves every threshold without a recompile.
+    Threshold 0 keeps nothing, 1 everything (tensor ops, no branch on the value).
+    """
+    if not isinstance(threshold, torch.Tensor):
+        check_threshold(threshold)
+    return (probs >= cut_values(probs, threshold)) & (threshold > 0.0) | (threshold >= 1.0)
 
 
 def fast_path_available(device: torch.device) -> bool:
@@ -75,7 +79,7 @@ def nabla_selection(
     q: torch.Tensor,
     k: torch.Tensor,
     *,
-    threshold: float,
+    threshold: float | torch.Tensor,
     grid: TileLayout | tuple[int, int, int],
     sta: Window | None = None,
     q_block: int = 64,
@@ -85,21 +89,26 @@ def nabla_selection(
     """NABLA selection of q, k (B, H, S, D) in tile order, with its BlockMask index tensors.
 
     Same arguments and selection as `nabla_block_mask` (up to float rounding of the mass at the
-    cut). Fused Triton kernels on CUDA, torch ops elsewhere. Threshold 0 is the STA window alone
-    (no scores computed); precision "bfloat16" runs the references' bf16 arithmetic in torch ops.
+    cut). Fused Triton kernels on CUDA, torch ops elsewhere. A 0-dim tensor `threshold` (on q's
+    device) keeps the value out of torch.compile's guards. Under torch.compile the pooling is left
+    to inductor, which can fuse it with the RoPE/projection work that produced q and k. A float
+    threshold 0 is the STA window alone (`sta_selection`, no scores computed); a tensor threshold
+    never decides that (callers with a static STA-only flag call `sta_selection`). Precision
+    "bfloat16" runs the references' bf16 arithmetic in torch ops.
     """
-    check_threshold(threshold)
+    if not isinstance(threshold, torch.Tensor):
+        check_threshold(threshold)
+        if threshold <= 0.0:
+            return sta_selection(q, k, grid=grid, sta=sta, q_block=q_block, kv_block=kv_block)
     layout = checked_layout(q, k, grid, q_block, kv_block)
     valid = layout.indices(q.device).valid if layout.is_padded else None
     sta_blocks = sta_block_mask(layout, sta, q_block, kv_block, q.device) if sta is not None else None
-    if threshold <= 0.0:
-        if sta_blocks is None:
-            raise ValueError("threshold 0 keeps no block by mass; give an STA window (STA only)")
-        kv_real = valid.view(-1, kv_block).any(-1) if valid is not None else torch.ones_like(sta_blocks[0])
-        keep = (sta_blocks & kv_real).expand(q.shape[0], q.shape[1], -1, -1)
-        return BlockSelection.from_keep(keep, q_block=q_block, kv_block=kv_block, valid=valid)
     if precision == "float32" and fast_path_available(q.device):
-        return _triton_selection(q, k, threshold, valid, sta_blocks, q_block, kv_block)
+        if torch.compiler.is_compiling():
+            (qa, _), (ka, kv_counts) = pool_blocks(q, q_block, valid), pool_blocks(k, kv_block, valid)
+        else:
+            (qa, _), (ka, kv_counts) = _pool(q, q_block, valid), _pool(k, kv_block, valid)
+        return _triton_selection(qa, ka, kv_counts, threshold, valid, sta_blocks, q_block, kv_block)
     probs, kv_real = block_scores(q, k, q_block, kv_block, valid, PRECISIONS[precision])
     keep = (select_by_sorted_cumsum if precision == "bfloat16" else select_by_cut)(probs, threshold)
     if sta_blocks is not None:
@@ -108,26 +117,50 @@ def nabla_selection(
     return BlockSelection.from_keep(keep, q_block=q_block, kv_block=kv_block, valid=valid)
 
 
-def _triton_selection(
+def sta_selection(
     q: torch.Tensor,
     k: torch.Tensor,
-    threshold: float,
+    *,
+    grid: TileLayout | tuple[int, int, int],
+    sta: Window | None,
+    q_block: int = 64,
+    kv_block: int = 64,
+) -> BlockSelection:
+    """The STA window alone (NABLA threshold 0, the official `sta-wT-wH-wW` mode): no scores computed."""
+    if sta is None:
+        raise ValueError("threshold 0 keeps no block by mass; give an STA window (STA only)")
+    layout = checked_layout(q, k, grid, q_block, kv_block)
+    valid = layout.indices(q.device).valid if layout.is_padded else None
+    sta_blocks = sta_block_mask(layout, sta, q_block, kv_block, q.device)
+    kv_real = valid.view(-1, kv_block).any(-1) if valid is not None else torch.ones_like(sta_blocks[0])
+    keep = (sta_blocks & kv_real).expand(q.shape[0], q.shape[1], -1, -1)
+    return BlockSelection.from_keep(keep, q_block=q_block, kv_block=kv_block, valid=valid)
+
+
+def _triton_selection(
+    qa: torch.Tensor,
+    ka: torch.Tensor,
+    kv_counts: torch.Tensor,
+    threshold: float | torch.Tensor,
     valid: torch.Tensor | None,
     sta_blocks: torch.Tensor | None,
     q_block: int,
     kv_block: int,
 ) -> BlockSelection:
-    B, H, _, D = q.shape
-    qa, _ = _pool(q, q_block, valid)
-    ka, kv_counts = _pool(k, kv_block, valid)
+    """Selection from the float32 pooled qa, ka (B, H, n, D): pooled map, then one Triton kernel per row."""
+    B, H, _, D = qa.shape
+    device = qa.device
     logits = torch.matmul(qa, ka.transpose(-1, -2))
     nq, nk = logits.shape[-2:]
     kv_real = (kv_counts > 0).to(torch.int8)
-    kv_whole = kv_whole_blocks(valid, kv_block, nk, q.device).to(torch.int8)
-    keep = torch.empty(B, H, nq, nk, dtype=torch.int8, device=q.device)
-    full_count = torch.empty(B, H, nq, dtype=torch.int32, device=q.device)
+    kv_whole = kv_whole_blocks(valid, kv_block, nk, device).to(torch.int8)
+    if not isinstance(threshold, torch.Tensor):
+        threshold = torch.full((), threshold, dtype=torch.float32, device=device)
+    # int8, not bool: inductor cannot lower the int8 -> bool view of a kernel output (torch.iinfo(torch.bool))
+    keep = torch.empty(B, H, nq, nk, dtype=torch.int8, device=device)
+    full_count = torch.empty(B, H, nq, dtype=torch.int32, device=device)
     partial_count = torch.empty_like(full_count)
-    full_indices = torch.empty(B, H, nq, nk, dtype=torch.int32, device=q.device)
+    full_indices = torch.empty(B, H, nq, nk, dtype=torch.int32, device=device)
     partial_indices = torch.empty_like(full_indices)
     sta_rows = kv_real if sta_blocks is None else sta_blocks.to(torch.int8).contiguous()
     _select_kernel[(B * H * nq,)](
@@ -143,16 +176,15 @@ def _triton_selection(
         nq,
         nk,
         math.sqrt(D),
-        float(threshold),
+        threshold.float(),
         HAS_STA=sta_blocks is not None,
-        KEEP_ALL=threshold >= 1.0,
         BLOCK_K=triton.next_power_of_2(nk),
         ONE=ONE_BITS,
         STEPS=SEARCH_STEPS,
         num_warps=8,
     )
     return BlockSelection(
-        keep.view(torch.bool), full_count, full_indices, partial_count, partial_indices, q_block, kv_block, valid
+        keep.ne(0), full_count, full_indices, partial_count, partial_indices, q_block, kv_block, valid
     )
 
 
@@ -216,9 +248,8 @@ if triton is not None:
         nq,
         nk,
         sqrt_d,
-        threshold,
+        threshold_ptr,
         HAS_STA: tl.constexpr,
-        KEEP_ALL: tl.constexpr,
         BLOCK_K: tl.constexpr,
         ONE: tl.constexpr,
         STEPS: tl.constexpr,
@@ -231,18 +262,16 @@ if triton is not None:
         logits = tl.load(logits_ptr + row_offset + cols, mask=inside & real, other=float("-inf")) / sqrt_d
         exps = tl.exp(logits - tl.max(logits, 0))
         probs = exps / tl.sum(exps, 0)
-        if KEEP_ALL:
-            keep = inside
-        else:
-            lo = tl.full((), 0, tl.int32)
-            hi = tl.full((), ONE, tl.int32)
-            for _ in range(STEPS):
-                mid = lo + (hi - lo) // 2
-                mass = tl.sum(tl.where(probs > mid.to(tl.float32, bitcast=True), probs, 0.0), 0)
-                fits = mass <= threshold
-                hi = tl.where(fits, mid, hi)
-                lo = tl.where(fits, lo, mid + 1)
-            keep = probs >= hi.to(tl.float32, bitcast=True)
+        threshold = tl.load(threshold_ptr)
+        lo = tl.full((), 0, tl.int32)
+        hi = tl.full((), ONE, tl.int32)
+        for _ in range(STEPS):
+            mid = lo + (hi - lo) // 2
+            mass = tl.sum(tl.where(probs > mid.to(tl.float32, bitcast=True), probs, 0.0), 0)
+            fits = mass <= threshold
+            hi = tl.where(fits, mid, hi)
+            lo = tl.where(fits, lo, mid + 1)
+        keep = (probs >= hi.to(tl.float32, bitcast=True)) & (threshold > 0.0) | (threshold >= 1.0)
         if HAS_STA:
             keep = keep | (tl.load(sta_ptr + (row % nq).to(tl.int64) * nk + cols, mask=inside, other=0) != 0)
         keep = keep & real & inside

@@ -93,12 +93,23 @@ class BlockSelection:
         partial_count, partial_indices = compact_indices(keep & ~whole)
         return cls(keep, full_count, full_indices, partial_count, partial_indices, q_block, kv_block, valid)
 
+    def density(self, real_q_blocks: int, real_kv_blocks: int) -> torch.Tensor:
+        """Mean fraction of computed block pairs over the blocks that hold real tokens (0-dim, no sync).
+
+        Counted from the index tensors, so the keep mask need not exist in a compiled graph. Only the
+        trailing blocks of a padded layout can be all padding: the first `real_q_blocks` query rows
+        count, and the kernels never keep a key block without real tokens.
+        """
+        kept = (self.full_count + self.partial_count)[..., :real_q_blocks]
+        return kept.sum(-1, dtype=torch.float32).mean() / (real_q_blocks * real_kv_blocks)
+
     def block_mask(self, for_backward: bool = False, compiled: bool = False) -> BlockMask:
         """The FlexAttention BlockMask; `for_backward` adds the transposed indices (one sort, training only).
 
-        Compiled kernels evaluate the mask_mod only on the listed partial blocks, all kept, so there
-        it just drops padding keys (measured 1.2x faster at 1280x720 on H100 than the keep lookup);
-        eager flex ignores the block lists, so it gets the mask_mod that looks the block up.
+        Compiled CUDA kernels evaluate the mask_mod only on the listed partial blocks, all kept, so
+        there it just drops padding keys (measured 1.2x faster at 1280x720 on H100 than the keep
+        lookup); eager flex and inductor's CPU kernel do not skip unlisted blocks, so they get the
+        mask_mod that looks the block up.
         """
         nq, nk = self.keep.shape[-2:]
         if compiled and self.valid is not None:
@@ -151,15 +162,26 @@ FLEX_RECOMPILE_LIMIT = 64
 _compiled_flex = None
 
 
-def kernel_options_for(q_block: int, kv_block: int) -> dict[str, int]:
-    """Forward flex kernel tiles that divide the mask blocks (H100 bf16 hd128 default (128, 64) where it fits).
+# Forward kernel options measured best on Hopper (H200, torch 2.11, bf16, 80,640 padded tokens x 40 heads,
+# density 0.1; scripts/bench_models.py's kernel sweep, docs/benchmarks.md), by (q_block, kv_block, head_dim), on
+# top of the tiles `kernel_options_for` picks. TMA loads: 32.97 -> 30.71 ms at head dim 128, 18.10 -> 17.81 at 64;
+# other stage and warp counts were slower or within noise. Inductor drops USE_TMA where the card cannot use it.
+TUNED_KERNEL_OPTIONS: dict[tuple[int, int, int], dict[str, int | bool]] = {
+    (128, 64, 128): {"USE_TMA": True},
+    (128, 64, 64): {"USE_TMA": True},
+}
+
+
+def kernel_options_for(q_block: int, kv_block: int, head_dim: int = 128) -> dict[str, int | bool]:
+    """Forward flex kernel options: tiles that divide the mask blocks, plus the tuned Hopper settings.
 
     A kernel tile must divide the mask block along its axis, so 64-token query blocks need
     BLOCK_M = 64 (measured 2.2x slower than 128x64 on H100). Backward has no such override on
     torch 2.11: its default tiles (64, 128, 128, 64) need 128x128 mask blocks, other sizes need
     max-autotune (measured: "No choices" for 64x64 and 128x64 without it).
     """
-    return {"fwd_BLOCK_M": min(128, q_block), "fwd_BLOCK_N": min(64, kv_block)}
+    tiles = {"fwd_BLOCK_M": min(128, q_block), "fwd_BLOCK_N": min(64, kv_block)}
+    return {**tiles, **TUNED_KERNEL_OPTIONS.get((q_block, kv_block, head_dim), {})}
 
 
 def enable_compile_cache(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -190,7 +212,15 @@ def _compiled():
 
 
 def compiled_flex_attention(q, k, v, block_mask: BlockMask, *, scale: float | None = None, kernel_options=None):
-    """flex_attention compiled once per shape; hitting the recompile limit raises instead of going eager."""
+    """flex_attention compiled once per shape; hitting the recompile limit raises instead of going eager.
+
+    Inside a graph that torch.compile is already tracing (a compiled transformer block), flex_attention
+    is called as is: it becomes part of that graph, with the mask build in front of it.
+    """
+    if torch.compiler.is_compiling():
+        if not q.is_cuda:  # inductor's CPU flex template needs 4-D buffers, not views of the 5-D RoPE output
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, kernel_options=kernel_options)
     try:
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=FLEX_RECOMPILE_LIMIT):
             return _compiled()(q, k, v, block_mask=block_mask, scale=scale, kernel_options=kernel_options)
@@ -243,9 +273,9 @@ def block_sparse_attention(
     for_backward = torch.is_grad_enabled() and q.requires_grad
     if backend == "flex_eager":
         return flex_attention(q, k, v, block_mask=selection.block_mask(for_backward), scale=scale)
-    block_mask = selection.block_mask(for_backward, compiled=True)
+    block_mask = selection.block_mask(for_backward, compiled=q.is_cuda)
     if kernel_options is None and q.is_cuda:
-        kernel_options = kernel_options_for(selection.q_block, selection.kv_block)
+        kernel_options = kernel_options_for(selection.q_block, selection.kv_block, q.shape[-1])
     return compiled_flex_attention(q, k, v, block_mask, scale=scale, kernel_options=kernel_options)
 
 

@@ -102,17 +102,16 @@ def select_by_mass(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     return probs >= cut
 
 
-def select_by_sorted_cumsum(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+def select_by_sorted_cumsum(probs: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
     """The public references' cut, op for op in the dtype of `probs`: sort ascending, cumulative sum,
     keep cumsum >= 1 - threshold, scatter back (ties at the cut resolved by the sort's order).
 
     Serves selection_precision "bfloat16", where it reproduces their selection exactly.
     """
-    check_threshold(threshold)
-    if threshold >= 1.0 or threshold <= 0.0:
-        return torch.full_like(probs, threshold >= 1.0, dtype=torch.bool)
+    if not isinstance(threshold, torch.Tensor):
+        check_threshold(threshold)
     values, order = probs.sort(-1)
-    kept = values.cumsum(-1) >= 1 - threshold
+    kept = (values.cumsum(-1) >= 1 - threshold) & (threshold > 0.0) | (threshold >= 1.0)
     return kept.gather(-1, order.argsort(-1))
 
 

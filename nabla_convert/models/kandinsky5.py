@@ -4,9 +4,10 @@ The transformer embeds visual tokens channels-last, (B, T, H, W, C), runs its te
 visual blocks (self-attention with 3-D RoPE, cross-attention to text, feed-forward) on the flattened
 tokens, and unflattens them for its output layer. Hooks put tokens into tile order at the same
 places its own NABLA path flattens them into "fractal" order, which is the same order when the grid
-is a multiple of the 8x8 tile: `visual_embeddings` (record the grid, emit padded tile order),
+is a multiple of the 8x8 tile: `visual_embeddings` (record the grid, emit compact tile order),
 `visual_rope_embeddings` (the real grid in, RoPE in tile order out) and `out_layer` (back to raster
-order, padding dropped). Each visual block's self-attention gets a NablaAttnProcessor; text blocks
+order). Padding tokens exist only inside self-attention (the shared processor pads q, k, v and
+drops them from its output). Each visual block's self-attention gets a NablaAttnProcessor; text blocks
 and cross-attention stay dense. The pipeline's own sparse_params (its STA mask for the built-in
 NABLA) are dropped: the layer settings say what each layer does.
 
@@ -26,7 +27,7 @@ from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnPr
 from nabla_convert.config import NablaConfig
 from nabla_convert.models import register
 from nabla_convert.models.family import ModelFamily
-from nabla_convert.models.nabla import NablaModelMixin, StateHook
+from nabla_convert.models.nabla import NablaModelMixin, StateHook, nabla_processors
 
 __all__ = ["Kandinsky5Family", "NablaKandinsky5Transformer3DModel"]
 
@@ -45,7 +46,7 @@ class _StepHook(StateHook):
 
     def pre_forward(self, module, *args, **kwargs):
         named = dict(zip(FORWARD_ARGS, args, strict=False)) | kwargs
-        self.state.observe_timestep(named["timestep"])
+        self.state.begin_forward(named["timestep"], nabla_processors(module), named["hidden_states"].device)
         if len(args) > 7:
             args = (*args[:7], None, *args[8:])
         if "sparse_params" in kwargs:
@@ -54,25 +55,25 @@ class _StepHook(StateHook):
 
 
 class _VisualEmbeddingHook(StateHook):
-    """(B, T, H, W, C) visual tokens -> (B, S_padded, 1, 1, C) in tile order; records the grid."""
+    """(B, T, H, W, C) visual tokens -> (B, S, 1, 1, C) in compact tile order; records the grid."""
 
     def post_forward(self, module, output):
         layout = self.state.set_grid(tuple(output.shape[1:4]))
-        return layout.to_tiles(output.flatten(1, 3))[:, :, None, None]
+        return layout.to_tiles(output.flatten(1, 3), padded=False)[:, :, None, None]
 
 
 class _RopeHook(StateHook):
-    """The real grid goes in (the model passes the tile-order shape); RoPE comes out in tile order."""
+    """The real grid goes in (the model passes the tile-order shape); RoPE comes out in compact tile order."""
 
     def pre_forward(self, module, shape, *args, **kwargs):
         return ((shape[0], *self.state.layout.token_grid), *args), kwargs
 
     def post_forward(self, module, output):
-        return self.state.layout.to_tiles(output.flatten(1, 3))[:, :, None, None]
+        return self.state.layout.to_tiles(output.flatten(1, 3), padded=False)[:, :, None, None]
 
 
 class _OutLayerHook(StateHook):
-    """Tokens go back to raster order (B, T, H, W, C), padding dropped, before the output layer."""
+    """Tokens go back from compact tile order to raster order (B, T, H, W, C) before the output layer."""
 
     def pre_forward(self, module, visual_embed, *args, **kwargs):
         layout = self.state.layout

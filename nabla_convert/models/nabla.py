@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,10 +20,10 @@ from diffusers.hooks import HookRegistry, ModelHook
 from nabla_convert.attention import (
     BlockSelection,
     TileLayout,
-    block_density,
     block_sparse_attention,
     nabla_selection,
     padded_dense_attention,
+    sta_selection,
 )
 from nabla_convert.config import CONFIG_KEY, ConfigError, LayerSettings, NablaConfig
 
@@ -41,8 +41,20 @@ class NablaState:
     step: int = 0
     last_timestep: float | None = None
     force_dense: bool = False
-    density_sum: dict[int, torch.Tensor] = field(default_factory=dict)
-    density_calls: dict[int, int] = field(default_factory=dict)
+    dense_phase: bool = False
+
+    @torch.compiler.disable
+    def begin_forward(self, timestep: torch.Tensor, processors: list[NablaAttnProcessor], device: torch.device) -> None:
+        """Once per transformer forward, always eager (also inside torch.compile(transformer)).
+
+        The step count and timestep are Python numbers that change every step: read here, they never
+        become guards of a compiled graph. Processors only see `dense_phase` (a bool, so at most a
+        dense and a sparse graph) and their own tensors, which are moved to `device` here.
+        """
+        self.observe_timestep(timestep)
+        self.dense_phase = self.step < self.config.dense_steps
+        for processor in processors:
+            processor.place(device)
 
     def observe_timestep(self, timestep: torch.Tensor) -> None:
         """Count denoising steps inside a stock pipeline: timesteps fall within a run; a rise starts a new run.
@@ -58,27 +70,41 @@ class NablaState:
         self.last_timestep = t
 
     def set_grid(self, grid: tuple[int, int, int]) -> TileLayout:
-        """Record the token grid (frames, height, width) of this forward; returns its padded tile layout."""
+        """Record the token grid (frames, height, width) of this forward; returns its tile layout."""
         config = self.config
         self.layout = TileLayout.for_blocks(grid, config.tile, config.q_block, config.kv_block)
         return self.layout
-
-    def record_density(self, layer: int, density: torch.Tensor) -> None:
-        self.density_sum[layer] = self.density_sum.get(layer, 0) + density.detach()
-        self.density_calls[layer] = self.density_calls.get(layer, 0) + 1
 
 
 class NablaAttnProcessor:
     """Self-attention of one layer with NABLA block-sparse attention on tile-order tokens.
 
     The family turns the attention module's input into q, k, v (B, H, S, D) post-RoPE and the
-    attention output back into the module's output; the processor decides dense or sparse.
+    attention output back into the module's output; the processor decides dense or sparse. The
+    token stream is in compact tile order: padding tokens (grids that are not multiples of the
+    tile) exist only here, between the padding of q, k, v and the unpadding of the output.
+
+    torch.compile friendly (`compile_repeated_blocks()` shares one graph between all blocks): what
+    differs between layers or calls is held in tensors (threshold, density statistics), never in
+    Python numbers the graph would guard on; dense and STA-only layers are static flags.
     """
 
     def __init__(self, layer: int, settings: LayerSettings, state: NablaState) -> None:
         self.layer = layer
         self.settings = settings
         self.state = state
+        self.always_dense = settings.dense or (settings.threshold >= 1.0 and settings.sta is None)
+        self.sta_only = settings.sta_only
+        self.threshold = torch.tensor(settings.threshold, dtype=torch.float32)
+        self.density_stats = torch.zeros(2)  # sum of per-call block densities, number of calls
+
+    def place(self, device: torch.device) -> None:
+        if self.threshold.device != device:
+            self.threshold = self.threshold.to(device)
+            self.density_stats = self.density_stats.to(device)
+
+    def record_density(self, density: torch.Tensor) -> None:
+        self.density_stats.add_(torch.stack([density.detach().float(), density.new_ones((), dtype=torch.float32)]))
 
     def __call__(
         self,
@@ -91,38 +117,39 @@ class NablaAttnProcessor:
     ) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("NablaAttnProcessor is for self-attention without an attention mask")
-        family = self.state.family
-        q, k, v = family.attention_qkv(attn, hidden_states, rotary_emb)
-        return family.attention_out(attn, self.attend(q, k, v), hidden_states)
+        family, layout = self.state.family, self.layout()
+        q, k, v = (layout.pad(t, dim=2) for t in family.attention_qkv(attn, hidden_states, rotary_emb))
+        return family.attention_out(attn, layout.unpad(self.attend(q, k, v), dim=2), hidden_states)
+
+    def layout(self) -> TileLayout:
+        if self.state.layout is None:
+            raise RuntimeError("NABLA processor called outside a NABLA transformer forward (no token layout)")
+        return self.state.layout
 
     def is_dense_now(self) -> bool:
-        s = self.settings
-        return (
-            s.dense
-            or self.state.force_dense
-            or self.state.step < self.state.config.dense_steps
-            or (s.threshold >= 1.0 and s.sta is None)
-        )
+        return self.always_dense or self.state.force_dense or self.state.dense_phase
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v (B, H, S, D) in tile order -> attention output in tile order."""
-        layout, config = self.state.layout, self.state.config
-        if layout is None:
-            raise RuntimeError("NABLA processor called outside a NABLA transformer forward (no token layout)")
+        """q, k, v (B, H, S, D) in padded tile order -> attention output in padded tile order."""
+        layout, config = self.layout(), self.state.config
         if self.is_dense_now():
-            self.state.record_density(self.layer, q.new_ones((), dtype=torch.float32))
+            self.record_density(q.new_ones((), dtype=torch.float32))
             return padded_dense_attention(q, k, v, layout.indices(q.device).valid if layout.is_padded else None)
         selection = self.select(q, k, layout)
-        self.state.record_density(self.layer, block_density(selection.keep, layout, config.q_block, config.kv_block))
+        self.record_density(selection.density(layout.real_blocks(config.q_block), layout.real_blocks(config.kv_block)))
         return block_sparse_attention(q, k, v, selection, backend=config.backend)
 
     def select(self, q: torch.Tensor, k: torch.Tensor, layout: TileLayout) -> BlockSelection:
-        """This layer's block selection for q, k in tile order (sort-free; fused kernels on CUDA)."""
+        """This layer's block selection for q, k in padded tile order (sort-free; fused kernels on CUDA)."""
         config = self.state.config
+        if self.sta_only:
+            return sta_selection(
+                q, k, grid=layout, sta=self.settings.sta, q_block=config.q_block, kv_block=config.kv_block
+            )
         return nabla_selection(
             q,
             k,
-            threshold=self.settings.threshold,
+            threshold=self.threshold,
             grid=layout,
             sta=self.settings.sta,
             q_block=config.q_block,
@@ -215,16 +242,25 @@ class NablaModelMixin:
         return result
 
 
+def nabla_processors(transformer: torch.nn.Module) -> list[NablaAttnProcessor]:
+    """The NABLA processors the self-attention layers hold now (also subclasses swapped in by bench or calibrate)."""
+    processors = (attn.processor for attn in nabla_state(transformer).family.self_attention(transformer))
+    return [processor for processor in processors if isinstance(processor, NablaAttnProcessor)]
+
+
 def layer_densities(transformer: torch.nn.Module) -> dict[int, float]:
     """Mean block density of each self-attention layer since the last reset (1.0 for dense calls)."""
-    state = nabla_state(transformer)
-    return {layer: float(total) / state.density_calls[layer] for layer, total in sorted(state.density_sum.items())}
+    densities = {}
+    for processor in nabla_processors(transformer):
+        total, calls = processor.density_stats.tolist()
+        if calls:
+            densities[processor.layer] = total / calls
+    return dict(sorted(densities.items()))
 
 
 def reset_densities(transformer: torch.nn.Module) -> None:
-    state = nabla_state(transformer)
-    state.density_sum.clear()
-    state.density_calls.clear()
+    for processor in nabla_processors(transformer):
+        processor.density_stats.zero_()
 
 
 @contextmanager

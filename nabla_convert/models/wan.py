@@ -5,8 +5,9 @@ same points Wan's context-parallel plan uses: `rope` (record the grid, gather co
 `patch_embedding` (emit tile order), `condition_embedder` (gather per-token timestep embeddings
 of TI2V) and `proj_out` (back to raster order). Every self-attention (`attn1`) gets a
 NablaAttnProcessor with its own layer settings; cross-attention and the I2V image branch are
-untouched. Padding tokens (grids that are not multiples of the tile) ride along and are dropped
-at `proj_out`; they are never attended to as keys.
+untouched. The token stream is in compact tile order (no padding tokens); grids that are not
+multiples of the tile get padding tokens only inside self-attention (the shared processor pads
+q, k, v), where they are never attended to as keys and their query rows are dropped.
 
 Checkpoints in the official Wan layout (sharded diffusion_pytorch_model*.safetensors of WanModel,
 as the published NABLA fine-tunes ship) are imported through diffusers' own single-file key
@@ -26,7 +27,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get
 from nabla_convert.io import atomic_write_text, rename_safetensors, safetensors_header
 from nabla_convert.models import register
 from nabla_convert.models.family import FamilyError, ModelFamily
-from nabla_convert.models.nabla import NablaAttnProcessor, NablaModelMixin, StateHook
+from nabla_convert.models.nabla import NablaAttnProcessor, NablaModelMixin, StateHook, nabla_processors
 
 __all__ = ["NablaAttnProcessor", "NablaWanTransformer3DModel", "WanFamily"]
 
@@ -53,12 +54,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class _StepHook(StateHook):
     def pre_forward(self, module, *args, **kwargs):
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        self.state.observe_timestep(timestep)
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self.state.begin_forward(timestep, nabla_processors(module), hidden_states.device)
         return args, kwargs
 
 
 class _RopeHook(StateHook):
-    """Records the token grid of this forward and returns cos/sin in tile order."""
+    """Records the token grid of this forward and returns cos/sin in compact tile order."""
 
     def pre_forward(self, module, hidden_states, *args, **kwargs):
         _, _, frames, height, width = hidden_states.shape
@@ -79,17 +81,19 @@ class _RopeHook(StateHook):
     def post_forward(self, module, output):
         cos, sin = output
         layout = self.state.layout
-        return layout.to_tiles(cos), layout.to_tiles(sin)
+        return layout.to_tiles(cos, padded=False), layout.to_tiles(sin, padded=False)
 
 
 class _PatchHook(StateHook):
-    """patch_embedding's (B, C, F, H, W) output -> (B, C, S_padded, 1, 1) in tile order.
+    """patch_embedding's (B, C, F, H, W) output -> (B, C, S, 1, 1) in compact tile order.
 
-    The model then flattens and transposes it to (B, S_padded, C) as it would the raster grid.
+    The model then flattens and transposes it to (B, S, C) as it would the raster grid. Compact:
+    padding tokens exist only inside self-attention, so projections, cross-attention and FFN never
+    compute them (6.7% of the tokens at 1280x720).
     """
 
     def post_forward(self, module, output):
-        tokens = self.state.layout.to_tiles(output.flatten(2), dim=2)
+        tokens = self.state.layout.to_tiles(output.flatten(2), dim=2, padded=False)
         return tokens[..., None, None]
 
 
@@ -105,11 +109,11 @@ class _ConditionHook(StateHook):
             return output
         temb, timestep_proj, *rest = output
         layout = self.state.layout
-        return (layout.to_tiles(temb), layout.to_tiles(timestep_proj), *rest)
+        return (layout.to_tiles(temb, padded=False), layout.to_tiles(timestep_proj, padded=False), *rest)
 
 
 class _UnpatchHook(StateHook):
-    """proj_out's output goes back to raster order, padding dropped, before the model unpatchifies."""
+    """proj_out's output goes back from compact tile order to raster order before the model unpatchifies."""
 
     def post_forward(self, module, output):
         return self.state.layout.to_raster(output)

@@ -1,0 +1,233 @@
+"""Issue 18 on one GPU, in one process: kernel options, attention calls, whole models eager and compiled, a pipeline.
+
+Sections (run in this order; pick with --only):
+- smoke: a small NABLA transformer compiled with compile_repeated_blocks(fullgraph=True) equals eager, no recompile;
+- kernels: flex forward kernel options at 80,640 padded tokens, head dim 128 and 64; the fastest is used for the
+  rest of the run (nabla_convert.attention.flex.TUNED_KERNEL_OPTIONS);
+- attention: mask build, sparse flex and dense cuDNN per call (14B 720p, 1.3B 480p);
+- models: full Wan2.1-1.3B 480p, Wan2.1-14B 480p, 640p and 720p: dense vs NABLA, eager and compile_repeated_blocks(),
+  at thresholds 0.1 and 0.05 (random weights: density ~ threshold); --profile adds kernel time by category;
+  after the 14B 720p rows, a stock WanPipeline run on that model (a few steps with CFG plus VAE decode), NABLA and
+  dense, compiled blocks.
+
+Results go to OUT/bench_models.json and OUT/bench_models.md after every section, so a run stopped by a time limit
+keeps what it finished. Usage: python scripts/bench_models.py --out DIR [--only smoke,kernels,attention,models] [--models 14b-720]
+[--pipeline-steps 2] [--budget-s 560]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from nabla_convert.attention import flex
+from nabla_convert.bench import (
+    BenchReport,
+    attention_rows,
+    best_kernel_options,
+    compiled_blocks,
+    environment,
+    kernel_option_rows,
+    kernel_time_breakdown,
+    pipeline_seconds,
+    random_transformer,
+    require_cuda,
+    transformer_step_rows,
+)
+from nabla_convert.config import NablaConfig
+from nabla_convert.models.nabla import apply_nabla, remove_nabla
+from nabla_convert.models.tiny import tiny_transformer
+from nabla_convert.models.wan import WAN
+
+SECTIONS = ("smoke", "kernels", "attention", "models")
+NABLA = NablaConfig(threshold=0.1, q_block=128, kv_block=64)
+THRESHOLDS = (0.1, 0.05)
+MODELS = (  # (arch, resolution, reps)
+    ("wan2.1-t2v-1.3b", (832, 480), 3),
+    ("wan2.1-t2v-14b", (832, 480), 2),
+    ("wan2.1-t2v-14b", (1280, 640), 2),  # no padding: what the padded 720p grid costs
+    ("wan2.1-t2v-14b", (1280, 720), 2),
+)
+# cuDNN first for bf16 attention; the others stay allowed (the pipeline's float32 VAE attention needs them)
+SDPA_PRIORITY = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+def smoke(report: BenchReport) -> None:
+    """Compiled NABLA blocks (fullgraph) equal eager on the GPU and do not recompile over steps."""
+    from torch._dynamo.utils import counters
+
+    with torch.device("cuda"):
+        model = tiny_transformer(num_layers=3, heads=4, head_dim=64).to(torch.bfloat16).eval()
+    apply_nabla(model, replace(NABLA, threshold=0.5))
+    hidden = torch.randn(1, 16, 5, 90, 120, device="cuda", dtype=torch.bfloat16)  # grid 5x45x60: padded
+    text = torch.randn(1, 16, 32, device="cuda", dtype=torch.bfloat16)
+
+    def run(t: int) -> torch.Tensor:
+        with torch.no_grad():
+            return model(hidden, torch.tensor([t], device="cuda"), text, return_dict=False)[0].float()
+
+    expected = [run(t) for t in (900, 900, 800)]
+    counters.clear()
+    with compiled_blocks(model, fullgraph=True):
+        got = [run(900)]
+        with torch.compiler.set_stance("fail_on_recompile"):
+            got += [run(t) for t in (900, 800)]
+    report.compiles["smoke_max_abs_diff"] = max(float((a - b).abs().max()) for a, b in zip(got, expected, strict=True))
+    report.compiles["smoke_unique_graphs"] = int(counters["stats"]["unique_graphs"])
+    report.compiles["smoke_graph_breaks"] = int(sum(counters["graph_break"].values()))
+
+
+def kernels(report: BenchReport) -> None:
+    grid = WAN.token_grid((1280, 720), 81)
+    for head_dim, heads in ((128, 40), (64, 40)):
+        rows = kernel_option_rows(grid, heads, 0.1, head_dim=head_dim)
+        report.kernels += rows
+        best = best_kernel_options(rows)
+        flex.TUNED_KERNEL_OPTIONS[(128, 64, head_dim)] = best
+        report.compiles[f"tuned_hd{head_dim}"] = str(best)
+
+
+def attention(report: BenchReport) -> None:
+    torch._dynamo.reset()
+    report.attention += attention_rows(WAN.token_grid((1280, 720), 81), 40, (0.05, 0.1), reference_mask=False)
+    report.attention += attention_rows(WAN.token_grid((832, 480), 81), 12, (0.05, 0.1), reference_mask=False)
+
+
+def models(report: BenchReport, deadline: float, args: argparse.Namespace) -> None:
+    """Step rows of each selected model, then (--profile) kernel time by category and (14B 720p) the pipeline."""
+    modes = [mode == "compiled" for mode in args.modes.split(",") if mode in ("eager", "compiled")]
+    for arch, resolution, reps in MODELS:
+        key = model_key(arch, resolution)
+        if key not in args.models.split(","):
+            continue
+        if time.monotonic() > deadline:
+            report.compiles[f"skipped_{key}"] = "time budget"
+            continue
+        model = random_transformer(WAN, WAN.archs[arch])
+        if modes:
+            report.steps += transformer_step_rows(
+                WAN,
+                arch,
+                WAN.archs[arch],
+                resolution,
+                81,
+                NABLA,
+                (),
+                thresholds=THRESHOLDS,
+                reps=reps,
+                compiled=modes,
+                model=model,
+            )
+            write(report)
+        if args.profile:
+            profiles(report, model, resolution, key)
+            write(report)
+        if args.pipeline_steps and key == "14b-720":
+            pipeline(report, model, resolution, args.pipeline_steps)
+        del model
+        torch.cuda.empty_cache()
+
+
+def one_step(model: torch.nn.Module, resolution: tuple[int, int]):
+    """A function running one no-grad forward of `model` on random inputs of `resolution` x 81 frames."""
+    grid = WAN.token_grid(resolution, 81)
+    hidden = torch.randn(1, 16, grid[0], grid[1] * 2, grid[2] * 2, device="cuda", dtype=torch.bfloat16)
+    text = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def forward():
+        with torch.no_grad():
+            model(hidden, torch.tensor([500], device="cuda"), text, return_dict=False)
+
+    return forward
+
+
+def profiles(report: BenchReport, model: torch.nn.Module, resolution: tuple[int, int], key: str) -> None:
+    """Kernel time by category of one compiled step, dense and NABLA at each threshold (reuses compiled graphs)."""
+    forward = one_step(model, resolution)
+    with compiled_blocks(model, reset=False), sdpa_kernel(SDPA_PRIORITY, set_priority=True):
+        remove_nabla(model)
+        forward()
+        report.compiles[f"profile_{key}_dense_compiled"] = kernel_time_breakdown(forward)
+        for threshold in THRESHOLDS:
+            apply_nabla(model, replace(NABLA, threshold=threshold))
+            forward()
+            report.compiles[f"profile_{key}_nabla_thr{threshold:g}_compiled"] = kernel_time_breakdown(forward)
+        remove_nabla(model)
+
+
+def model_key(arch: str, resolution: tuple[int, int]) -> str:
+    return f"{arch.rsplit('-', 1)[-1]}-{resolution[1]}"
+
+
+def pipeline(report: BenchReport, model: torch.nn.Module, resolution: tuple[int, int], steps: int) -> None:
+    """Stock WanPipeline with compiled blocks (graphs warmed by one forward each): NABLA first, so it also pays
+    the VAE's first call, then dense; each timed as a whole."""
+    forward = one_step(model, resolution)
+    name = f"Wan2.1-14B {resolution[0]}x{resolution[1]}x81, {steps} steps CFG 5 + VAE decode, compiled blocks"
+    with compiled_blocks(model, reset=False), sdpa_kernel(SDPA_PRIORITY, set_priority=True):
+        remove_nabla(model)
+        forward()
+        apply_nabla(model, NABLA)
+        forward()
+        nabla = pipeline_seconds(model, resolution, 81, steps)
+        report.pipelines.append({"name": f"{name}, NABLA thr 0.1", **nabla})
+        write(report)
+        remove_nabla(model)
+        dense = pipeline_seconds(model, resolution, 81, steps)
+    report.pipelines.append({"name": f"{name}, dense cuDNN", **dense})
+    report.pipelines.append({"name": "speedup (whole run)", "total_s": dense["total_s"] / nabla["total_s"]})
+
+
+OUT: Path = Path(".")
+
+
+def write(report: BenchReport) -> None:
+    report.write(OUT / "bench_models.json")
+    (OUT / "bench_models.md").write_text(report.table() + "\n")
+
+
+def main() -> None:
+    global OUT
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--budget-s", type=float, default=560.0, help="start no model after this many seconds")
+    parser.add_argument("--models", default="1.3b-480,14b-480,14b-720", help="of 1.3b-480,14b-480,14b-640,14b-720")
+    parser.add_argument("--modes", default="eager,compiled", help="step rows: eager,compiled, one of them, or none")
+    parser.add_argument("--profile", action="store_true", help="kernel time by category of each compiled step")
+    parser.add_argument("--pipeline-steps", type=int, default=2, help="pipeline run on the 14b-720 model; 0: none")
+    args = parser.parse_args()
+    require_cuda()
+    flex.enable_compile_cache()
+    OUT = args.out
+    OUT.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.budget_s
+    report = BenchReport(environment(), {"nabla": NABLA.to_dict(), "thresholds": list(THRESHOLDS)})
+    for name in args.only.split(","):
+        start = time.monotonic()
+        try:
+            if name == "models":
+                models(report, deadline, args)
+            else:
+                {"smoke": smoke, "kernels": kernels, "attention": attention}[name](report)
+        except Exception:  # one failed section must not lose the others
+            report.compiles[f"error_{name}"] = traceback.format_exc(limit=4)[-1500:]
+            traceback.print_exc()
+        report.compiles[f"section_{name}_s"] = round(time.monotonic() - start, 1)
+        write(report)
+        print(report.table(), flush=True)
+
+
+if __name__ == "__main__":
+    main()

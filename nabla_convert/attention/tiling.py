@@ -21,7 +21,8 @@ class TileLayout:
     """How a (frames, height, width) token grid maps onto padded tile order.
 
     `block` is the granularity the tile-order sequence is padded to (the least common multiple of
-    the query and key block sizes), so that every attention block is complete.
+    the query and key block sizes, and of the context-parallel degree when the sequence is split
+    across ranks), so that every attention block is complete and every rank gets an equal share.
     """
 
     frames: int
@@ -41,9 +42,15 @@ class TileLayout:
 
     @classmethod
     def for_blocks(
-        cls, token_grid: tuple[int, int, int], tile: tuple[int, int] = (8, 8), q_block: int = 64, kv_block: int = 64
+        cls,
+        token_grid: tuple[int, int, int],
+        tile: tuple[int, int] = (8, 8),
+        q_block: int = 64,
+        kv_block: int = 64,
+        ranks: int = 1,
     ) -> TileLayout:
-        return cls(*token_grid, tile_h=tile[0], tile_w=tile[1], block=math.lcm(q_block, kv_block))
+        """Layout for attention blocks of q_block x kv_block tokens; the padded length also divides by `ranks`."""
+        return cls(*token_grid, tile_h=tile[0], tile_w=tile[1], block=math.lcm(q_block, kv_block, ranks))
 
     @property
     def token_grid(self) -> tuple[int, int, int]:

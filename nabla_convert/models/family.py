@@ -67,6 +67,10 @@ class ModelFamily(ABC):
         """The module's output from the attention output (B, H, S, D)."""
         ...
 
+    def context_parallel_plan(self, transformer: torch.nn.Module) -> dict[str, Any] | None:
+        """The `_cp_plan` apply_nabla gives the transformer for diffusers' context parallelism (None: the class's)."""
+        return None
+
     def num_heads(self, transformer: torch.nn.Module) -> int:
         return self.attention_shape(transformer.config)[0]
 

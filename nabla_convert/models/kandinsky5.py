@@ -27,7 +27,7 @@ from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnPr
 from nabla_convert.config import NablaConfig
 from nabla_convert.models import register
 from nabla_convert.models.family import ModelFamily
-from nabla_convert.models.nabla import NablaModelMixin, StateHook, nabla_processors
+from nabla_convert.models.nabla import NablaModelMixin, StateHook
 
 __all__ = ["Kandinsky5Family", "NablaKandinsky5Transformer3DModel"]
 
@@ -46,7 +46,7 @@ class _StepHook(StateHook):
 
     def pre_forward(self, module, *args, **kwargs):
         named = dict(zip(FORWARD_ARGS, args, strict=False)) | kwargs
-        self.state.begin_forward(named["timestep"], nabla_processors(module), named["hidden_states"].device)
+        self.state.begin_forward(module, named["timestep"], named["hidden_states"].device)
         if len(args) > 7:
             args = (*args[:7], None, *args[8:])
         if "sparse_params" in kwargs:
@@ -59,7 +59,7 @@ class _VisualEmbeddingHook(StateHook):
 
     def post_forward(self, module, output):
         layout = self.state.set_grid(tuple(output.shape[1:4]))
-        return layout.to_tiles(output.flatten(1, 3), padded=False)[:, :, None, None]
+        return layout.to_tiles(output.flatten(1, 3), padded=self.state.padded_stream)[:, :, None, None]
 
 
 class _RopeHook(StateHook):
@@ -69,7 +69,7 @@ class _RopeHook(StateHook):
         return ((shape[0], *self.state.layout.token_grid), *args), kwargs
 
     def post_forward(self, module, output):
-        return self.state.layout.to_tiles(output.flatten(1, 3), padded=False)[:, :, None, None]
+        return self.state.layout.to_tiles(output.flatten(1, 3), padded=self.state.padded_stream)[:, :, None, None]
 
 
 class _OutLayerHook(StateHook):

@@ -8,6 +8,7 @@ density bookkeeping) is the same for every family and lives here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,9 +26,12 @@ from nabla_convert.attention import (
     padded_dense_attention,
     sta_selection,
 )
+from nabla_convert.attention.parallel import context_parallel_config, sequence_multiple, ulysses_attention
 from nabla_convert.config import CONFIG_KEY, ConfigError, LayerSettings, NablaConfig
 
 if TYPE_CHECKING:
+    from diffusers.models._modeling_parallel import ParallelConfig
+
     from nabla_convert.models.family import ModelFamily
 
 
@@ -42,18 +46,22 @@ class NablaState:
     last_timestep: float | None = None
     force_dense: bool = False
     dense_phase: bool = False
+    parallel: ParallelConfig | None = None
+    padded_stream: bool = False  # the token stream holds the padding tokens (context parallel, uneven split)
 
     @torch.compiler.disable
-    def begin_forward(self, timestep: torch.Tensor, processors: list[NablaAttnProcessor], device: torch.device) -> None:
+    def begin_forward(self, transformer: torch.nn.Module, timestep: torch.Tensor, device: torch.device) -> None:
         """Once per transformer forward, always eager (also inside torch.compile(transformer)).
 
         The step count and timestep are Python numbers that change every step: read here, they never
         become guards of a compiled graph. Processors only see `dense_phase` (a bool, so at most a
-        dense and a sparse graph) and their own tensors, which are moved to `device` here.
+        dense and a sparse graph) and their own tensors, which are moved to `device` here. The
+        transformer's context-parallel config (diffusers `enable_parallelism`) is read here too.
         """
         self.observe_timestep(timestep)
         self.dense_phase = self.step < self.config.dense_steps
-        for processor in processors:
+        self.parallel = context_parallel_config(transformer)
+        for processor in nabla_processors(transformer):
             processor.place(device)
 
     def observe_timestep(self, timestep: torch.Tensor) -> None:
@@ -70,9 +78,18 @@ class NablaState:
         self.last_timestep = t
 
     def set_grid(self, grid: tuple[int, int, int]) -> TileLayout:
-        """Record the token grid (frames, height, width) of this forward; returns its tile layout."""
+        """Record the token grid (frames, height, width) of this forward; returns its tile layout.
+
+        The token stream is compact (no padding tokens) unless context parallelism splits it across
+        ranks and its length does not divide by the Ulysses degree: then it carries the padding
+        tokens, padded to a multiple of the degree (`padded_stream`).
+        """
         config = self.config
-        self.layout = TileLayout.for_blocks(grid, config.tile, config.q_block, config.kv_block)
+        ranks = sequence_multiple(self.parallel)
+        self.padded_stream = math.prod(grid) % ranks != 0
+        self.layout = TileLayout.for_blocks(
+            grid, config.tile, config.q_block, config.kv_block, ranks if self.padded_stream else 1
+        )
         return self.layout
 
 
@@ -82,7 +99,9 @@ class NablaAttnProcessor:
     The family turns the attention module's input into q, k, v (B, H, S, D) post-RoPE and the
     attention output back into the module's output; the processor decides dense or sparse. The
     token stream is in compact tile order: padding tokens (grids that are not multiples of the
-    tile) exist only here, between the padding of q, k, v and the unpadding of the output.
+    tile) exist only here, between the padding of q, k, v and the unpadding of the output. Under
+    context parallelism (Ulysses) attention runs inside diffusers' all-to-all (`ulysses_attention`)
+    on the whole stream of this rank's heads.
 
     torch.compile friendly (`compile_repeated_blocks()` shares one graph between all blocks): what
     differs between layers or calls is held in tensors (threshold, density statistics), never in
@@ -117,9 +136,18 @@ class NablaAttnProcessor:
     ) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("NablaAttnProcessor is for self-attention without an attention mask")
-        family, layout = self.state.family, self.layout()
-        q, k, v = (layout.pad(t, dim=2) for t in family.attention_qkv(attn, hidden_states, rotary_emb))
-        return family.attention_out(attn, layout.unpad(self.attend(q, k, v), dim=2), hidden_states)
+        family = self.state.family
+        q, k, v = family.attention_qkv(attn, hidden_states, rotary_emb)
+        out = ulysses_attention(self.attend_stream, q, k, v, self.state.parallel)
+        return family.attention_out(attn, out, hidden_states)
+
+    def attend_stream(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`attend` on the whole token stream (B, H, S, D), compact or padded tile order, in the same order."""
+        layout = self.layout()
+        if q.shape[2] == layout.padded_len:
+            return self.attend(q, k, v)
+        q, k, v = (layout.pad(t, dim=2) for t in (q, k, v))
+        return layout.unpad(self.attend(q, k, v), dim=2)
 
     def layout(self) -> TileLayout:
         if self.state.layout is None:
@@ -184,6 +212,7 @@ def apply_nabla(transformer: torch.nn.Module, config: NablaConfig | None = None)
         raise ConfigError(f"apply_nabla expects a NablaConfig, got {type(config).__name__}")
     attention = family.self_attention(transformer)
     config.check_num_layers(len(attention))
+    _check_not_parallel(transformer, "apply NABLA to")
     remove_nabla(transformer)
     state = NablaState(config, family)
     for name, (module, hook_cls) in family.hook_points(transformer).items():
@@ -191,6 +220,9 @@ def apply_nabla(transformer: torch.nn.Module, config: NablaConfig | None = None)
     for index, attn in enumerate(attention):
         attn.set_processor(NablaAttnProcessor(index, config.layer(index), state))
     transformer._nabla_state = state
+    plan = family.context_parallel_plan(transformer)
+    if plan is not None:
+        transformer._cp_plan = plan
     transformer.register_to_config(**{CONFIG_KEY: config.to_dict()})
     return transformer
 
@@ -200,13 +232,24 @@ def remove_nabla(transformer: torch.nn.Module) -> torch.nn.Module:
     state = getattr(transformer, "_nabla_state", None)
     if state is None:
         return transformer
+    _check_not_parallel(transformer, "remove NABLA from")
     for name, (module, _) in state.family.hook_points(transformer).items():
         HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
     for attn in state.family.self_attention(transformer):
         attn.set_processor(state.family.dense_processor())
     transformer._nabla_state = None
+    if "_cp_plan" in vars(transformer):
+        del transformer._cp_plan  # back to the class's plan
     transformer._internal_dict = FrozenDict({k: v for k, v in transformer._internal_dict.items() if k != CONFIG_KEY})
     return transformer
+
+
+def _check_not_parallel(transformer: torch.nn.Module, action: str) -> None:
+    if getattr(transformer, "_parallel_config", None) is not None:
+        raise ConfigError(
+            f"cannot {action} a transformer that already runs in parallel: apply NABLA first, then call "
+            "enable_parallelism (or from_pretrained(..., parallel_config=...) of a converted checkpoint)"
+        )
 
 
 def set_processors(transformer: torch.nn.Module, make: Any) -> list[Any]:

@@ -9,6 +9,13 @@ untouched. The token stream is in compact tile order (no padding tokens); grids 
 multiples of the tile get padding tokens only inside self-attention (the shared processor pads
 q, k, v), where they are never attended to as keys and their query rows are dropped.
 
+Context parallelism (diffusers `enable_parallelism`, Ulysses): apply_nabla gives the transformer
+its own `_cp_plan`, which splits the tile-order stream (rope output, the first block's input) and
+gathers it after the last block, so `proj_out` sees the whole stream and the tile-order hooks stay
+exact. When the token count does not divide by the Ulysses degree, the stream carries the padding
+tokens, padded to a multiple of the degree. Per-token timestep embeddings (TI2V) are split in tile
+order by the condition hook. See attention/parallel.py.
+
 Checkpoints in the official Wan layout (sharded diffusion_pytorch_model*.safetensors of WanModel,
 as the published NABLA fine-tunes ship) are imported through diffusers' own single-file key
 converter (`import_native`).
@@ -22,12 +29,14 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import WanPipeline, WanTransformer3DModel
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
+from nabla_convert.attention.parallel import shard_sequence
 from nabla_convert.io import atomic_write_text, rename_safetensors, safetensors_header
 from nabla_convert.models import register
 from nabla_convert.models.family import FamilyError, ModelFamily
-from nabla_convert.models.nabla import NablaAttnProcessor, NablaModelMixin, StateHook, nabla_processors
+from nabla_convert.models.nabla import NablaAttnProcessor, NablaModelMixin, StateHook
 
 __all__ = ["NablaAttnProcessor", "NablaWanTransformer3DModel", "WanFamily"]
 
@@ -55,7 +64,7 @@ class _StepHook(StateHook):
     def pre_forward(self, module, *args, **kwargs):
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self.state.begin_forward(timestep, nabla_processors(module), hidden_states.device)
+        self.state.begin_forward(module, timestep, hidden_states.device)
         return args, kwargs
 
 
@@ -80,8 +89,8 @@ class _RopeHook(StateHook):
 
     def post_forward(self, module, output):
         cos, sin = output
-        layout = self.state.layout
-        return layout.to_tiles(cos, padded=False), layout.to_tiles(sin, padded=False)
+        layout, padded = self.state.layout, self.state.padded_stream
+        return layout.to_tiles(cos, padded=padded), layout.to_tiles(sin, padded=padded)
 
 
 class _PatchHook(StateHook):
@@ -93,12 +102,16 @@ class _PatchHook(StateHook):
     """
 
     def post_forward(self, module, output):
-        tokens = self.state.layout.to_tiles(output.flatten(2), dim=2, padded=False)
+        tokens = self.state.layout.to_tiles(output.flatten(2), dim=2, padded=self.state.padded_stream)
         return tokens[..., None, None]
 
 
 class _ConditionHook(StateHook):
-    """Per-token timestep embeddings (Wan2.2 TI2V) follow the tokens into tile order."""
+    """Per-token timestep embeddings (Wan2.2 TI2V) follow the tokens into tile order.
+
+    Under context parallelism the blocks' per-token modulation (`timestep_proj`) is split like the
+    tokens; `temb` stays whole for the output norm, which runs after the gather.
+    """
 
     def pre_forward(self, module, *args, **kwargs):
         self.per_token = kwargs.get("timestep_seq_len") is not None
@@ -108,8 +121,11 @@ class _ConditionHook(StateHook):
         if not self.per_token:
             return output
         temb, timestep_proj, *rest = output
-        layout = self.state.layout
-        return (layout.to_tiles(temb, padded=False), layout.to_tiles(timestep_proj, padded=False), *rest)
+        layout, padded, parallel = self.state.layout, self.state.padded_stream, self.state.parallel
+        timestep_proj = layout.to_tiles(timestep_proj, padded=padded)
+        if parallel is not None:
+            timestep_proj = shard_sequence(timestep_proj, parallel)
+        return (layout.to_tiles(temb, padded=padded), timestep_proj, *rest)
 
 
 class _UnpatchHook(StateHook):
@@ -158,6 +174,22 @@ class WanFamily(ModelFamily):
 
     def dense_processor(self):
         return WanAttnProcessor()
+
+    def context_parallel_plan(self, transformer):
+        """Wan's `_cp_plan` for NABLA: the same split points, but the gather moves from proj_out to the last block.
+
+        rope's cos/sin are split after the rope hook put them in tile order (apply_nabla runs before
+        enable_parallelism, so the split hook wraps ours); the first block's input is tile order
+        already. Gathering the last block's output instead of proj_out's lets proj_out's hook see the
+        whole sequence to put it back in raster order. The timestep is not split at the model input
+        (raster order there): the condition hook splits per-token embeddings in tile order.
+        """
+        rope_split = ContextParallelInput(split_dim=1, expected_dims=4, split_output=True)
+        return {
+            "rope": {0: rope_split, 1: rope_split},
+            "blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3)},
+            f"blocks.{len(transformer.blocks) - 1}": ContextParallelOutput(gather_dim=1, expected_dims=3),
+        }
 
     def attention_qkv(self, attn, hidden_states, rotary_emb):
         query, key, value = _get_qkv_projections(attn, hidden_states, None)

@@ -10,6 +10,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from nabla_convert.attention import TileLayout, nabla_block_mask, to_block_mask
 from nabla_convert.attention.fast import cut_values, nabla_selection, select_by_cut
 from nabla_convert.attention.flex import dense_token_mask
+from nabla_convert.attention.mask import select_by_sorted_cumsum
 
 THRESHOLDS = (0.2, 0.5, 0.7, 0.9, 1.0)
 
@@ -137,3 +138,36 @@ def test_threshold_zero_is_the_sta_window_alone() -> None:
     assert torch.equal(nabla_block_mask(q, k, threshold=0.0, grid=layout, sta=(3, 1, 3)), keep)
     with pytest.raises(ValueError, match="STA window"):
         nabla_selection(q, k, threshold=0.0, grid=layout)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
+def test_tensor_threshold_selects_as_the_float(threshold: float, precision: str) -> None:
+    """A 0-dim tensor threshold (the compiled processor's) keeps the same blocks as the float, 0 and 1 included."""
+    torch.manual_seed(2)
+    probs = torch.softmax(torch.randn(2, 3, 5, 7) * 3, dim=-1)
+    if precision == "bfloat16":
+        probs = probs.to(torch.bfloat16)
+    select = select_by_sorted_cumsum if precision == "bfloat16" else select_by_cut
+    expected = (
+        sorted_selection(probs.float(), threshold) if threshold > 0 else torch.zeros_like(probs, dtype=torch.bool)
+    )
+    if precision == "float32":
+        assert torch.equal(select(probs, threshold), expected)
+    assert torch.equal(select(probs, torch.tensor(threshold)), select(probs, threshold))
+
+
+def test_sta_only_layer_is_a_static_flag() -> None:
+    """A threshold-0 layer with a window runs the window alone through its flag, though its threshold is a tensor."""
+    from nabla_convert.config import LayerSettings, NablaConfig
+    from nabla_convert.models.nabla import NablaAttnProcessor, NablaState
+    from nabla_convert.models.wan import WAN
+
+    layout = TileLayout.for_blocks((3, 20, 28))
+    torch.manual_seed(3)
+    q, k = (torch.randn(1, 2, layout.padded_len, 16) for _ in range(2))
+    settings = LayerSettings(threshold=0.0, sta=(3, 1, 3))
+    processor = NablaAttnProcessor(0, settings, NablaState(NablaConfig(threshold=0.5), WAN))
+    assert processor.sta_only and not LayerSettings(threshold=0.3, sta=(3, 1, 3)).sta_only
+    keep = processor.select(q, k, layout).keep
+    assert torch.equal(keep, nabla_block_mask(q, k, threshold=0.0, grid=layout, sta=(3, 1, 3)))

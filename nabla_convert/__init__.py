@@ -14,21 +14,22 @@ from nabla_convert.convert import ConvertError, convert, load
 from nabla_convert.recipes import Recipe, load_recipe
 
 # What needs torch or diffusers loads on first use (PEP 562), so that `nabla-convert --help` and the light commands
-# do not pay for them or the training stack. diffusers' pipeline loader finds a component's load method by looking
-# up base classes by name in the component's library (model_index.json: ["nabla_convert",
-# "NablaWanTransformer3DModel"]), so the package also exports ModelMixin for stock WanPipeline.from_pretrained.
+# do not pay for them or the training stack. diffusers' pipeline loader finds a component's class and load method
+# by name in the component's library (model_index.json: ["nabla_convert", "<NABLA class>"]), so the package also
+# exports ModelMixin and every family's NABLA transformer class (looked up in the registry) for stock
+# Pipeline.from_pretrained.
 _LAZY = {
     "ModelMixin": "diffusers",
     "TileLayout": "nabla_convert.attention",
     "block_sparse_attention": "nabla_convert.attention",
     "nabla_attention": "nabla_convert.attention",
     "nabla_block_mask": "nabla_convert.attention",
-    "NablaWanTransformer3DModel": "nabla_convert.models.wan",
-    "apply_nabla": "nabla_convert.models.wan",
-    "layer_densities": "nabla_convert.models.wan",
-    "nabla_disabled": "nabla_convert.models.wan",
-    "remove_nabla": "nabla_convert.models.wan",
-    "reset_densities": "nabla_convert.models.wan",
+    "apply_nabla": "nabla_convert.models.nabla",
+    "family_of": "nabla_convert.models",
+    "layer_densities": "nabla_convert.models.nabla",
+    "nabla_disabled": "nabla_convert.models.nabla",
+    "remove_nabla": "nabla_convert.models.nabla",
+    "reset_densities": "nabla_convert.models.nabla",
 }
 
 __all__ = [
@@ -37,12 +38,12 @@ __all__ = [
     "LayerSettings",
     "ModelMixin",
     "NablaConfig",
-    "NablaWanTransformer3DModel",
     "Recipe",
     "TileLayout",
     "apply_nabla",
     "block_sparse_attention",
     "convert",
+    "family_of",
     "layer_densities",
     "load",
     "load_recipe",
@@ -55,9 +56,14 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name.startswith("Nabla") and name in (
+        classes := importlib.import_module("nabla_convert.models").nabla_classes()
+    ):
+        value = classes[name]
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value  # later lookups skip this function
     return value
 

@@ -32,15 +32,9 @@ from nabla_convert.attention import BlockSelection, TileLayout, nabla_block_mask
 from nabla_convert.attention.flex import compiled_flex_attention, enable_compile_cache, kernel_options_for
 from nabla_convert.config import NablaConfig
 from nabla_convert.io import atomic_write_text
-from nabla_convert.models.wan import NablaAttnProcessor, apply_nabla, layer_densities, remove_nabla
+from nabla_convert.models.family import ModelFamily
+from nabla_convert.models.nabla import NablaAttnProcessor, apply_nabla, layer_densities, remove_nabla, set_processors
 
-# WanTransformer3DModel configs of the public Wan2.1 T2V checkpoints (their transformer/config.json).
-ARCHS: dict[str, dict[str, Any]] = {
-    "wan2.1-t2v-1.3b": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
-    "wan2.1-t2v-14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
-}
-VAE_STRIDE = (4, 8, 8)  # Wan VAE: frames, height, width
-TEXT_TOKENS = 512
 DENSE_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -60,7 +54,7 @@ def require_cuda() -> torch.device:
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
-    """'1280x720' -> (width, height); both multiples of 16 as the Wan pipelines require."""
+    """'1280x720' -> (width, height); both multiples of 16 as the video pipelines require."""
     try:
         width, height = (int(part) for part in text.lower().split("x"))
     except ValueError:
@@ -68,15 +62,6 @@ def parse_resolution(text: str) -> tuple[int, int]:
     if width < 16 or height < 16 or width % 16 or height % 16:
         raise ValueError(f"resolution sides must be positive multiples of 16, got {width}x{height}")
     return width, height
-
-
-def token_grid(resolution: tuple[int, int], frames: int, patch: Sequence[int] = (1, 2, 2)) -> tuple[int, int, int]:
-    """Latent token grid (T, H, W) a Wan transformer sees for `frames` frames at `resolution`."""
-    if frames < 1 or (frames - 1) % VAE_STRIDE[0]:
-        raise ValueError(f"frames must be 4k+1 (1, 5, ..., 81), got {frames}")
-    width, height = resolution
-    latent = ((frames - 1) // VAE_STRIDE[0] + 1, height // VAE_STRIDE[1], width // VAE_STRIDE[2])
-    return (latent[0] // patch[0], latent[1] // patch[1], latent[2] // patch[2])
 
 
 def environment() -> dict[str, str]:
@@ -113,7 +98,7 @@ def cuda_ms(fn: Callable[[], Any], reps: int = 5, warmup: int = 1) -> float:
 
 
 def random_qkv(batch: int, heads: int, tokens: int, head_dim: int = 128, requires_grad: bool = False):
-    """q, k, v (B, H, S, D) bf16 on CUDA, laid out (B, S, H, D) in memory as the Wan processor produces them."""
+    """q, k, v (B, H, S, D) bf16 on CUDA, laid out (B, S, H, D) in memory as the model processors produce them."""
     return tuple(
         torch.randn(batch, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16)
         .transpose(1, 2)
@@ -217,6 +202,7 @@ def attention_rows(
     sta: tuple[int, int, int] | None = None,
     reference_mask: bool = True,
     reps: int = 5,
+    head_dim: int = 128,
 ) -> list[AttentionRow]:
     """Per attention call at the given densities: fast mask build, sparse flex, and dense SDPA side by side.
 
@@ -224,7 +210,7 @@ def attention_rows(
     the attention runs on a forced random selection of each density.
     """
     layout = TileLayout.for_blocks(token_grid_, (8, 8), q_block, kv_block)
-    q, k, v = random_qkv(batch, heads, layout.padded_len)
+    q, k, v = random_qkv(batch, heads, layout.padded_len, head_dim)
     dense_q, dense_k, dense_v = (t[:, :, : layout.num_tokens] for t in (q, k, v))
     dense = dense_times(dense_q, dense_k, dense_v, reps)
     dense_backend = min(dense, key=dense.get)
@@ -513,8 +499,9 @@ def compiled_blocks(model: torch.nn.Module, reset: bool = True, **compile_kwargs
     try:
         yield
     finally:
-        for block in model.blocks:
-            block._compiled_call_impl = None
+        for module in model.modules():
+            if type(module).__name__ in model._repeated_blocks:
+                module._compiled_call_impl = None
 
 
 def timed_call(fn: Callable[[], Any], reps: int) -> tuple[float, float, float]:
@@ -532,16 +519,17 @@ def timed_call(fn: Callable[[], Any], reps: int) -> tuple[float, float, float]:
     return first_s, ms, torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
 
 
-def random_wan_transformer(model_config: dict[str, Any], layers: int | None = None):
-    """WanTransformer3DModel of `model_config` with random bf16 weights on CUDA (`layers` blocks if given)."""
-    from diffusers import WanTransformer3DModel
-
-    model_config = {**model_config, "num_layers": layers or model_config.get("num_layers", 40)}
+def random_transformer(family: ModelFamily, model_config: dict[str, Any], layers: int | None = None):
+    """The family's transformer of `model_config` with random bf16 weights on CUDA (`layers` blocks at real width
+    if given: a 14B model at 720p needs ~10 s a dense step)."""
+    key = family.layers_key
+    model_config = {**model_config, key: layers or model_config.get(key, 40)}
     with torch.device("cuda"):
-        return WanTransformer3DModel(**model_config).to(torch.bfloat16).eval()
+        return family.transformer_classes[0](**model_config).to(torch.bfloat16).eval()
 
 
 def transformer_step_rows(
+    family: ModelFamily,
     arch: str,
     model_config: dict[str, Any],
     resolution: tuple[int, int],
@@ -562,19 +550,14 @@ def transformer_step_rows(
     NABLA runs at each threshold of `thresholds` (the real selection; its measured density is
     reported) and at each forced density of `densities` (None = the config's threshold; forced
     densities run eager only). Compiled = diffusers' `compile_repeated_blocks()`, dense and NABLA
-    alike. Builds a WanTransformer3DModel of `model_config` with random bf16 weights (truncated to
-    `layers` blocks when given) unless `model` is passed.
+    alike. Builds the family's transformer of `model_config` with random bf16 weights (truncated to
+    `layers` blocks when given) unless `model` is passed; inputs are the family's random inputs.
     """
     from torch._dynamo.utils import counters
 
-    model = model if model is not None else random_wan_transformer(model_config, layers)
-    device, dtype = model.device, model.dtype
-    grid = token_grid(resolution, frames, model.config.patch_size)
-    patch = model.config.patch_size
-    latent = (batch, model.config.in_channels, grid[0] * patch[0], grid[1] * patch[1], grid[2] * patch[2])
-    hidden = torch.randn(latent, device=device, dtype=dtype)
-    text = torch.randn(batch, TEXT_TOKENS, model.config.text_dim, device=device, dtype=dtype)
-    timestep = torch.full((batch,), 500, device=device)
+    model = model if model is not None else random_transformer(family, model_config, layers)
+    grid = family.token_grid(resolution, frames, family.patch_size(model.config))
+    inputs = family.random_inputs(model, grid, batch, model.device, model.dtype)
     layout = TileLayout.for_blocks(grid, nabla.tile, nabla.q_block, nabla.kv_block)
     settings = [(None, t) for t in thresholds] + [(d, None) for d in densities if d is not None]
     if not settings:
@@ -582,7 +565,7 @@ def transformer_step_rows(
 
     def forward():
         with torch.no_grad():
-            return model(hidden, timestep, text, return_dict=False)[0]
+            return model(**inputs, return_dict=False)[0]
 
     rows = []
     for is_compiled in compiled:
@@ -593,18 +576,17 @@ def transformer_step_rows(
             for density, threshold in tqdm(settings, desc=f"{arch} step", leave=False):
                 if density is not None and is_compiled:
                     continue
-                apply_nabla(model, replace(nabla, threshold=threshold or nabla.threshold))
+                apply_nabla(model, nabla if threshold is None else replace(nabla, threshold=threshold))
                 if density is not None:
                     forced = ForcedSelections()
-                    for block in model.blocks:
-                        block.attn1.set_processor(ForcedDensityProcessor(block.attn1.processor, density, forced))
+                    set_processors(model, lambda _, base, d=density, f=forced: ForcedDensityProcessor(base, d, f))
                 breaks_before = sum(counters["graph_break"].values())
                 first_s, nabla_ms, nabla_peak = timed_call(forward, reps)
                 measured = statistics.fmean(layer_densities(model).values())
                 rows.append(
                     StepRow(
                         arch,
-                        len(model.blocks),
+                        family.num_layers(model.config),
                         layout.num_tokens,
                         layout.padded_len,
                         density,
@@ -670,16 +652,19 @@ def pipeline_seconds(
     prompt embeddings, 512 x text_dim); the VAE is the given one or a float32 AutoencoderKLWan of the
     Wan2.1 config with random weights.
     """
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+
+    from nabla_convert.models.wan import WAN
 
     device = next(transformer.parameters()).device
     if vae is None:
         vae = AutoencoderKLWan().to(device, torch.float32).eval()
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
+    pipe = WAN.bare_pipeline(transformer)
+    pipe.register_modules(vae=vae, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device).manual_seed(0)
-    shape = (1, TEXT_TOKENS, transformer.config.text_dim)
+    shape = (1, WAN.text_tokens, transformer.config.text_dim)
     embeds = [torch.randn(shape, device=device, generator=generator, dtype=transformer.dtype) for _ in range(2)]
     width, height = resolution
 
@@ -838,6 +823,7 @@ def _properties(row: Any) -> dict[str, float]:
 
 def run_bench(
     *,
+    family: ModelFamily,
     arch: str,
     model_config: dict[str, Any],
     resolution: tuple[int, int],
@@ -856,8 +842,8 @@ def run_bench(
     """
     require_cuda()
     enable_compile_cache()
-    heads = model_config["num_attention_heads"]
-    grid = token_grid(resolution, frames, model_config.get("patch_size", (1, 2, 2)))
+    heads, head_dim = family.attention_shape(model_config)
+    grid = family.token_grid(resolution, frames, family.patch_size(model_config))
     report = BenchReport(
         environment(),
         {
@@ -883,10 +869,12 @@ def run_bench(
             batch=batch,
             threshold=nabla.threshold,
             sta=nabla.sta,
+            head_dim=head_dim,
         )
     if step:
         dense_backend = report.attention[0].dense_backend if report.attention else "cudnn"
         report.steps = transformer_step_rows(
+            family,
             arch,
             model_config,
             resolution,

@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig, parse_window
 from nabla_convert.folders import FolderError, check_output_file
 from nabla_convert.io import read_json
+from nabla_convert.models import family_for_arch, family_for_class_name
 from nabla_convert.recipes import load_recipe
 
+if TYPE_CHECKING:
+    from nabla_convert.models.family import ModelFamily
 
-def _model_config(model: Path) -> tuple[dict[str, Any], NablaConfig | None]:
-    """Architecture (WanTransformer3DModel kwargs) and NABLA settings of a pipeline or transformer folder."""
+
+def _model_config(model: Path) -> tuple[ModelFamily, dict[str, Any], NablaConfig | None]:
+    """Family, architecture (transformer constructor kwargs) and NABLA settings of a pipeline or transformer folder."""
     for candidate in (model / "transformer" / "config.json", model / "config.json"):
         if candidate.is_file():
             data = read_json(candidate, "model config", dict)
+            family = family_for_class_name(data.get("_class_name"))
+            if family is None:
+                raise click.BadParameter(f"{candidate} holds no supported transformer", param_hint="MODEL")
             nabla = NablaConfig.from_dict(data[CONFIG_KEY]) if CONFIG_KEY in data else None
-            return {k: v for k, v in data.items() if not k.startswith("_")}, nabla
+            return family, {k: v for k, v in data.items() if not k.startswith("_")}, nabla
     raise click.BadParameter(f"{model} holds no transformer/config.json or config.json", param_hint="MODEL")
 
 
@@ -47,7 +54,7 @@ def _densities(ctx: click.Context, param: click.Parameter, value: str | None) ->
 
 @click.command("bench")
 @click.argument("model", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--arch", help="Architecture preset with random weights: wan2.1-t2v-1.3b, wan2.1-t2v-14b.")
+@click.option("--arch", help="Architecture preset with random weights (e.g. wan2.1-t2v-14b, kandinsky5-t2v-lite).")
 @click.option("--resolution", default="832x480", show_default=True, help="Video size WIDTHxHEIGHT.")
 @click.option("--frames", type=click.IntRange(min=1), default=81, show_default=True)
 @click.option("--density", callback=_densities, help="Forced densities, comma-separated (random key blocks per row).")
@@ -92,12 +99,10 @@ def bench(
     MODEL is a (converted) pipeline or transformer folder: its architecture and NABLA settings are
     used with random weights. Or give --arch. Prints a table and writes JSON to --out.
     """
-    from nabla_convert.bench import ARCHS, GPUUnavailableError, parse_resolution, run_bench, token_grid
+    from nabla_convert.bench import GPUUnavailableError, parse_resolution, run_bench
 
     if (model is None) == (arch is None):
         raise click.UsageError("give either MODEL or --arch")
-    if arch is not None and arch not in ARCHS:
-        raise click.BadParameter(f"unknown preset {arch!r}; choose one of {', '.join(ARCHS)}", param_hint="--arch")
     if density and (threshold is not None or recipe is not None):
         raise click.UsageError("--density forces the selection; it cannot be combined with --threshold or --recipe")
     try:
@@ -106,12 +111,13 @@ def bench(
         raise click.ClickException(str(err)) from None
     try:
         size = parse_resolution(resolution)
-        token_grid(size, frames)
         if arch is not None:
-            model_config, nabla = dict(ARCHS[arch]), None
+            family = family_for_arch(arch)
+            model_config, nabla = dict(family.archs[arch]), None
         else:
-            model_config, nabla = _model_config(model)
+            family, model_config, nabla = _model_config(model)
             arch = model.name
+        family.token_grid(size, frames, family.patch_size(model_config))
         if recipe is not None:
             nabla = load_recipe(recipe).nabla
         nabla = nabla or NablaConfig()
@@ -124,6 +130,7 @@ def bench(
             overrides["sta"] = parse_window(sta)
         nabla = NablaConfig.from_dict({**nabla.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
         report = run_bench(
+            family=family,
             arch=arch,
             model_config=model_config,
             resolution=size,

@@ -1,9 +1,10 @@
 """NablaConfig: what a converted model does in each self-attention layer, as data.
 
-A config has model-level settings (tile, block sizes, dense steps, backend) and per-layer settings
-(threshold, STA window, or dense); a layer's threshold is one number or a list of one per attention
-head. It is stored inside the checkpoint (the transformer's config.json, key `_nabla`), so a converted
-folder describes itself.
+A config has model-level settings (tile, block sizes, dense steps, backend, selection precision) and
+per-layer settings (threshold, STA window, or dense); a layer's threshold is one number or a list of one
+per attention head. Threshold 0 with an STA window is STA alone (the official `sta-wT-wH-wW` mode). It is
+stored inside the checkpoint (the transformer's config.json, key `_nabla`), so a converted folder describes
+itself.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from nabla_convert.io import atomic_write_text, read_json
 SCHEMA_VERSION = 1
 BACKENDS = ("auto", "flex", "flex_eager", "reference")
 CONFIG_KEY = "_nabla"
+SELECTION_PRECISIONS = ("float32", "bfloat16")
 
 
 class ConfigError(NablaError, ValueError):
@@ -66,10 +68,10 @@ def check_mapping(value: Any, where: str) -> dict[str, Any]:
 
 
 def check_video_size(height: int, width: int, where: str = "") -> None:
-    """Wan's VAE (8x) and patch (2x) need frame sides that are multiples of 16."""
+    """The video VAEs (8x) and patch (2x) of the supported families need frame sides that are multiples of 16."""
     for name, side in (("height", height), ("width", width)):
         if side % 16:
-            raise ConfigError(f"{where}{name} must be a multiple of 16 (Wan's VAE and patch size), got {side}")
+            raise ConfigError(f"{where}{name} must be a multiple of 16 (the VAE's and patch's size), got {side}")
 
 
 def parse_window(value: Any) -> tuple[int, int, int] | None:
@@ -90,20 +92,28 @@ def parse_window(value: Any) -> tuple[int, int, int] | None:
 
 def check_threshold(value: Any, where: str = "threshold") -> float:
     threshold = check_number(value, where)
-    if not 0.0 < threshold <= 1.0:
-        raise ConfigError(f"{where} must be in (0, 1], got {threshold}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"{where} must be in [0, 1] (0 = STA window only), got {threshold}")
     return threshold
+
+
+def check_sta_only(threshold: float | tuple[float, ...], sta: Any, where: str) -> None:
+    if threshold == 0.0 and sta is None:
+        raise ConfigError(f"{where}: threshold 0 keeps no block by mass; it needs an STA window (STA only)")
 
 
 Threshold = float | tuple[float, ...]
 
 
 def check_layer_threshold(value: Any, where: str = "threshold") -> Threshold:
-    """One threshold for every head, or a list of one threshold per attention head (each in (0, 1])."""
+    """One threshold for every head (0 = STA window only), or a list of one per attention head, each in (0, 1]."""
     if isinstance(value, (list, tuple)):
         if not value:
             raise ConfigError(f"{where} must be a number or a non-empty list of per-head numbers, got {value!r}")
-        return tuple(check_threshold(item, f"{where} of head {head}") for head, item in enumerate(value))
+        heads = tuple(check_threshold(item, f"{where} of head {head}") for head, item in enumerate(value))
+        if min(heads) == 0.0:
+            raise ConfigError(f"{where}: per-head thresholds must be in (0, 1] (STA only is a layer setting)")
+        return heads
     return check_threshold(value, where)
 
 
@@ -115,7 +125,7 @@ def threshold_text(threshold: Threshold | list[float]) -> str:
 
 @dataclass(frozen=True)
 class LayerSettings:
-    """One self-attention layer: dense, or NABLA at `threshold` (1.0 keeps every block) OR `sta`.
+    """One self-attention layer: dense, or NABLA at `threshold` (1.0 keeps every block, 0 none) OR `sta`.
 
     `threshold` is one number for every head or a tuple of one per head (`NablaConfig.check_num_heads`).
     """
@@ -129,6 +139,13 @@ class LayerSettings:
         object.__setattr__(self, "sta", parse_window(self.sta))
         if not isinstance(self.dense, bool):
             raise ConfigError(f"dense must be true or false, got {self.dense!r}")
+        if not self.dense:
+            check_sta_only(self.threshold, self.sta, "layer settings")
+
+    @property
+    def sta_only(self) -> bool:
+        """Threshold 0 with an STA window: the window alone, no scores (a static choice, not a value test)."""
+        return not self.dense and self.threshold == 0.0 and self.sta is not None
 
     @property
     def per_head(self) -> bool:
@@ -165,7 +182,12 @@ class LayerSettings:
 
 @dataclass(frozen=True)
 class NablaConfig:
-    """Model-level NABLA settings and per-layer overrides (layer index -> LayerSettings)."""
+    """Model-level NABLA settings and per-layer overrides (layer index -> LayerSettings).
+
+    selection_precision: "float32" (pooling, pooled map, softmax and cut in float32: matches a
+    float64 selection) or "bfloat16" (the public references' arithmetic: q and k cast to bf16, pooled,
+    multiplied and soft-maxed in bf16, cut by sort and cumulative sum; for checkpoints fine-tuned so).
+    """
 
     threshold: float = 0.7
     sta: tuple[int, int, int] | None = None
@@ -176,12 +198,18 @@ class NablaConfig:
     dense_layers: tuple[int, ...] = ()
     layers: dict[int, LayerSettings] = field(default_factory=dict)
     backend: str = "auto"
+    selection_precision: str = "float32"
     schema_version: int = SCHEMA_VERSION
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold", check_threshold(self.threshold))
         object.__setattr__(self, "sta", parse_window(self.sta))
+        check_sta_only(self.threshold, self.sta, "config")
+        if self.selection_precision not in SELECTION_PRECISIONS:
+            raise ConfigError(
+                f"selection_precision must be one of {SELECTION_PRECISIONS}, got {self.selection_precision!r}"
+            )
         tile = check_int_list(self.tile, "tile", minimum=1)
         if len(tile) != 2:
             raise ConfigError(f"tile must be two positive integers, got {self.tile!r}")

@@ -1,13 +1,20 @@
-"""convert: a dense diffusers Wan checkpoint -> a self-describing NABLA checkpoint.
+"""convert: a dense diffusers checkpoint of a registered family -> a self-describing NABLA checkpoint.
 
-Weights are copied file by file, never re-serialised, so they stay bit-exact with their dtype and
-sharding. Only the transformers' config.json (class name + `_nabla` settings) and model_index.json
-change. Before anything is written, --out is checked against the input (folders.check_output), links
-leaving MODEL are refused, and every safetensors header is read (no tensor is loaded): a truncated file
-or a transformer tensor whose name, shape or dtype does not fit the model config stops the conversion.
-The result is built in a temporary sibling folder (removed on error and on SIGTERM) and renamed into
-place at the end, so an interrupted or failed conversion leaves nothing partial at --out. The output's
-marker (.nabla-convert.json) records the sha256 of every weight file; push checks the weights against it.
+Weights are never re-serialised, so they stay bit-exact with their dtype and sharding: on the same
+filesystem they are hard-linked (no second copy), elsewhere or with link=False copied. Only the
+transformers' config.json (class name + `_nabla` settings) and model_index.json change, and they are
+written as new files (atomic replace), never in place, so the source behind a hard link is never
+touched; removing or overwriting the output only drops links. Before anything is written, --out is
+checked against the input (folders.check_output), links leaving MODEL are refused, and every
+safetensors header is read (no tensor is loaded): a truncated file or a transformer tensor whose
+name, shape or dtype does not fit the model config stops the conversion. The result is built in a
+temporary sibling folder (removed on error and on SIGTERM) and renamed into place at the end, so an
+interrupted or failed conversion leaves nothing partial at --out. The output's marker
+(.nabla-convert.json) records the sha256 of every weight file; push checks the weights against it.
+
+A checkpoint in a family's own layout (the original layout the published NABLA fine-tunes ship in)
+is imported with `base`: the dense diffusers pipeline of the same architecture gives every other
+component and the transformer's config; the family maps the weights (ModelFamily.import_native).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig, NablaError
 from nabla_convert.folders import (
@@ -34,10 +41,11 @@ from nabla_convert.folders import (
     write_marker,
 )
 from nabla_convert.io import atomic_write_text, read_json
+from nabla_convert.models import TRANSFORMER_COMPONENTS, families, family_for_class_name
 
-WAN_CLASSES = ("WanTransformer3DModel", "NablaWanTransformer3DModel")
-NABLA_CLASS = ["nabla_convert", "NablaWanTransformer3DModel"]
-TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
+if TYPE_CHECKING:
+    from nabla_convert.models.family import ModelFamily
+
 REPORTS_DIR = "nabla_reports"  # calibration.json, eval.json, bench.json: measurements the model card shows
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -95,42 +103,50 @@ def resolve_model(
     return Path(local), {"base_model": str(model), "base_revision": commit}
 
 
-def transformer_folders(root: Path) -> dict[str, Path]:
-    """Component name -> transformer folder, for a pipeline folder or a single transformer folder."""
+def transformer_components(root: Path) -> dict[str, tuple[Path, ModelFamily]]:
+    """Component name -> (transformer folder, its family); "" names a bare transformer folder."""
     index = root / "model_index.json"
     if index.is_file():
         model_index = _read_json(index)
-        if not str(model_index.get("_class_name", "")).startswith("Wan"):
-            raise ConvertError(f"{root} holds a {model_index.get('_class_name')}, not a Wan pipeline")
         found = {}
         for name in TRANSFORMER_COMPONENTS:
             entry = model_index.get(name)
             if entry and entry[1] is not None:
-                if entry[1] not in WAN_CLASSES:
-                    raise ConvertError(f"{root}: component {name} is a {entry[1]}, not a WanTransformer3DModel")
-                found[name] = root / name
+                family = family_for_class_name(entry[1])
+                if family is None:
+                    raise ConvertError(f"{root}: component {name} is a {entry[1]}, not a supported transformer")
+                found[name] = (root / name, family)
         if not found:
-            raise ConvertError(f"{root}: the pipeline has no Wan transformer")
+            raise ConvertError(f"{root} holds a {model_index.get('_class_name')} without a supported transformer")
         return found
     config = root / "config.json"
     if not config.is_file():
         raise ConvertError(f"{root} is neither a diffusers pipeline (model_index.json) nor a model (config.json)")
     class_name = _read_json(config).get("_class_name")
-    if class_name not in WAN_CLASSES:
-        raise ConvertError(f"{root} holds a {class_name}, not a WanTransformer3DModel")
-    return {"": root}
+    family = family_for_class_name(class_name)
+    if family is None:
+        raise ConvertError(f"{root} holds a {class_name}, not a supported transformer")
+    return {"": (root, family)}
 
 
 def configs_for(
-    components: Mapping[str, Path], config: NablaConfig | Mapping[str, NablaConfig]
+    components: Mapping[str, tuple[Path, ModelFamily]], config: NablaConfig | Mapping[str, NablaConfig] | None
 ) -> dict[str, NablaConfig]:
-    """One config per transformer: a single config applies to all; a mapping names each ("*" = the rest)."""
+    """One config per transformer: a single config applies to all; a mapping names each ("*" = the rest);
+    None takes each checkpoint's own NABLA settings (ModelFamily.native_settings)."""
     if isinstance(config, NablaConfig):
         return dict.fromkeys(components, config)
     chosen = {}
-    for name in components:
+    for name, (folder, family) in components.items():
         key = name or "transformer"
-        if key in config:
+        if config is None:
+            native = family.native_settings(_read_json(folder / "config.json"))
+            if native is None:
+                raise ConvertError(
+                    f"{folder} carries no NABLA settings of its own; give --config, --recipe or --threshold"
+                )
+            chosen[name] = native
+        elif key in config:
             chosen[name] = config[key]
         elif "*" in config:
             chosen[name] = config["*"]
@@ -139,8 +155,46 @@ def configs_for(
     return chosen
 
 
-def _copy_tree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*COPY_IGNORE), copy_function=shutil.copyfile)
+def link_or_copy(src: str, dst: str) -> None:
+    """Hard-link src to dst when both are on one filesystem, else copy its bytes (a Hub cache symlink is followed)."""
+    try:
+        os.link(os.path.realpath(src), dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _copy_tree(src: Path, dst: Path, *, link: bool = True, skip: Path | None = None) -> None:
+    """Everything but COPY_IGNORE and the weights under `skip` (replaced by an import); files hard-linked
+    when `link` allows it."""
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        ignored = shutil.ignore_patterns(*COPY_IGNORE)(folder, names)
+        if skip is not None and Path(folder) == skip:
+            ignored |= shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json")(folder, names)
+        return ignored
+
+    shutil.copytree(src, dst, ignore=ignore, copy_function=link_or_copy if link else shutil.copyfile)
+
+
+def native_import(root: Path, base: str | os.PathLike | None, **hub: Any) -> tuple[Path, ModelFamily, dict] | None:
+    """(base pipeline folder, family, base source info) when `root` is a checkpoint in a family's own layout."""
+    family = next((f for f in families() if f.is_native(root)), None)
+    if family is None:
+        return None
+    if base is None:
+        raise ConvertError(
+            f"{root} is a {family.name} checkpoint in its official layout; give --base, the dense diffusers "
+            "pipeline of the same architecture (its text encoder, VAE, scheduler and transformer config are used)"
+        )
+    base_root, base_source = resolve_model(base, **hub)
+    components = transformer_components(base_root)
+    if list(components) != ["transformer"] or components["transformer"][1] is not family:
+        raise ConvertError(f"--base {base} must be a diffusers {family.name} pipeline with one transformer")
+    return (
+        base_root,
+        family,
+        {"pipeline_base": base_source["base_model"], "pipeline_base_revision": base_source["base_revision"]},
+    )
 
 
 def tensor_header(path: Path, root: Path, error: type[NablaError] = ConvertError) -> dict[str, tuple[str, list[int]]]:
@@ -158,21 +212,20 @@ def tensor_header(path: Path, root: Path, error: type[NablaError] = ConvertError
         raise error(f"{path.relative_to(root).as_posix()} is not readable safetensors: {err}") from None
 
 
-def expected_tensors(folder: Path) -> dict[str, Any]:
+def expected_tensors(folder: Path, family: ModelFamily) -> dict[str, Any]:
     """The transformer's state dict as its config.json builds it, on the meta device (no memory, no weights read)."""
     import torch
-    from diffusers import WanTransformer3DModel
 
     config = {k: v for k, v in _read_json(folder / "config.json").items() if k != CONFIG_KEY}
     try:
         with torch.device("meta"):
-            model = WanTransformer3DModel.from_config(config)
+            model = family.transformer_classes[0].from_config(config)
     except (TypeError, ValueError) as err:
-        raise ConvertError(f"{folder / 'config.json'} does not describe a Wan transformer: {err}") from None
+        raise ConvertError(f"{folder / 'config.json'} does not describe a {family.name} transformer: {err}") from None
     return model.state_dict()
 
 
-def check_transformer_weights(folder: Path, root: Path) -> None:
+def check_transformer_weights(folder: Path, root: Path, family: ModelFamily) -> None:
     """Every tensor the model config asks for is in the safetensors weights, with its shape and a matching dtype."""
     where = folder.relative_to(root).as_posix() if folder != root else "the model"
     if (folder / WEIGHTS_INDEX).is_file():
@@ -189,7 +242,7 @@ def check_transformer_weights(folder: Path, root: Path) -> None:
         if Path(shard).name != shard or not (folder / shard).is_file():
             raise ConvertError(f"{where}/{WEIGHTS_INDEX} lists shard {shard!r}, which is not a file beside it")
         stored.update(tensor_header(folder / shard, root))
-    expected = expected_tensors(folder)
+    expected = expected_tensors(folder, family)
     missing, extra = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
     if missing:
         raise ConvertError(
@@ -207,15 +260,15 @@ def check_transformer_weights(folder: Path, root: Path) -> None:
             raise ConvertError(f"{where}: tensor {name} is stored as {dtype}, config.json asks for {tensor.dtype}")
 
 
-def check_model_files(root: Path, components: Mapping[str, Path]) -> None:
+def check_model_files(root: Path, components: Mapping[str, tuple[Path, ModelFamily]]) -> None:
     """Before copying: no link leaves MODEL, every safetensors header parses, every transformer fits its config."""
     skip = name_matcher(COPY_IGNORE)
     check_links(root, "MODEL", skip)
     for path in sorted(root.rglob("*.safetensors")):
         if not any(skip(part) for part in path.relative_to(root).parts):
             tensor_header(path, root)
-    for folder in components.values():
-        check_transformer_weights(folder, root)
+    for folder, family in components.values():
+        check_transformer_weights(folder, root, family)
 
 
 def base_license(root: Path) -> str | None:
@@ -228,18 +281,19 @@ def base_license(root: Path) -> str | None:
     return ModelCard.load(card).data.license
 
 
-def _rewrite_transformer_config(folder: Path, config: NablaConfig) -> None:
+def nabla_class_entry(family: ModelFamily) -> list[str]:
+    """The model_index.json entry of a family's NABLA transformer class."""
+    return ["nabla_convert", family.nabla_class.__name__]
+
+
+def _rewrite_transformer_config(folder: Path, family: ModelFamily, config: NablaConfig) -> None:
     data = _read_json(folder / "config.json")
-    num_layers = data.get("num_layers")
-    if not isinstance(num_layers, int):
-        raise ConvertError(f"{folder}/config.json has no num_layers")
     try:
-        config.check_num_layers(num_layers)
-        if isinstance(data.get("num_attention_heads"), int):
-            config.check_num_heads(data["num_attention_heads"])
+        config.check_num_layers(family.num_layers(data))
+        config.check_num_heads(family.attention_shape(data)[0])
     except ConfigError as err:
         raise ConvertError(f"{folder.name or folder}: {err}") from None
-    data["_class_name"] = NABLA_CLASS[1]
+    data["_class_name"] = family.nabla_class.__name__
     data[CONFIG_KEY] = config.to_dict()
     atomic_write_text(folder / "config.json", json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -247,48 +301,67 @@ def _rewrite_transformer_config(folder: Path, config: NablaConfig) -> None:
 def convert(
     model: str | os.PathLike,
     out: str | os.PathLike,
-    config: NablaConfig | Mapping[str, NablaConfig],
+    config: NablaConfig | Mapping[str, NablaConfig] | None,
     *,
     revision: str | None = None,
     token: str | None = None,
     overwrite: bool = False,
     reports: Mapping[str, str | os.PathLike] | None = None,
+    base: str | os.PathLike | None = None,
+    link: bool = True,
 ) -> Path:
     """Write a NABLA checkpoint of `model` (pipeline folder, transformer folder or Hub id) to `out`.
 
     `config` is one NablaConfig for every transformer, or a mapping {"transformer": ..,
-    "transformer_2": ..} (Wan2.2 A14B has two transformers, each with its own settings).
+    "transformer_2": ..} (two-expert models have two transformers, each with its own settings), or None for
+    the settings the checkpoint carries itself (ModelFamily.native_settings).
     `reports` ({"calibration": path to calibration.json, ...}) are copied to nabla_reports/, where
-    the model card reads them.
+    the model card reads them. `base` is the dense diffusers pipeline a checkpoint in a family's own
+    layout is completed with. `link=False` copies weight files instead of hard-linking them.
     """
     out = Path(out)
     reads = {f"{name} report": path for name, path in (reports or {}).items()}
-    check_output(out, {"MODEL": model, **reads}, overwrite=overwrite)  # a Hub id names no local path: skipped
+    inputs = {"MODEL": model, **({"--base": base} if base is not None else {}), **reads}
+    check_output(out, inputs, overwrite=overwrite)  # a Hub id names no local path: skipped
     root, source = resolve_model(model, revision=revision, token=token)
-    components = transformer_folders(root)
+    imported = native_import(root, base, token=token)
+    tree = root
+    if imported is not None:
+        tree, family, base_source = imported
+        source.update(base_source)
+        components = {"transformer": (tree / "transformer", family)}
+    elif base is not None:
+        raise ConvertError(f"--base is for checkpoints in a family's original layout; {root} is a diffusers checkpoint")
+    else:
+        components = transformer_components(root)
     chosen = configs_for(components, config)
-    check_model_files(root, components)
+    check_model_files(root, {} if imported else components)  # an import is checked once written, below
+    if imported is not None:
+        check_model_files(tree, {})
     provenance = {
         "tool": "nabla-convert",
         "tool_version": version("nabla-convert"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **source,
     }
-    license_name = base_license(root)
+    license_name = base_license(tree)
     if license_name:
         provenance["base_license"] = license_name
     with staging(out) as work:
         staged = work / "out"
-        _copy_tree(root, staged)
+        _copy_tree(tree, staged, link=link, skip=None if imported is None else tree / "transformer")
+        if imported is not None:
+            imported[1].import_native(root, tree / "transformer", staged / "transformer")
+            check_transformer_weights(staged / "transformer", staged, imported[1])
         for name, cfg in chosen.items():
-            _rewrite_transformer_config(staged / name, cfg.with_provenance(**provenance))
+            _rewrite_transformer_config(staged / name, components[name][1], cfg.with_provenance(**provenance))
         for name, report in (reports or {}).items():
             (staged / REPORTS_DIR).mkdir(exist_ok=True)
             shutil.copyfile(report, staged / REPORTS_DIR / f"{name}.json")
         if "" not in components:
             model_index = _read_json(staged / "model_index.json")
-            for name in components:
-                model_index[name] = NABLA_CLASS
+            for name, (_, family) in components.items():
+                model_index[name] = nabla_class_entry(family)
             atomic_write_text(staged / "model_index.json", json.dumps(model_index, indent=2) + "\n")
         write_marker(staged, "convert", weight_digests(staged))
         replace_folder(staged, out)
@@ -302,13 +375,11 @@ def load(path: str | os.PathLike, **kwargs: Any):
     """
     from diffusers import DiffusionPipeline
 
-    from nabla_convert.models.wan import NablaWanTransformer3DModel
-
     folder, _ = resolve_model(path, revision=kwargs.pop("revision", None), token=kwargs.pop("token", None))
-    components = transformer_folders(folder)
-    for sub in components.values():
+    components = transformer_components(folder)
+    for sub, _ in components.values():
         if CONFIG_KEY not in _read_json(sub / "config.json"):
             raise ConvertError(f"{sub} is a dense checkpoint (no {CONFIG_KEY} settings); run convert first")
     if "" in components:
-        return NablaWanTransformer3DModel.from_pretrained(folder, **kwargs)
+        return components[""][1].nabla_class.from_pretrained(folder, **kwargs)
     return DiffusionPipeline.from_pretrained(folder, **kwargs)

@@ -43,11 +43,10 @@ from nabla_convert.io import (
     resolve_device,
     torch_dtype,
 )
-from nabla_convert.models.wan import layer_densities, reset_densities
+from nabla_convert.models import family_of_pipeline
+from nabla_convert.models.nabla import layer_densities, reset_densities
 from nabla_convert.reference import HEIGHT, NUM_FRAMES, RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS, WIDTH, heldout_prompts
 from nabla_convert.reference.flow import flow_matching_loss as velocity_loss
-
-TRANSFORMER_NAMES = ("transformer", "transformer_2")
 
 
 class EvalError(NablaError, ValueError):
@@ -169,7 +168,7 @@ def gaussian_window(size: int, sigma: float) -> torch.Tensor:
 
 
 def ssim(reference: torch.Tensor, test: torch.Tensor, data_range: float, window: int = 11, sigma: float = 1.5) -> float:
-    """Mean SSIM (Wang et al. 2004) of images (N, C, H, W): gaussian window, per channel, valid region only.
+    """Mean SSIM (structural similarity, IEEE TIP 2004) of images (N, C, H, W): gaussian window, per channel, valid region only.
 
     Images smaller than the window use the largest odd window that fits, so tiny latents still count.
     """
@@ -229,17 +228,8 @@ def generate(pipe: Any, prompt: str, seed: int, settings: EvalSettings) -> tuple
         callback_on_step_end=keep_latents,
         callback_on_step_end_tensor_inputs=["latents"],
     )
-    return captured["latents"][0].float().cpu(), output.frames[0].float().cpu()
-
-
-def denoiser_for(pipe: Any, timestep: float) -> torch.nn.Module:
-    """The transformer the pipeline uses at `timestep` (Wan2.2 A14B switches experts at boundary_ratio)."""
-    boundary_ratio = pipe.config.get("boundary_ratio")
-    transformer_2 = getattr(pipe, "transformer_2", None)
-    if boundary_ratio is None or transformer_2 is None:
-        return pipe.transformer
-    boundary = boundary_ratio * pipe.scheduler.config.num_train_timesteps
-    return pipe.transformer if timestep >= boundary else transformer_2
+    latents = family_of_pipeline(pipe).clean_latents(pipe, captured["latents"])
+    return latents[0].float().cpu(), output.frames[0].float().cpu()
 
 
 @torch.inference_mode()
@@ -255,15 +245,17 @@ def flow_matching_loss(pipe: Any, latents: torch.Tensor, prompt: str, seed: int,
     pipe.scheduler.set_timesteps(steps, device="cpu")
     sigmas = pipe.scheduler.sigmas[:steps].float()
     x0 = latents.float().unsqueeze(0).to(device)
-    embeds = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, device=device)[0]
+    family = family_of_pipeline(pipe)
+    embeds = family.encode_prompts(pipe, [prompt])
     generator = torch.Generator("cpu").manual_seed(seed)
     losses = [
         velocity_loss(
-            denoiser_for(pipe, float(sigma) * pipe.scheduler.config.num_train_timesteps),
+            family.denoiser_for(pipe, float(sigma) * pipe.scheduler.config.num_train_timesteps),
             x0,
             embeds,
             sigma.view(1).to(device),
             torch.randn(x0.shape, generator=generator).to(device),
+            velocity=family.velocity,
         )
         for sigma in sigmas
     ]
@@ -272,8 +264,8 @@ def flow_matching_loss(pipe: Any, latents: torch.Tensor, prompt: str, seed: int,
 
 def nabla_transformers(pipe: Any) -> dict[str, torch.nn.Module]:
     """The pipeline's transformers that run NABLA attention (their config carries the NABLA settings)."""
-    found = {name: getattr(pipe, name, None) for name in TRANSFORMER_NAMES}
-    return {name: module for name, module in found.items() if module is not None and CONFIG_KEY in module.config}
+    found = family_of_pipeline(pipe).transformers(pipe)
+    return {name: module for name, module in found.items() if CONFIG_KEY in module.config}
 
 
 def reset_pipeline_densities(pipe: Any) -> None:

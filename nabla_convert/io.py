@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -134,3 +135,40 @@ def resolve_device(device: str) -> torch.device:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DeviceError(f"device {device!r} is not usable on this machine ({reason[:160]})") from None
     return resolved
+
+
+def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the byte offset where its tensor data starts."""
+    with open(path, "rb") as f:
+        size_bytes = f.read(8)
+        if len(size_bytes) != 8:
+            raise ValueError(f"{path} is not a safetensors file (shorter than its header size)")
+        size = int.from_bytes(size_bytes, "little")
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{path} is not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (header is not an object)")
+    return header, 8 + size
+
+
+def rename_safetensors(src: str | os.PathLike, dst: str | os.PathLike, names: dict[str, str]) -> Path:
+    """Copy a safetensors file with its tensors renamed (`names`: old -> new), streaming the data bytes.
+
+    The tensor data, dtypes, shapes and offsets are untouched, so the copy is bit-exact and memory stays
+    flat however large the file: safetensors' own writers need every tensor in memory, this needs none.
+    """
+    header, start = safetensors_header(src)
+    renamed = {"__metadata__": header["__metadata__"]} if "__metadata__" in header else {}
+    renamed.update({names[key]: entry for key, entry in header.items() if key != "__metadata__"})
+    text = json.dumps(renamed, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the data start to 8 bytes
+
+    def write(tmp: Path) -> None:
+        with open(src, "rb") as source, open(tmp, "wb") as target:
+            target.write(len(text).to_bytes(8, "little") + text)
+            source.seek(start)
+            shutil.copyfileobj(source, target, 16 << 20)
+
+    return atomic_write(dst, write)

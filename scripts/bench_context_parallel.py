@@ -28,14 +28,15 @@ from diffusers import ContextParallelConfig, WanTransformer3DModel
 
 from nabla_convert import NablaConfig, apply_nabla, layer_densities, nabla_disabled, reset_densities
 from nabla_convert.attention.parallel import cpu_counts_as_device
-from nabla_convert.bench import ARCHS, TEXT_TOKENS, cuda_ms, environment, parse_resolution, token_grid
+from nabla_convert.bench import cuda_ms, environment, parse_resolution
 from nabla_convert.io import atomic_write_text
 from nabla_convert.models.tiny import tiny_transformer
+from nabla_convert.models.wan import WAN
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="wan2.1-t2v-14b", choices=[*ARCHS, "tiny"])
+    parser.add_argument("--arch", default="wan2.1-t2v-14b", choices=[*WAN.archs, "tiny"])
     parser.add_argument("--layers", type=int, help="transformer blocks (default: the architecture's)")
     parser.add_argument("--resolution", default="1280x720", help="WIDTHxHEIGHT")
     parser.add_argument("--frames", type=int, default=81)
@@ -54,7 +55,7 @@ def build_model(arch: str, layers: int | None, device: torch.device) -> WanTrans
         if arch == "tiny":
             model = tiny_transformer(num_layers=layers or 2, heads=4, head_dim=16)
         else:
-            model = WanTransformer3DModel(**{**ARCHS[arch], "num_layers": layers or ARCHS[arch]["num_layers"]})
+            model = WanTransformer3DModel(**{**WAN.archs[arch], "num_layers": layers or WAN.archs[arch]["num_layers"]})
     model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
     for tensor in [*model.parameters(), *model.buffers()]:
         dist.broadcast(tensor.data, src=0)
@@ -83,12 +84,12 @@ def main() -> None:
         torch.cuda.set_device(device)
     model = build_model(args.arch, args.layers, device)
     patch = model.config.patch_size
-    grid = token_grid(parse_resolution(args.resolution), args.frames, patch)
+    grid = WAN.token_grid(parse_resolution(args.resolution), args.frames, patch)
     generator = torch.Generator().manual_seed(1)
     dtype = next(model.parameters()).dtype
     latent = (1, model.config.in_channels, *(g * p for g, p in zip(grid, patch, strict=True)))
     hidden = torch.randn(latent, generator=generator).to(device, dtype)
-    text = torch.randn(1, TEXT_TOKENS, model.config.text_dim, generator=generator).to(device, dtype)
+    text = torch.randn(1, WAN.text_tokens, model.config.text_dim, generator=generator).to(device, dtype)
     timestep = torch.full((1,), 500, device=device)
     nabla = NablaConfig(threshold=args.threshold, q_block=args.q_block, kv_block=args.kv_block)
     apply_nabla(model, nabla)

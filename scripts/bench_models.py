@@ -28,7 +28,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nabla_convert.attention import flex
 from nabla_convert.bench import (
-    ARCHS,
     BenchReport,
     attention_rows,
     best_kernel_options,
@@ -37,14 +36,14 @@ from nabla_convert.bench import (
     kernel_option_rows,
     kernel_time_breakdown,
     pipeline_seconds,
-    random_wan_transformer,
+    random_transformer,
     require_cuda,
-    token_grid,
     transformer_step_rows,
 )
 from nabla_convert.config import NablaConfig
+from nabla_convert.models.nabla import apply_nabla, remove_nabla
 from nabla_convert.models.tiny import tiny_transformer
-from nabla_convert.models.wan import apply_nabla, remove_nabla
+from nabla_convert.models.wan import WAN
 
 SECTIONS = ("smoke", "kernels", "attention", "models")
 NABLA = NablaConfig(threshold=0.1, q_block=128, kv_block=64)
@@ -90,7 +89,7 @@ def smoke(report: BenchReport) -> None:
 
 
 def kernels(report: BenchReport) -> None:
-    grid = token_grid((1280, 720), 81)
+    grid = WAN.token_grid((1280, 720), 81)
     for head_dim, heads in ((128, 40), (64, 40)):
         rows = kernel_option_rows(grid, heads, 0.1, head_dim=head_dim)
         report.kernels += rows
@@ -101,8 +100,8 @@ def kernels(report: BenchReport) -> None:
 
 def attention(report: BenchReport) -> None:
     torch._dynamo.reset()
-    report.attention += attention_rows(token_grid((1280, 720), 81), 40, (0.05, 0.1), reference_mask=False)
-    report.attention += attention_rows(token_grid((832, 480), 81), 12, (0.05, 0.1), reference_mask=False)
+    report.attention += attention_rows(WAN.token_grid((1280, 720), 81), 40, (0.05, 0.1), reference_mask=False)
+    report.attention += attention_rows(WAN.token_grid((832, 480), 81), 12, (0.05, 0.1), reference_mask=False)
 
 
 def models(report: BenchReport, deadline: float, args: argparse.Namespace) -> None:
@@ -115,11 +114,12 @@ def models(report: BenchReport, deadline: float, args: argparse.Namespace) -> No
         if time.monotonic() > deadline:
             report.compiles[f"skipped_{key}"] = "time budget"
             continue
-        model = random_wan_transformer(ARCHS[arch])
+        model = random_transformer(WAN, WAN.archs[arch])
         if modes:
             report.steps += transformer_step_rows(
+                WAN,
                 arch,
-                ARCHS[arch],
+                WAN.archs[arch],
                 resolution,
                 81,
                 NABLA,
@@ -141,7 +141,7 @@ def models(report: BenchReport, deadline: float, args: argparse.Namespace) -> No
 
 def one_step(model: torch.nn.Module, resolution: tuple[int, int]):
     """A function running one no-grad forward of `model` on random inputs of `resolution` x 81 frames."""
-    grid = token_grid(resolution, 81)
+    grid = WAN.token_grid(resolution, 81)
     hidden = torch.randn(1, 16, grid[0], grid[1] * 2, grid[2] * 2, device="cuda", dtype=torch.bfloat16)
     text = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
 

@@ -20,9 +20,11 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from nabla_convert import NablaConfig, apply_nabla, layer_densities, reset_densities
-from nabla_convert.bench import ARCHS
+from nabla_convert.models import family_for_arch
 
-WAN_1_3B = ARCHS["wan2.1-t2v-1.3b"]  # the public checkpoint's config (the rest are diffusers defaults)
+WAN_1_3B = family_for_arch("wan2.1-t2v-1.3b").archs[
+    "wan2.1-t2v-1.3b"
+]  # the public checkpoint's config (the rest are diffusers defaults)
 
 
 def parse_args() -> argparse.Namespace:

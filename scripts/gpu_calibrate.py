@@ -18,10 +18,12 @@ import torch
 from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from safetensors.torch import save_file
 
-from nabla_convert.bench import ARCHS
 from nabla_convert.calibrate import calibrate
+from nabla_convert.models import family_for_arch
 
-WAN_1_3B = ARCHS["wan2.1-t2v-1.3b"]  # the public checkpoint's config (the rest are diffusers defaults)
+WAN_1_3B = family_for_arch("wan2.1-t2v-1.3b").archs[
+    "wan2.1-t2v-1.3b"
+]  # the public checkpoint's config (the rest are diffusers defaults)
 SMALL = dict(num_layers=2, attention_head_dim=24, ffn_dim=64, text_dim=32, num_attention_heads=2)
 
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from nabla_convert.bench import AttentionRow, BenchReport, StepRow, parse_resolution, token_grid
+from nabla_convert.bench import AttentionRow, BenchReport, StepRow, parse_resolution
 from nabla_convert.bench_cli import _model_config
 from nabla_convert.cli import main
 from nabla_convert.config import NablaConfig
+from nabla_convert.models import family_for_arch
 
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 
@@ -21,9 +22,27 @@ def invoke(*args: str):
 
 
 @needs_no_gpu
-def test_no_gpu_is_one_clear_line_and_nonzero_exit(tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("arch", "resolution", "frames"),
+    [
+        ("wan2.1-t2v-14b", "1280x720", "81"),
+        ("kandinsky5-t2v-lite", "768x512", "121"),
+        ("kandinsky5-t2v-pro", "1024x768", "121"),
+    ],
+)
+def test_no_gpu_is_one_clear_line_and_nonzero_exit(tmp_path, arch, resolution, frames) -> None:
+    """The arguments (Wan, and Kandinsky 5 Lite / Pro shapes) are accepted; only the missing GPU stops the run."""
     result = invoke(
-        "--arch", "wan2.1-t2v-14b", "--resolution", "1280x720", "--density", "0.1", "-o", str(tmp_path / "b.json")
+        "--arch",
+        arch,
+        "--resolution",
+        resolution,
+        "--frames",
+        frames,
+        "--density",
+        "0.1",
+        "-o",
+        str(tmp_path / "b.json"),
     )
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
@@ -54,6 +73,7 @@ def test_bad_arguments_are_usage_errors(args, message: str) -> None:
 
 
 def test_token_grid_of_wan_resolutions() -> None:
+    token_grid = family_for_arch("wan2.1-t2v-14b").token_grid
     assert parse_resolution("1280x720") == (1280, 720)
     assert token_grid((1280, 720), 81) == (21, 45, 80)
     assert token_grid((1280, 640), 81) == (21, 40, 80)
@@ -65,7 +85,8 @@ def test_model_folder_gives_architecture_and_nabla_settings(tmp_path) -> None:
     (tmp_path / "transformer").mkdir()
     config = {"_class_name": "NablaWanTransformer3DModel", "num_attention_heads": 12, "num_layers": 30}
     (tmp_path / "transformer" / "config.json").write_text(json.dumps({**config, "_nabla": nabla.to_dict()}))
-    architecture, settings = _model_config(tmp_path)
+    family, architecture, settings = _model_config(tmp_path)
+    assert family is family_for_arch("wan2.1-t2v-1.3b")
     assert architecture == {"num_attention_heads": 12, "num_layers": 30}
     assert settings == nabla
 
@@ -90,8 +111,8 @@ def test_report_arithmetic_and_json(tmp_path) -> None:
 def test_forced_density_holds_one_selection_for_all_layers() -> None:
     """The forced path keeps one random selection per shape alive, as the real path does, not one per layer."""
     from nabla_convert.bench import ForcedDensityProcessor, ForcedSelections
+    from nabla_convert.models.nabla import apply_nabla, layer_densities
     from nabla_convert.models.tiny import tiny_transformer
-    from nabla_convert.models.wan import apply_nabla, layer_densities
 
     torch.manual_seed(0)
     model = apply_nabla(tiny_transformer(num_layers=3).eval(), NablaConfig(threshold=0.5, q_block=128, kv_block=64))

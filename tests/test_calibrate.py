@@ -44,8 +44,8 @@ from nabla_convert.calibrate.search import choose_head_options, choose_options, 
 from nabla_convert.cli import main
 from nabla_convert.config import ConfigError, NablaConfig, load_config_file
 from nabla_convert.convert import load
+from nabla_convert.models.nabla import apply_nabla, layer_densities, remove_nabla, reset_densities
 from nabla_convert.models.tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_wan_pipeline
-from nabla_convert.models.wan import apply_nabla, layer_densities, remove_nabla, reset_densities
 
 TEST_PROMPTS = Path(__file__).resolve().parents[1] / "calibration" / "prompts_reference.txt"
 SIZE = {"height": 240, "width": 256, "frames": 17}  # tokens 5 x 15 x 16: a padded tile grid of 20 blocks

@@ -178,12 +178,12 @@ def test_cli_help_documents_every_option():
     ("args", "message", "code"),
     [
         (["{missing}", "--threshold", "0.5"], "model folder not found", 1),
-        (["{not_wan}", "--threshold", "0.5"], "not a WanTransformer3DModel", 1),
-        (["{pipe}", "--threshold", "1.5"], "0<x<=1", 2),
-        (["{pipe}", "--threshold", "0"], "0<x<=1", 2),
+        (["{not_wan}", "--threshold", "0.5"], "not a supported transformer", 1),
+        (["{pipe}", "--threshold", "1.5"], "0<=x<=1", 2),
+        (["{pipe}", "--threshold", "0"], "it needs an STA window (STA only)", 1),
         (["{pipe}", "--threshold", "0.5", "--sta", "11,3"], "three", 2),
         (["{pipe}", "--threshold", "0.5", "--sta", "a,b,c"], "three integers", 2),
-        (["{pipe}"], "exactly one of", 2),
+        (["{pipe}"], "no NABLA settings of its own", 1),
         (["{pipe}", "--recipe", "no-such-recipe"], "recipe not found", 1),
     ],
 )

@@ -220,7 +220,7 @@ shutil.copyfile = slow
 from nabla_convert.config import NablaConfig
 from nabla_convert.convert import convert
 
-convert(sys.argv[1], sys.argv[2], NablaConfig())
+convert(sys.argv[1], sys.argv[2], NablaConfig(), link=False)  # copies (hard links would take no time to kill)
 """
 
 

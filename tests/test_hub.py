@@ -58,9 +58,13 @@ def hub(monkeypatch, tmp_path):
 
 @pytest.fixture
 def converted(tiny_pipeline_dir, tmp_path) -> Path:
-    """A converted tiny pipeline (sharded transformer, one dense layer) with a calibration report."""
+    """A converted tiny pipeline (sharded transformer, one dense layer) with a calibration report.
+
+    Copied, not hard-linked: the tests below corrupt its files in place (as a careless user might), which
+    through a hard link would corrupt the shared base pipeline too.
+    """
     config = NablaConfig(threshold=0.5, sta=(1, 3, 3), layers={1: LayerSettings(dense=True)})
-    out = convert(tiny_pipeline_dir, tmp_path / "nabla", config)
+    out = convert(tiny_pipeline_dir, tmp_path / "nabla", config, link=False)
     report = {"summary": {"mean_density": 0.31, "prompts": 4}, "layers": [{"layer": 0, "density": 0.31}]}
     (out / "nabla_reports").mkdir()
     (out / "nabla_reports" / "calibration.json").write_text(json.dumps(report))

@@ -43,7 +43,7 @@ class RasterNablaReference:
             cumulative = 0.0
             for j in probs[b, h, i].argsort().tolist():
                 cumulative += probs[b, h, i, j].item()
-                keep[b, h, i, j] = cumulative >= 1 - thresholds[h]
+                keep[b, h, i, j] = thresholds[h] > 0 and cumulative >= 1 - thresholds[h]
         if self.settings.sta is not None:
             coords = torch.stack(torch.meshgrid(torch.arange(T), torch.arange(Ht), torch.arange(Wt), indexing="ij"), -1)
             coords = coords.reshape(-1, 3)

@@ -56,7 +56,7 @@ def adapt_command(converted, out, recipe, resume, stop_after, **options) -> None
     """Fine-tune the NABLA transformer of CONVERTED so it matches its dense self, and write OUT.
 
     Checkpoints, metrics.jsonl and settings live in OUT.run/. OUT is a converted checkpoint (loads
-    with WanPipeline.from_pretrained or nabla_convert.load) with "adaptation" provenance; LoRA
+    with the stock pipeline's from_pretrained or nabla_convert.load) with "adaptation" provenance; LoRA
     adapters are also saved on their own in OUT/lora/. Several GPUs: `accelerate launch
     --config_file recipes/accelerate/ddp.yaml -m nabla_convert.cli adapt ...`.
     """

@@ -1,11 +1,13 @@
 """Training data for `adapt`: latent datasets, deterministic batch order, noise and timestep sampling.
 
 Latent dataset format (a folder of safetensors shards, any file name ending in .safetensors, read in
-sorted order; every shard holds the same two tensors with the same shapes except the first axis):
+sorted order; every shard holds the same tensors with the same shapes except the first axis):
   latents        (N, C, F, H, W) float: video latents in the transformer's input space, i.e. the VAE
-                 latent already normalised as WanPipeline does ((z - latents_mean) / latents_std);
-  prompt_embeds  (N, L, text_dim) float: UMT5 text embeddings as WanPipeline.encode_prompt returns
-                 them (padded with zeros to L tokens, L = max_sequence_length, 512 for Wan).
+                 latent already normalised as the pipeline does ((z - latents_mean) / latents_std);
+  prompt_embeds  (N, L, text_dim) float: text embeddings as the family's encode_prompts returns them
+                 (padded with zeros to L tokens, L = max_sequence_length);
+  any further conditioning tensor of the family (N, ...), e.g. pooled_prompt_embeds (a pooled text embedding).
+Latents are in the layout the family's pipeline denoises (channels-first or channels-last: ModelFamily.sample_shape).
 Shard metadata {"format": "nabla-convert-latents", "version": "1"} marks them. `write_latent_shard`
 writes one; adapt.trainer.teacher_rollouts makes one from the dense teacher alone (no videos needed).
 
@@ -33,7 +35,8 @@ from nabla_convert.config import NablaError
 from nabla_convert.io import atomic_write, open_safetensors
 
 SHARD_METADATA = {"format": "nabla-convert-latents", "version": "1"}
-TENSOR_NAMES = ("latents", "prompt_embeds")
+TENSOR_NAMES = ("latents", "prompt_embeds")  # always present; families may add conditioning tensors
+Conditioning = torch.Tensor | dict[str, torch.Tensor]  # prompt_embeds alone, or every conditioning tensor by name
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -41,17 +44,25 @@ class DataError(NablaError, ValueError):
     """A latent dataset that cannot be used, with a message that says why."""
 
 
-def write_latent_shard(path: str | os.PathLike, latents: torch.Tensor, prompt_embeds: torch.Tensor) -> Path:
+def as_tensors(conditioning: Conditioning) -> dict[str, torch.Tensor]:
+    return conditioning if isinstance(conditioning, dict) else {"prompt_embeds": conditioning}
+
+
+def take(conditioning: Conditioning, rows: slice | Sequence[int], device: torch.device | str | None = None):
+    """The given rows of a conditioning (tensor or dict of tensors), on `device`."""
+    if isinstance(conditioning, dict):
+        return {name: tensor[rows].to(device) for name, tensor in conditioning.items()}
+    return conditioning[rows].to(device)
+
+
+def write_latent_shard(path: str | os.PathLike, latents: torch.Tensor, conditioning: Conditioning) -> Path:
     """Write one shard of the latent dataset format atomically (tmp file, then rename)."""
-    if latents.ndim != 5 or prompt_embeds.ndim != 3 or len(latents) != len(prompt_embeds):
-        raise DataError(
-            f"need latents (N, C, F, H, W) and prompt_embeds (N, L, D) with the same N, got "
-            f"{tuple(latents.shape)} and {tuple(prompt_embeds.shape)}"
-        )
-    tensors = {
-        "latents": latents.detach().contiguous().cpu(),
-        "prompt_embeds": prompt_embeds.detach().contiguous().cpu(),
-    }
+    tensors = {"latents": latents, **as_tensors(conditioning)}
+    embeds = tensors.get("prompt_embeds")
+    if latents.ndim != 5 or embeds is None or embeds.ndim != 3 or {len(t) for t in tensors.values()} != {len(latents)}:
+        shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+        raise DataError(f"need latents (5-D) and prompt_embeds (N, L, D), every tensor with the same N, got {shapes}")
+    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=SHARD_METADATA))
 
 
@@ -65,16 +76,18 @@ class LatentDataset(torch.utils.data.Dataset):
             raise DataError(f"no latent shards (*.safetensors) found at {path}")
         self.rows: list[tuple[Path, int]] = []
         shapes: dict[str, tuple[int, ...]] = {}
+        with safe_open(shards[0], framework="pt") as f:
+            self.names = tuple(sorted(f.keys(), key=lambda name: (name not in TENSOR_NAMES, name)))
         for shard in shards:
             with open_safetensors(shard, "latent shard") as f:
                 missing = set(TENSOR_NAMES) - set(f.keys())
                 if missing:
                     raise DataError(f"{shard} lacks tensors {sorted(missing)} (a latent shard holds {TENSOR_NAMES})")
-                sizes = {name: tuple(f.get_slice(name).get_shape()) for name in TENSOR_NAMES}
-            if sizes["latents"][0] != sizes["prompt_embeds"][0] or len(sizes["latents"]) != 5:
-                raise DataError(
-                    f"{shard}: latents {sizes['latents']} and prompt_embeds {sizes['prompt_embeds']} do not pair up"
-                )
+                if set(f.keys()) != set(self.names):
+                    raise DataError(f"{shard} holds tensors {sorted(f.keys())}, earlier shards {sorted(self.names)}")
+                sizes = {name: tuple(f.get_slice(name).get_shape()) for name in self.names}
+            if len({size[0] for size in sizes.values()}) != 1 or len(sizes["latents"]) != 5:
+                raise DataError(f"{shard}: tensors {sizes} do not pair up (5-D latents, the same N for all)")
             for name, size in sizes.items():
                 if shapes.setdefault(name, size[1:]) != size[1:]:
                     raise DataError(f"{shard}: {name} has per-sample shape {size[1:]}, earlier shards {shapes[name]}")
@@ -88,11 +101,16 @@ class LatentDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         shard, row = self.rows[index]
         with safe_open(shard, framework="pt") as f:
-            return {name: f.get_slice(name)[row : row + 1][0] for name in TENSOR_NAMES}
+            return {name: f.get_slice(name)[row : row + 1][0] for name in self.names}
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         items = [self[i] for i in indices]
-        return {name: torch.stack([item[name] for item in items]) for name in TENSOR_NAMES}
+        return {name: torch.stack([item[name] for item in items]) for name in self.names}
+
+    def conditioning(self, batch: dict[str, torch.Tensor]) -> Conditioning:
+        """What the family's denoising call takes: prompt_embeds alone, or every conditioning tensor by name."""
+        rest = {name: tensor for name, tensor in batch.items() if name != "latents"}
+        return rest["prompt_embeds"] if len(rest) == 1 else rest
 
 
 def split_heldout(size: int, fraction: float) -> tuple[list[int], list[int]]:
@@ -123,12 +141,12 @@ def sample_positions(seed: int, size: int, first: int, count: int) -> list[int]:
 
 @dataclass
 class TimestepSampler:
-    """Flow-matching noise levels drawn as in diffusers' SD3/Wan training scripts.
+    """Flow-matching noise levels drawn as in diffusers' SD3 training scripts.
 
     u ~ compute_density_for_timestep_sampling(scheme); index = u * 1000 (u near 0 = pure noise);
     sigma and timestep are read from a FlowMatchEulerDiscreteScheduler with the model's shift.
-    `sigma_range` restricts the draw to the indices whose sigma lies inside it (one expert of
-    Wan2.2 A14B covers only high or only low noise).
+    `sigma_range` restricts the draw to the indices whose sigma lies inside it (one expert of a
+    two-expert model covers only high or only low noise).
     """
 
     weighting_scheme: str = "logit_normal"

@@ -2,7 +2,7 @@
 
 The teacher is the same base weights with dense attention. With LoRA the student's own frozen base
 serves (adapters disabled, `nabla_disabled`), so it costs no memory; a full fine-tune keeps a frozen
-dense copy (stock WanTransformer3DModel of the same folder: raster order, dense attention).
+dense copy (the family's stock transformer class on the same folder: raster order, dense attention).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Literal
 import torch
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-from nabla_convert.models.wan import nabla_disabled
+from nabla_convert.models import family_of
+from nabla_convert.models.nabla import nabla_disabled
 
 LossKind = Literal["distill", "flow"]
 LOSSES = ("distill", "flow")
@@ -23,8 +24,11 @@ LOSSES = ("distill", "flow")
 def velocity(
     model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor
 ) -> torch.Tensor:
-    """The transformer's flow-matching velocity prediction (noise - x_0) at `timesteps`."""
-    return model(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+    """The transformer's flow-matching velocity prediction (noise - x_0) at `timesteps` (its family's denoising call).
+
+    `model` may be wrapped for distributed training (DDP's `.module`); the call goes through the wrapper.
+    """
+    return family_of(getattr(model, "module", model)).velocity(model, noisy, timesteps, prompt_embeds)
 
 
 @contextmanager

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
-from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from safetensors import safe_open
@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from nabla_convert.adapt.checkpoint import load_checkpoint, save_checkpoint
 from nabla_convert.adapt.data import (
+    Conditioning,
     DataError,
     LatentDataset,
     TimestepSampler,
@@ -54,6 +55,7 @@ from nabla_convert.adapt.data import (
     sample_positions,
     split_heldout,
     step_generator,
+    take,
     write_latent_shard,
 )
 from nabla_convert.adapt.losses import LOSSES, DenseTeacher, loss_target, relative_error, velocity, weighted_mse
@@ -67,7 +69,7 @@ from nabla_convert.config import (
     check_number,
     check_number_list,
 )
-from nabla_convert.convert import transformer_folders
+from nabla_convert.convert import transformer_components
 from nabla_convert.folders import (
     MARKER,
     check_links,
@@ -82,7 +84,9 @@ from nabla_convert.folders import (
     write_marker,
 )
 from nabla_convert.io import atomic_write_text, read_json, read_prompts
-from nabla_convert.models.wan import NablaWanTransformer3DModel, layer_densities, reset_densities
+from nabla_convert.models import family_for_class_name, family_of
+from nabla_convert.models.family import ModelFamily
+from nabla_convert.models.nabla import layer_densities, reset_densities
 
 LORA_FOLDER = "lora"
 REPORT_PATH = "nabla_reports/adapt.json"
@@ -107,7 +111,7 @@ class AdaptSettings:
     lr: AdamW learning rate (default 1e-4 with LoRA, 1e-5 for a full fine-tune); warmup_steps
         (default steps // 20) then `lr_scheduler` (diffusers.optimization names) to zero.
     lora_rank: 0 = full fine-tune; >0 = peft LoRA of that rank (alpha = rank unless given) on
-        `lora_targets`, and the frozen base is the teacher.
+        `lora_targets` (default: the family's attention projections), and the frozen base is the teacher.
     batch_size per process and micro-step, grad_accum micro-steps per step.
     weighting_scheme / logit_mean / logit_std / mode_scale: timestep density and loss weight as in
         diffusers' SD3 scripts; shift: flow shift (default: the checkpoint's scheduler config);
@@ -132,7 +136,7 @@ class AdaptSettings:
     max_grad_norm: float = 1.0
     lora_rank: int = 0
     lora_alpha: float | None = None
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_targets: tuple[str, ...] | None = None
     batch_size: int = 1
     grad_accum: int = 1
     weighting_scheme: str = "logit_normal"
@@ -188,7 +192,10 @@ class AdaptSettings:
         sigmas = check_number_list(self.sigma_range, "sigma_range")
         if len(sigmas) != 2:
             raise ConfigError(f"sigma_range must be two numbers, got {self.sigma_range!r}")
-        if not isinstance(self.lora_targets, (list, tuple)) or not all(isinstance(t, str) for t in self.lora_targets):
+        targets = self.lora_targets
+        if targets is not None and (
+            not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets)
+        ):
             raise ConfigError(f"lora_targets must be a list of module names, got {self.lora_targets!r}")
         for name in ("loss", "lr_scheduler", "weighting_scheme", "mixed_precision", "component"):
             if not isinstance(getattr(self, name), str):
@@ -200,7 +207,8 @@ class AdaptSettings:
             raise ConfigError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
         object.__setattr__(self, "latent_shape", shape)
         object.__setattr__(self, "sigma_range", sigmas)
-        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.lora_targets is not None:
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
 
     @classmethod
     def from_dict(cls, plan: dict[str, Any], /, **overrides: Any) -> AdaptSettings:
@@ -254,11 +262,11 @@ def run_folder(out: str | os.PathLike) -> Path:
 
 
 def _component_folder(root: Path, component: str) -> tuple[str, Path]:
-    components = transformer_folders(root)
+    components = transformer_components(root)
     name = "" if "" in components else component
     if name not in components:
         raise AdaptError(f"{root} has no transformer component {component!r} (found: {sorted(components)})")
-    folder = components[name]
+    folder = components[name][0]
     if CONFIG_KEY not in read_json(folder / "config.json", "model file", dict):
         raise AdaptError(f"{folder} is a dense checkpoint (no {CONFIG_KEY} settings); run convert first")
     return name, folder
@@ -283,23 +291,32 @@ def _default_shift(root: Path) -> float:
     return 3.0
 
 
-def _lora_config(settings: AdaptSettings):
+def _lora_config(settings: AdaptSettings, family: ModelFamily):
     from peft import LoraConfig
 
     return LoraConfig(
         r=settings.lora_rank,
         lora_alpha=settings.lora_alpha or settings.lora_rank,
-        target_modules=list(settings.lora_targets),
+        target_modules=list(settings.lora_targets or family.lora_targets),
         init_lora_weights=True,
     )
 
 
-def load_student(folder: Path, settings: AdaptSettings, dtype: torch.dtype) -> NablaWanTransformer3DModel:
+def folder_family(folder: Path) -> ModelFamily:
+    """The family of the transformer stored in `folder` (its config.json's class name)."""
+    family = family_for_class_name(read_json(folder / "config.json", "model file", dict).get("_class_name"))
+    if family is None:
+        raise AdaptError(f"{folder} holds no supported transformer")
+    return family
+
+
+def load_student(folder: Path, settings: AdaptSettings, dtype: torch.dtype) -> torch.nn.Module:
     """The NABLA transformer with weights in `dtype` (diffusers keeps its fp32 modules); with LoRA, fp32 adapters."""
-    model = NablaWanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype)
+    family = folder_family(folder)
+    model = family.nabla_class.from_pretrained(folder, torch_dtype=dtype)
     if settings.lora_rank:
         model.requires_grad_(False)
-        model.add_adapter(_lora_config(settings))
+        model.add_adapter(_lora_config(settings, family))
         cast_training_params(model, dtype=torch.float32)
     return model
 
@@ -309,7 +326,7 @@ def teacher_rollouts(
     teacher: DenseTeacher,
     settings: AdaptSettings,
     sampler: TimestepSampler,
-    in_channels: int,
+    sample_shape: tuple[int, ...],
     accelerator: Accelerator,
     folder: Path,
     progress: bool = True,
@@ -338,22 +355,20 @@ def teacher_rollouts(
             f"{settings.prompts} has {len(prompts)} prompts for {world} processes; give each one at least one"
         )
     mine = range(len(prompts) * rank // world, len(prompts) * (rank + 1) // world)  # shards in prompt order
-    encoder = WanPipeline.from_pretrained(root, transformer=None, transformer_2=None, vae=None).to(device)
-    embeds, _ = encoder.encode_prompt(
-        [prompts[i] for i in mine], do_classifier_free_guidance=False, max_sequence_length=settings.text_length
-    )
+    family = family_of(teacher.student)
+    encoder = family.load_text_encoder(root, device)
+    embeds = family.encode_prompts(encoder, [prompts[i] for i in mine], settings.text_length)
     del encoder
     scheduler = FlowMatchEulerDiscreteScheduler(shift=sampler.shift)
     latents = []
     for row, index in enumerate(
         tqdm(mine, desc="teacher rollouts", disable=not (progress and accelerator.is_local_main_process))
     ):
-        shape = (1, in_channels, *settings.latent_shape)
-        x = torch.randn(shape, generator=step_generator(settings.seed, -2, index)).to(device)
+        x = torch.randn((1, *sample_shape), generator=step_generator(settings.seed, -2, index)).to(device)
         scheduler.set_timesteps(settings.rollout_steps, device=device)
         for t in scheduler.timesteps:
             with accelerator.autocast():
-                v = teacher(x, t.expand(1), embeds[row : row + 1])
+                v = teacher(x, t.expand(1), take(embeds, slice(row, row + 1)))
             x = scheduler.step(v.float(), t, x).prev_sample
         latents.append(x.cpu())
     write_latent_shard(folder / f"shard-{accelerator.process_index:05d}.safetensors", torch.cat(latents), embeds)
@@ -368,7 +383,7 @@ class ValidationSet:
     """Fixed held-out samples, noise and noise levels (spread over the range), with cached teacher velocities."""
 
     latents: torch.Tensor
-    prompt_embeds: torch.Tensor
+    conditioning: Conditioning
     noise: torch.Tensor
     sigmas: torch.Tensor
     timesteps: torch.Tensor
@@ -381,15 +396,18 @@ class ValidationSet:
         noise = torch.randn(batch["latents"].shape, generator=step_generator(settings.seed, -3))
         sigmas, timesteps = sampler.at((torch.arange(count) + 0.5) / count)
         noisy = add_noise(batch["latents"], noise, sigmas)
+        conditioning = dataset.conditioning(batch)
         outputs = []
         for chunk in range(0, count, settings.batch_size):
             part = slice(chunk, chunk + settings.batch_size)
+            inputs = (
+                *(t[part].to(accelerator.device) for t in (noisy, timesteps)),
+                take(conditioning, part, accelerator.device),
+            )
             with accelerator.autocast():
-                prediction = teacher(
-                    *(t[part].to(accelerator.device) for t in (noisy, timesteps, batch["prompt_embeds"]))
-                )
+                prediction = teacher(*inputs)
             outputs.append(prediction.float().cpu())
-        return cls(batch["latents"], batch["prompt_embeds"], noise, sigmas, timesteps, torch.cat(outputs))
+        return cls(batch["latents"], conditioning, noise, sigmas, timesteps, torch.cat(outputs))
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, settings: AdaptSettings, accelerator: Accelerator) -> dict[str, float]:
@@ -399,7 +417,8 @@ class ValidationSet:
         noisy = add_noise(self.latents, self.noise, self.sigmas)
         for chunk in range(0, len(self.latents), settings.batch_size):
             part = slice(chunk, chunk + settings.batch_size)
-            inputs = (t[part].to(accelerator.device) for t in (noisy, self.timesteps, self.prompt_embeds))
+            device = accelerator.device
+            inputs = (*(t[part].to(device) for t in (noisy, self.timesteps)), take(self.conditioning, part, device))
             with accelerator.autocast():
                 prediction = velocity(model, *inputs).float().cpu()
             target = self.teacher[part] if settings.loss == "distill" else self.noise[part] - self.latents[part]
@@ -486,6 +505,13 @@ def sample_noise(
     return noise, sigmas, timesteps
 
 
+def _fsdp_wrap_blocks(accelerator: Accelerator, family: ModelFamily) -> None:
+    """FSDP shards (and checkpoints) the family's transformer blocks one by one, unless the config names others."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and not plugin.transformer_cls_names_to_wrap:
+        plugin.transformer_cls_names_to_wrap = list(family.block_classes)
+
+
 def _fsdp_checkpoints(accelerator: Accelerator) -> bool:
     """Whether FSDP checkpoints each block itself (recipes/accelerate/fsdp.yaml).
 
@@ -526,6 +552,9 @@ def adapt(
     check_output(paths.root, inputs, overwrite=None, reuse="adapt")
     check_links(root, "CONVERTED", name_matcher(NOT_COPIED))
     component, folder = _component_folder(root, settings.component)
+    family = folder_family(folder)
+    if not family.supports_training():
+        raise AdaptError(f"adapt does not support {family.name} checkpoints yet (no denoising call for training)")
     _check_run_folder(paths, settings, resume)
     with sigterm_raises():
         return _train(root, out, component, folder, paths, settings, resume, stop_after, progress)
@@ -552,12 +581,15 @@ def _train(
         atomic_write_text(paths.settings, json.dumps(settings.to_dict(), indent=2) + "\n")
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
 
+    family = folder_family(folder)
+    _fsdp_wrap_blocks(accelerator, family)
     student = load_student(folder, settings, half if settings.lora_rank else torch.float32).to(accelerator.device)
     if settings.gradient_checkpointing and not _fsdp_checkpoints(accelerator):
         student.enable_gradient_checkpointing()
     frozen = None
     if not settings.lora_rank:
-        frozen = WanTransformer3DModel.from_pretrained(folder, torch_dtype=half).requires_grad_(False).eval()
+        frozen = family.transformer_classes[0].from_pretrained(folder, torch_dtype=half)
+        frozen.requires_grad_(False).eval()
         frozen.to(accelerator.device)
     teacher = DenseTeacher(student, frozen)
     sampler = TimestepSampler(
@@ -573,7 +605,14 @@ def _train(
         dataset = LatentDataset(settings.data)
     else:
         teacher_rollouts(
-            root, teacher, settings, sampler, student.config.in_channels, accelerator, paths.rollouts, progress
+            root,
+            teacher,
+            settings,
+            sampler,
+            family.sample_shape(student.config, settings.latent_shape),
+            accelerator,
+            paths.rollouts,
+            progress,
         )
         dataset = LatentDataset(paths.rollouts)
     train, heldout = split_heldout(len(dataset), settings.heldout_fraction)
@@ -618,9 +657,8 @@ def _train(
                     positions = sample_positions(settings.seed, len(train), first, settings.batch_size)
                     batch = dataset.batch([train[p] for p in positions])
                     noise, sigmas, timesteps = sample_noise(settings.seed, first, batch["latents"].shape, sampler)
-                    latents, noise, embeds = (
-                        t.to(accelerator.device) for t in (batch["latents"], noise, batch["prompt_embeds"])
-                    )
+                    latents, noise = (t.to(accelerator.device) for t in (batch["latents"], noise))
+                    embeds = take(dataset.conditioning(batch), slice(None), accelerator.device)
                     timesteps = timesteps.to(accelerator.device)
                     noisy = add_noise(latents, noise, sigmas)
                     with accelerator.autocast():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nabla_convert.attention.fast import nabla_selection
+from nabla_convert.attention.fast import nabla_selection, sta_selection
 from nabla_convert.attention.flex import (
     BACKENDS,
     Backend,
@@ -66,6 +66,7 @@ __all__ = [
     "padded_dense_attention",
     "select_by_mass",
     "sta_block_mask",
+    "sta_selection",
     "sta_tile_mask",
     "to_block_mask",
 ]

@@ -22,6 +22,7 @@ import torch
 
 from nabla_convert.attention.flex import BlockSelection, kv_whole_blocks
 from nabla_convert.attention.mask import (
+    PRECISIONS,
     Threshold,
     Window,
     block_scores,
@@ -29,6 +30,7 @@ from nabla_convert.attention.mask import (
     checked_layout,
     head_thresholds,
     pool_blocks,
+    select_by_sorted_cumsum,
     sta_block_mask,
 )
 from nabla_convert.attention.tiling import TileLayout
@@ -66,11 +68,12 @@ def select_by_cut(probs: torch.Tensor, threshold: Threshold) -> torch.Tensor:
     """Same selection as `mask.select_by_mass` (ties at the cut kept), by a cut-value search instead of a sort.
 
     `threshold` may be a tensor (0-dim, or (H,) per head): a compiled graph then serves every threshold without a
-    recompile.
+    recompile. Threshold 0 keeps nothing, 1 everything (tensor ops, no branch on the value).
     """
     if not isinstance(threshold, torch.Tensor):
         check_threshold(threshold)
-    return (probs >= cut_values(probs, threshold)) | (head_thresholds(threshold, probs) >= 1.0)
+    limit = head_thresholds(threshold, probs)
+    return (probs >= cut_values(probs, threshold)) & (limit > 0.0) | (limit >= 1.0)
 
 
 def fast_path_available(device: torch.device) -> bool:
@@ -86,30 +89,57 @@ def nabla_selection(
     sta: Window | None = None,
     q_block: int = 64,
     kv_block: int = 64,
+    precision: str = "float32",
 ) -> BlockSelection:
     """NABLA selection of q, k (B, H, S, D) in tile order, with its BlockMask index tensors.
 
     Same arguments and selection as `nabla_block_mask` (up to float rounding of the mass at the
-    cut). Fused Triton kernels on CUDA, torch ops elsewhere. `threshold` is one number, or one per head (H,).
-    A tensor `threshold` (on q's device) keeps the value out of torch.compile's guards. Under torch.compile the
-    pooling is left to inductor, which can fuse it with the RoPE/projection work that produced q and k.
+    cut). Fused Triton kernels on CUDA, torch ops elsewhere. `threshold` is one number, or one per head (H,). A
+    tensor `threshold` (on q's
+    device) keeps the value out of torch.compile's guards. Under torch.compile the pooling is left
+    to inductor, which can fuse it with the RoPE/projection work that produced q and k. A float
+    threshold 0 is the STA window alone (`sta_selection`, no scores computed); a tensor threshold
+    never decides that (callers with a static STA-only flag call `sta_selection`). Precision
+    "bfloat16" runs the references' bf16 arithmetic in torch ops.
     """
     if not isinstance(threshold, torch.Tensor):
         check_threshold(threshold)
+        if not isinstance(threshold, (list, tuple)) and threshold <= 0.0:
+            return sta_selection(q, k, grid=grid, sta=sta, q_block=q_block, kv_block=kv_block)
     layout = checked_layout(q, k, grid, q_block, kv_block)
     valid = layout.indices(q.device).valid if layout.is_padded else None
     sta_blocks = sta_block_mask(layout, sta, q_block, kv_block, q.device) if sta is not None else None
-    if fast_path_available(q.device):
+    if precision == "float32" and fast_path_available(q.device):
         if torch.compiler.is_compiling():
             (qa, _), (ka, kv_counts) = pool_blocks(q, q_block, valid), pool_blocks(k, kv_block, valid)
         else:
             (qa, _), (ka, kv_counts) = _pool(q, q_block, valid), _pool(k, kv_block, valid)
         return _triton_selection(qa, ka, kv_counts, threshold, valid, sta_blocks, q_block, kv_block)
-    probs, kv_real = block_scores(q, k, q_block, kv_block, valid)
-    keep = select_by_cut(probs, threshold)
+    probs, kv_real = block_scores(q, k, q_block, kv_block, valid, PRECISIONS[precision])
+    keep = (select_by_sorted_cumsum if precision == "bfloat16" else select_by_cut)(probs, threshold)
     if sta_blocks is not None:
         keep = keep | sta_blocks
     keep = keep & kv_real
+    return BlockSelection.from_keep(keep, q_block=q_block, kv_block=kv_block, valid=valid)
+
+
+def sta_selection(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    grid: TileLayout | tuple[int, int, int],
+    sta: Window | None,
+    q_block: int = 64,
+    kv_block: int = 64,
+) -> BlockSelection:
+    """The STA window alone (NABLA threshold 0, the official `sta-wT-wH-wW` mode): no scores computed."""
+    if sta is None:
+        raise ValueError("threshold 0 keeps no block by mass; give an STA window (STA only)")
+    layout = checked_layout(q, k, grid, q_block, kv_block)
+    valid = layout.indices(q.device).valid if layout.is_padded else None
+    sta_blocks = sta_block_mask(layout, sta, q_block, kv_block, q.device)
+    kv_real = valid.view(-1, kv_block).any(-1) if valid is not None else torch.ones_like(sta_blocks[0])
+    keep = (sta_blocks & kv_real).expand(q.shape[0], q.shape[1], -1, -1)
     return BlockSelection.from_keep(keep, q_block=q_block, kv_block=kv_block, valid=valid)
 
 
@@ -249,6 +279,7 @@ if triton is not None:
             hi = tl.where(fits, mid, hi)
             lo = tl.where(fits, lo, mid + 1)
         cut = tl.where(threshold >= 1.0, 0.0, hi.to(tl.float32, bitcast=True))  # a threshold of 1 keeps all
+        cut = tl.where(threshold > 0.0, cut, 2.0)  # 0 keeps none: probabilities are at most 1
         keep = probs >= cut
         if HAS_STA:
             keep = keep | (tl.load(sta_ptr + (row % nq).to(tl.int64) * nk + cols, mask=inside, other=0) != 0)

@@ -17,6 +17,7 @@ from nabla_convert.attention.tiling import TileLayout
 
 Window = tuple[int, int, int]
 Threshold = float | Sequence[float] | torch.Tensor  # one for every head, or one per head (H,)
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def as_layout(grid: TileLayout | tuple[int, int, int], q_block: int, kv_block: int) -> TileLayout:
@@ -31,10 +32,10 @@ def as_layout(grid: TileLayout | tuple[int, int, int], q_block: int, kv_block: i
 
 
 def check_threshold(threshold: Threshold) -> None:
-    """One threshold, or one per head, each in (0, 1]."""
+    """One threshold, or one per head, each in [0, 1] (0 keeps nothing by mass: STA alone)."""
     values = torch.as_tensor(threshold, dtype=torch.float64)
-    if values.dim() > 1 or values.numel() == 0 or not bool(((values > 0.0) & (values <= 1.0)).all()):
-        raise ValueError(f"threshold must be in (0, 1] (one number, or one per head), got {threshold}")
+    if values.dim() > 1 or values.numel() == 0 or not bool(((values >= 0.0) & (values <= 1.0)).all()):
+        raise ValueError(f"threshold must be in [0, 1] (one number, or one per head), got {threshold}")
 
 
 def head_thresholds(threshold: Threshold, scores: torch.Tensor) -> torch.Tensor:
@@ -61,8 +62,10 @@ def checked_layout(
     return layout
 
 
-def pool_blocks(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of x (B, H, S, D) over consecutive blocks of `block` tokens, in float32.
+def pool_blocks(
+    x: torch.Tensor, block: int, valid: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of x (B, H, S, D) over consecutive blocks of `block` tokens, in `dtype`.
 
     With a token validity vector (S,), padding tokens are left out of the mean. Returns the pooled
     (B, H, S/block, D) tensor and the number of real tokens per block (S/block,).
@@ -70,23 +73,28 @@ def pool_blocks(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) 
     B, H, S, D = x.shape
     if S % block:
         raise ValueError(f"sequence length {S} is not a multiple of the block size {block}")
-    xb = x.float().reshape(B, H, S // block, block, D)
+    xb = x.to(dtype).reshape(B, H, S // block, block, D)
     if valid is None:
         return xb.mean(-2), torch.full((S // block,), block, device=x.device)
-    w = valid.to(torch.float32).view(1, 1, S // block, block, 1)
+    w = valid.to(dtype).view(1, 1, S // block, block, 1)
     counts = valid.view(S // block, block).sum(-1)
-    return (xb * w).sum(-2) / counts.clamp(min=1).view(1, 1, -1, 1), counts
+    return (xb * w).sum(-2) / counts.clamp(min=1).to(dtype).view(1, 1, -1, 1), counts
 
 
 def block_scores(
-    q: torch.Tensor, k: torch.Tensor, q_block: int, kv_block: int, valid: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_block: int,
+    kv_block: int,
+    valid: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over key blocks of the pooled map Qa Ka^T / sqrt(D), float32 (B, H, nq, nk).
+    """Softmax over key blocks of the pooled map Qa Ka^T / sqrt(D), (B, H, nq, nk), computed in `dtype`.
 
     Key blocks made only of padding get probability 0. Also returns which key blocks hold real tokens.
     """
-    qa, _ = pool_blocks(q, q_block, valid)
-    ka, kv_counts = pool_blocks(k, kv_block, valid)
+    qa, _ = pool_blocks(q, q_block, valid, dtype)
+    ka, kv_counts = pool_blocks(k, kv_block, valid, dtype)
     logits = qa @ ka.transpose(-1, -2) / math.sqrt(q.shape[-1])
     kv_real = kv_counts > 0
     logits = logits.masked_fill(~kv_real, float("-inf"))
@@ -98,8 +106,8 @@ def select_by_mass(probs: torch.Tensor, threshold: Threshold) -> torch.Tensor:
 
     Same selection as the reference (sort ascending, cumsum, keep cumsum >= 1 - threshold) with one
     descending sort: an entry is kept when the mass of the entries above it is at most `threshold`.
-    Entries tied with the last kept value are kept too; a threshold of 1 keeps every entry. A per-head
-    threshold (H,) applies to every row of head h of probs (B, H, rows, cols).
+    Entries tied with the last kept value are kept too; a threshold of 1 keeps every entry, 0 none (STA alone).
+    A per-head threshold (H,) applies to every row of head h of probs (B, H, rows, cols).
     """
     check_threshold(threshold)
     limit = head_thresholds(threshold, probs)
@@ -107,7 +115,21 @@ def select_by_mass(probs: torch.Tensor, threshold: Threshold) -> torch.Tensor:
     above = desc.cumsum(-1) - desc
     count = (above <= limit).sum(-1, keepdim=True)
     cut = desc.gather(-1, count - 1)
-    return (probs >= cut) | (limit >= 1.0)
+    return ((probs >= cut) & (limit > 0.0)) | (limit >= 1.0)
+
+
+def select_by_sorted_cumsum(probs: torch.Tensor, threshold: Threshold) -> torch.Tensor:
+    """The public references' cut, op for op in the dtype of `probs`: sort ascending, cumulative sum,
+    keep cumsum >= 1 - threshold, scatter back (ties at the cut resolved by the sort's order).
+
+    Serves selection_precision "bfloat16", where it reproduces their selection exactly.
+    """
+    if not isinstance(threshold, torch.Tensor):
+        check_threshold(threshold)
+    limit = head_thresholds(threshold, probs)  # 0-dim, or (H, 1, 1) per head
+    values, order = probs.sort(-1)
+    kept = (values.cumsum(-1) >= (1 - limit).to(probs.dtype)) & (limit > 0.0) | (limit >= 1.0)
+    return kept.gather(-1, order.argsort(-1))
 
 
 def sta_tile_mask(grid: tuple[int, int, int], window: Window, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -148,6 +170,7 @@ def nabla_block_mask(
     sta: Window | None = None,
     q_block: int = 64,
     kv_block: int = 64,
+    precision: str = "float32",
 ) -> torch.Tensor:
     """NABLA's adaptive block mask: (B, H, n_q_blocks, n_kv_blocks) bool.
 
@@ -157,11 +180,12 @@ def nabla_block_mask(
     wrap): Q is pooled over its 128 tokens and the selection is made once for the pair; the STA
     window of the pair is the union of the windows of its two tiles. `threshold` is one number, or
     one per head (H,).
+    precision "bfloat16" computes the scores and the cut as the public references do (`select_by_sorted_cumsum`).
     """
     layout = checked_layout(q, k, grid, q_block, kv_block)
     valid = layout.indices(q.device).valid if layout.is_padded else None
-    probs, kv_real = block_scores(q, k, q_block, kv_block, valid)
-    keep = select_by_mass(probs, threshold)
+    probs, kv_real = block_scores(q, k, q_block, kv_block, valid, PRECISIONS[precision])
+    keep = (select_by_sorted_cumsum if precision == "bfloat16" else select_by_mass)(probs, threshold)
     if sta is not None:
         keep = keep | sta_block_mask(layout, sta, q_block, kv_block, q.device)
     return keep & kv_real

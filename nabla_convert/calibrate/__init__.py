@@ -46,9 +46,10 @@ from nabla_convert.calibrate.collect import (
 from nabla_convert.calibrate.report import write_outputs
 from nabla_convert.calibrate.search import ComponentChoice, Target, evaluate, search
 from nabla_convert.config import NablaConfig
-from nabla_convert.convert import resolve_model, transformer_folders
+from nabla_convert.convert import resolve_model, transformer_components
 from nabla_convert.folders import check_output, public_name, write_marker
 from nabla_convert.io import DTYPES, atomic_write, open_safetensors, resolve_device, torch_dtype
+from nabla_convert.models import family_of
 from nabla_convert.recipes import Recipe, load_recipe
 
 STATS_FILE = "stats.safetensors"
@@ -61,7 +62,7 @@ class Calibration:
     report: Path
 
     def config(self) -> NablaConfig | dict[str, NablaConfig]:
-        """What `convert` takes: one config, or one per transformer (Wan2.2 A14B)."""
+        """What `convert` takes: one config, or one per transformer (two-expert models)."""
         configs = {name: choice.config for name, choice in self.choices.items()}
         return next(iter(configs.values())) if len(configs) == 1 else configs
 
@@ -117,11 +118,11 @@ def embedding_samples(path: str | os.PathLike, seeds: Sequence[int], guidance: f
 
 
 def load_pipeline(model: str | os.PathLike, *, text_encoder: bool, device: str = "auto", dtype: str = "auto") -> Any:
-    """A dense Wan pipeline for calibration: no VAE (latents are never decoded), no text encoder with embeddings.
+    """A dense pipeline for calibration: no VAE (latents are never decoded), no text encoder with embeddings.
 
-    A bare transformer folder becomes a WanPipeline with Wan2.1's UniPC flow scheduler (shift 3).
+    A bare transformer folder becomes its family's pipeline without text encoder (`ModelFamily.bare_pipeline`).
     """
-    from diffusers import DiffusionPipeline, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import DiffusionPipeline
 
     torch_device = resolve_device(device)
     if dtype == "auto":
@@ -129,12 +130,13 @@ def load_pipeline(model: str | os.PathLike, *, text_encoder: bool, device: str =
     if dtype not in DTYPES:
         raise CalibrationError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
     folder, _ = resolve_model(model)
-    if "" in transformer_folders(folder):
+    components = transformer_components(folder)
+    if "" in components:
         if text_encoder:
             raise CalibrationError(f"{model} is a transformer folder without a text encoder: give --prompt-embeds")
-        transformer = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch_dtype(dtype))
-        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
+        family = components[""][1]
+        transformer = family.transformer_classes[0].from_pretrained(folder, torch_dtype=torch_dtype(dtype))
+        pipe = family.bare_pipeline(transformer)
     else:
         skipped = {"vae": None} if text_encoder else {"vae": None, "text_encoder": None, "tokenizer": None}
         pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype(dtype), **skipped)
@@ -155,7 +157,7 @@ def calibrate(
     overwrite: bool = False,
     **overrides: Any,
 ) -> Calibration:
-    """Measure `model` (pipeline folder, transformer folder, Hub id, or a loaded WanPipeline) and write the outputs.
+    """Measure `model` (pipeline folder, transformer folder, Hub id, or a loaded pipeline) and write the outputs.
 
     `overrides` are CalibrationPlan fields (steps, seeds, height, width, frames, target_density,
     error_budget, dense_layers, dense_steps, ...) that replace the recipe's values.
@@ -179,7 +181,8 @@ def calibrate(
     else:
         name, pipe = type(model).__name__, model
     for transformer in pipeline_transformers(pipe).values():
-        replace(base, dense_layers=plan.dense_layers).check_num_layers(len(transformer.blocks))
+        layers = len(family_of(transformer).self_attention(transformer))
+        replace(base, dense_layers=plan.dense_layers).check_num_layers(layers)
     out.mkdir(parents=True, exist_ok=True)
     write_marker(out, "calibrate")
     stats_path = out / STATS_FILE

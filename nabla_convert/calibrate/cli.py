@@ -72,7 +72,7 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 def calibrate_command(model, out, prompts, prompt_embeds, recipe, from_stats, overwrite, device, dtype, **plan) -> None:
     """Measure MODEL's self-attention layers on prompts and choose each layer's NABLA threshold for a target.
 
-    MODEL is a diffusers Wan pipeline folder, a transformer folder (with --prompt-embeds) or a Hub
+    MODEL is a diffusers pipeline folder, a transformer folder (with --prompt-embeds) or a Hub
     id; omitted, the embedded reference model at its native size (256x256, 33 frames, 12 steps) on
     calibration/prompts_reference.txt (captions in its vocabulary). Writes nabla_config.json (for `convert --config`),
     calibration.json, report.md, PNG plots and stats.safetensors to --out. Rerun with the same

@@ -1,4 +1,4 @@
-"""Measure NABLA candidates on the dense trajectory of a Wan pipeline.
+"""Measure NABLA candidates on the dense trajectory of a video pipeline.
 
 Every self-attention layer gets a `MeasuringProcessor` (installed over `apply_nabla`, so tokens
 are in the same padded tile order as in a converted model). It returns the *dense* output, so the
@@ -59,10 +59,10 @@ from nabla_convert.config import (
     parse_window,
 )
 from nabla_convert.io import atomic_write, open_safetensors
-from nabla_convert.models.wan import NablaAttnProcessor, apply_nabla, nabla_state, remove_nabla
+from nabla_convert.models import family_of, family_of_pipeline
+from nabla_convert.models.nabla import NablaAttnProcessor, apply_nabla, nabla_state, remove_nabla, set_processors
 
 DEFAULT_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
-TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
 STATS_FORMAT = "nabla-convert calibration stats v1"
 SCORE_BUDGET = 1 << 27  # float32 score elements per head chunk (512 MiB), bounds the error computation's memory
 
@@ -454,11 +454,11 @@ def map_step(measured: Sequence[int]) -> int:
 
 
 def pipeline_transformers(pipe: Any) -> dict[str, torch.nn.Module]:
-    """The pipeline's Wan transformers by component name (Wan2.2 A14B has two)."""
-    found = {name: t for name in TRANSFORMER_COMPONENTS if (t := getattr(pipe, name, None)) is not None}
-    if not found:
+    """The pipeline's transformers by component name (two-expert models have two)."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
         raise CalibrationError(f"{type(pipe).__name__} has no transformer")
-    return found
+    return family_of_pipeline(pipe).transformers(pipe)
 
 
 def new_stats(pipe: Any, samples: Sequence[Sample], plan: CalibrationPlan, base: NablaConfig, model: str) -> Stats:
@@ -473,7 +473,10 @@ def new_stats(pipe: Any, samples: Sequence[Sample], plan: CalibrationPlan, base:
         "layout": None,  # the token layout of the first measured call
         "base_config": base.to_dict(),
     }
-    components = {name: ComponentStats(len(t.blocks), t.config.num_attention_heads) for name, t in transformers.items()}
+    components = {}
+    for name, transformer in transformers.items():
+        family = family_of(transformer)
+        components[name] = ComponentStats(len(family.self_attention(transformer)), family.num_heads(transformer))
     return Stats(meta, components)
 
 
@@ -540,8 +543,10 @@ def collect(
             comp = stats.components[name]
             probes[name] = probe = Probe(base, plan.candidates(), comp.num_layers, comp.num_heads, plan.query_blocks)
             comp.map_heads = probe.map_heads
-            for index, block in enumerate(transformer.blocks):
-                block.attn1.set_processor(MeasuringProcessor(index, base.layer(index), state, probe))
+            set_processors(
+                transformer,
+                lambda index, _, state=state, probe=probe: MeasuringProcessor(index, base.layer(index), state, probe),
+            )
         bar = tqdm(
             total=len(samples) * (last + 1), desc="calibrate (samples x steps)", unit="step", disable=not progress
         )

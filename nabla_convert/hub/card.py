@@ -17,12 +17,8 @@ from huggingface_hub.utils import validate_repo_id
 from nabla_convert.config import threshold_text
 from nabla_convert.hub.checks import REPORTS_DIR, Checkpoint, TransformerInfo
 from nabla_convert.io import markdown_table
+from nabla_convert.models import all_pipeline_tags
 
-PIPELINE_TAGS = {
-    "WanPipeline": "text-to-video",
-    "WanImageToVideoPipeline": "image-to-video",
-    "WanVideoToVideoPipeline": "video-to-video",
-}
 TAGS = ["nabla", "sparse-attention", "nabla-convert"]
 REPORT_TITLES = {"calibration": "Calibration", "eval": "Evaluation", "bench": "Benchmark"}
 PAPER = "[NABLA](https://arxiv.org/abs/2507.13546) (Neighborhood Adaptive Block-Level Attention)"
@@ -51,7 +47,7 @@ def card_data(checkpoint: Checkpoint) -> ModelCardData:
         base_model=base_model,
         license=provenance.get("base_license"),
         library_name="diffusers",
-        pipeline_tag=PIPELINE_TAGS.get(checkpoint.pipeline_class or ""),
+        pipeline_tag=all_pipeline_tags().get(checkpoint.pipeline_class or ""),
         tags=TAGS,
         **extra,
     )
@@ -165,7 +161,7 @@ def usage_section(checkpoint: Checkpoint, repo_id: str) -> str:
         loader, name = checkpoint.pipeline_class, "pipe"
         imports = f"from diffusers import {loader}"
     else:
-        loader, name = checkpoint.transformers[0].config.get("_class_name", "NablaWanTransformer3DModel"), "transformer"
+        loader, name = checkpoint.transformers[0].config["_class_name"], "transformer"
         imports = f"from nabla_convert import {loader}"
     return "\n".join(
         [

@@ -94,3 +94,79 @@ def tiny_wan_pipeline(seed: int = 0, *, two_transformers: bool = False, expand_t
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_kandinsky5_transformer(
+    num_visual_blocks: int = 2, heads: int = 2, axes_dims: tuple[int, int, int] = (4, 6, 6), seed: int = 0, **overrides
+):
+    """A Kandinsky5Transformer3DModel of a few thousand parameters (head dim = sum(axes_dims), 16 by default).
+
+    Its modulation layers start at zero in diffusers (every block would be an identity); they get
+    random weights here so that attention changes the output.
+    """
+    from diffusers import Kandinsky5Transformer3DModel
+
+    torch.manual_seed(seed)
+    model = Kandinsky5Transformer3DModel(
+        in_visual_dim=4,
+        out_visual_dim=4,
+        in_text_dim=16,
+        in_text_dim2=8,
+        time_dim=16,
+        model_dim=sum(axes_dims) * heads,
+        ff_dim=64,
+        num_text_blocks=1,
+        num_visual_blocks=num_visual_blocks,
+        axes_dims=axes_dims,
+        **overrides,
+    )
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "modulation" in name:
+                parameter.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def tiny_kandinsky5_pipeline(seed: int = 0):
+    """A Kandinsky5T2VPipeline with random weights: tiny Qwen2.5-VL and CLIP text encoders on the WordLevel
+    tokenizer, a tiny HunyuanVideo VAE (8x spatial, 4x temporal) and `tiny_kandinsky5_transformer` (visual_cond)."""
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, Kandinsky5T2VPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text = dict(vocab_size=len(tokenizer), intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    qwen = Qwen2_5_VLConfig(
+        text_config=dict(
+            **text,
+            hidden_size=16,
+            num_key_value_heads=1,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
+            bos_token_id=None,
+            eos_token_id=1,
+            pad_token_id=0,
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16),
+    )
+    clip = CLIPTextConfig(
+        **text, hidden_size=8, max_position_embeddings=77, projection_dim=8, bos_token_id=0, eos_token_id=1
+    )
+    vae = AutoencoderKLHunyuanVideo(
+        latent_channels=4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+    )
+    pipe = Kandinsky5T2VPipeline(
+        transformer=tiny_kandinsky5_transformer(visual_cond=True, seed=seed),
+        vae=vae,
+        text_encoder=Qwen2_5_VLForConditionalGeneration(qwen).eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModel(clip).eval(),
+        tokenizer_2=tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -43,20 +43,26 @@ def flow_matching_loss(
     sigmas: torch.Tensor,
     noise: torch.Tensor,
     weight: torch.Tensor | None = None,
+    velocity=None,
 ) -> torch.Tensor:
     """Per-sample mean squared error of the velocity prediction at noise levels `sigmas` (shape (B,)).
 
     `weight` (broadcast to the latents, e.g. (B, 1, T, H, W)) makes it a weighted mean per sample.
+    `velocity(transformer, noisy, timesteps, prompt_embeds)` is the denoising call of the model's family
+    (default: the Wan transformer's keyword call); it receives `prompt_embeds` as given.
     """
     dtype = getattr(transformer, "module", transformer).dtype  # the model, also inside a DistributedDataParallel
     s = sigmas.view(-1, 1, 1, 1, 1).to(latents.dtype)
     noisy = (1 - s) * latents + s * noise
-    prediction = transformer(
-        hidden_states=noisy.to(dtype),
-        timestep=sigmas * 1000,
-        encoder_hidden_states=prompt_embeds.to(dtype),
-        return_dict=False,
-    )[0]
+    if velocity is None:
+        prediction = transformer(
+            hidden_states=noisy.to(dtype),
+            timestep=sigmas * 1000,
+            encoder_hidden_states=prompt_embeds.to(dtype),
+            return_dict=False,
+        )[0]
+    else:
+        prediction = velocity(transformer, noisy.to(dtype), sigmas * 1000, prompt_embeds)
     error = F.mse_loss(prediction.float(), (noise - latents).float(), reduction="none")
     if weight is None:
         return error.mean(dim=(1, 2, 3, 4))

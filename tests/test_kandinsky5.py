@@ -1,0 +1,321 @@
+"""The Kandinsky 5 family on tiny transformers built in code: dense parity, brute force, diffusers' built-in NABLA."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import Kandinsky5T2VPipeline, Kandinsky5Transformer3DModel
+from diffusers.models.transformers.transformer_kandinsky import nablaT_v2
+from test_wan import RasterNablaReference
+
+from nabla_convert import NablaConfig, apply_nabla, convert, load
+from nabla_convert.adapt import AdaptSettings, adapt
+from nabla_convert.config import LayerSettings
+from nabla_convert.eval import EvalSettings, run_eval
+from nabla_convert.models import family_for_arch, family_of
+from nabla_convert.models.kandinsky5 import NablaKandinsky5Transformer3DModel
+from nabla_convert.models.nabla import NablaAttnProcessor, set_processors
+from nabla_convert.models.tiny import tiny_kandinsky5_transformer
+
+
+def inputs(grid, batch=1, seed=0, text_tokens=5):
+    """Forward kwargs for a token grid (T, H, W); latents are (B, T, 2H, 2W, C) channels-last."""
+    torch.manual_seed(seed)
+    T, H, W = grid
+    return {
+        "hidden_states": torch.randn(batch, T, 2 * H, 2 * W, 4),
+        "encoder_hidden_states": torch.randn(batch, text_tokens, 16),
+        "timestep": torch.full((batch,), 700.0),
+        "pooled_projections": torch.randn(batch, 8),
+        "visual_rope_pos": [torch.arange(n) for n in grid],
+        "text_rope_pos": torch.arange(text_tokens),
+    }
+
+
+def run(model, kwargs):
+    with torch.no_grad():
+        return model(**kwargs).sample
+
+
+class RasterK5Reference(RasterNablaReference):
+    """The brute-force NABLA reference of test_wan on raster tokens, with Kandinsky 5's projections and RoPE
+    (the adapter's own, which the threshold-1 test checks against the stock processor)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, rotary_emb=None, sparse_params=None):
+        family = family_for_arch("kandinsky5-t2v-lite")
+        q, k, v = family.attention_qkv(attn, hidden_states, rotary_emb)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.token_mask(q, k))
+        return family.attention_out(attn, out, hidden_states)
+
+
+GRIDS = [(2, 8, 16), (2, 5, 11), (3, 12, 10)]  # the last two need padding
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_threshold_one_equals_dense(grid):
+    dense = tiny_kandinsky5_transformer()
+    sparse = apply_nabla(copy.deepcopy(dense), NablaConfig(threshold=1.0, sta=(1, 1, 1)))
+    kwargs = inputs(grid, batch=2)
+    reference = run(dense, kwargs)
+    assert reference.shape == kwargs["hidden_states"].shape
+    torch.testing.assert_close(run(sparse, kwargs), reference, rtol=1e-4, atol=1e-4)  # q, k rounded to bf16 (K5 RoPE)
+
+
+CONFIGS = [
+    NablaConfig(threshold=0.5),
+    NablaConfig(threshold=0.3, sta=(1, 3, 1), backend="flex_eager"),
+    NablaConfig(threshold=0.6, layers={1: LayerSettings(threshold=0.0, sta=(3, 1, 1))}),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("grid", GRIDS)
+def test_sparse_equals_brute_force(config, grid):
+    dense = tiny_kandinsky5_transformer()
+    reference = copy.deepcopy(dense)
+    for index, block in enumerate(reference.visual_transformer_blocks):
+        block.self_attention.set_processor(RasterK5Reference(grid, config.layer(index)))
+    sparse = apply_nabla(copy.deepcopy(dense), config)
+    kwargs = inputs(grid)
+    expected = run(reference, kwargs)
+    torch.testing.assert_close(run(sparse, kwargs), expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(run(dense, kwargs), expected, atol=1e-3)  # the sparsity shows
+
+
+def builtin_nabla_agreement(precision: str) -> tuple[int, int]:
+    """Block pairs where our selection and diffusers' nablaT_v2 agree, and all pairs.
+
+    Both see the same post-RoPE q, k; K5's RoPE rounds them to bf16, and a bf16 model (how K5 runs) hands
+    nablaT_v2 bf16 tensors, so it gets them in bf16. The model has Lite's head dim (64) and q/k norms
+    scaled up so that its pooled maps are peaked as a trained model's are: on near-uniform maps (random
+    tiny weights) bf16 rounding moves the cut far more often (measured 0.4-1% of pairs at head dim 16).
+    """
+    P, window, grid = 0.7, (3, 1, 3), (4, 32, 32)
+    model = tiny_kandinsky5_transformer(
+        axes_dims=(16, 24, 24),
+        attention_type="nabla",
+        attention_P=P,
+        attention_wT=window[0],
+        attention_wH=window[1],
+        attention_wW=window[2],
+    )
+    for block in model.visual_transformer_blocks:
+        block.self_attention.query_norm.weight.data.mul_(8)
+        block.self_attention.key_norm.weight.data.mul_(8)
+    config = family_of(model).native_settings(model.config)
+    assert (config.threshold, config.sta, config.selection_precision) == (P, window, "bfloat16")
+    apply_nabla(model, NablaConfig.from_dict({**config.to_dict(), "selection_precision": precision}))
+    sta = Kandinsky5T2VPipeline.fast_sta_nabla(grid[0], grid[1] // 8, grid[2] // 8, *window, device="cpu")
+    counts = [0, 0]
+
+    class Recording(NablaAttnProcessor):
+        def select(self, q, k, layout):
+            selection = super().select(q, k, layout)
+            q16, k16 = (t.transpose(1, 2).to(torch.bfloat16) for t in (q, k))
+            theirs = nablaT_v2(q16, k16, sta[None, None], thr=P).to_dense().bool()
+            counts[0] += int((selection.keep == theirs).sum())
+            counts[1] += theirs.numel()
+            return selection
+
+    set_processors(model, lambda index, old: Recording(index, old.settings, old.state))
+    run(model, inputs(grid, batch=2))
+    return counts[0], counts[1]
+
+
+def test_selection_agrees_with_builtin_nabla_float32():
+    agree, total = builtin_nabla_agreement("float32")
+    assert total > 0
+    assert agree / total >= 0.999
+
+
+def test_selection_equals_builtin_nabla_with_bf16_option():
+    agree, total = builtin_nabla_agreement("bfloat16")
+    assert agree == total > 0
+
+
+def test_save_convert_and_stock_reload(tmp_path):
+    dense = tiny_kandinsky5_transformer()
+    dense.save_pretrained(tmp_path / "dense")
+    config = NablaConfig(threshold=0.4, sta=(1, 3, 3), dense_layers=(0,))
+    out = convert(tmp_path / "dense", tmp_path / "nabla", config)
+    model = load(out)
+    assert isinstance(model, NablaKandinsky5Transformer3DModel)
+    assert model._nabla_state.config.dense_layers == (0,)
+    stock = Kandinsky5Transformer3DModel.from_pretrained(out)  # the dense model, unchanged weights
+    kwargs = inputs((2, 5, 11))
+    torch.testing.assert_close(run(stock, kwargs), run(dense, kwargs))
+    expected = run(apply_nabla(copy.deepcopy(dense), config), kwargs)
+    torch.testing.assert_close(run(model, kwargs), expected)
+    model.save_pretrained(tmp_path / "again")
+    again = NablaKandinsky5Transformer3DModel.from_pretrained(tmp_path / "again")
+    torch.testing.assert_close(run(again, kwargs), expected)
+
+
+def test_native_nabla_config_is_read_by_convert(tmp_path):
+    model = tiny_kandinsky5_transformer(
+        attention_type="nabla", attention_P=0.9, attention_wT=11, attention_wH=3, attention_wW=3
+    )
+    model.save_pretrained(tmp_path / "k5")
+    converted = load(convert(tmp_path / "k5", tmp_path / "nabla", None))
+    settings = converted._nabla_state.config
+    assert (settings.threshold, settings.sta, settings.selection_precision) == (0.9, (11, 3, 3), "bfloat16")
+
+
+def test_bench_presets_and_token_grids():
+    lite, pro = (family_for_arch(name) for name in ("kandinsky5-t2v-lite", "kandinsky5-t2v-pro"))
+    assert lite.attention_shape(lite.archs["kandinsky5-t2v-lite"]) == (28, 64)
+    assert pro.attention_shape(pro.archs["kandinsky5-t2v-pro"]) == (32, 128)
+    assert lite.token_grid((768, 512), 121) == (31, 32, 48)
+    assert pro.token_grid((1024, 768), 121) == (31, 48, 64)
+
+
+def tiny_pipeline(transformer):
+    """A Kandinsky5T2VPipeline with only its transformer and scheduler (prompts given as embeddings, latents out)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = Kandinsky5T2VPipeline(
+        transformer=transformer,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe):
+    torch.manual_seed(3)
+    return pipe(
+        prompt_embeds_qwen=torch.randn(1, 5, 16),
+        prompt_embeds_clip=torch.randn(1, 8),
+        prompt_cu_seqlens=torch.tensor([0, 5], dtype=torch.int32),
+        height=128,
+        width=176,  # token grid 3 x 8 x 11: padded
+        num_frames=9,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).frames
+
+
+def test_converted_pipeline_reloads_with_stock_diffusers_and_matches_brute_force(tmp_path):
+    """visual_cond latents, the pipeline's own sparse_params (dropped by the hooks) and padding, end to end."""
+    native = dict(attention_type="nabla", attention_P=0.9, attention_wT=3, attention_wH=1, attention_wW=1)
+    tiny_pipeline(tiny_kandinsky5_transformer(visual_cond=True, **native)).save_pretrained(tmp_path / "dense")
+    config = NablaConfig(threshold=0.5, sta=(1, 3, 3))
+    out = convert(tmp_path / "dense", tmp_path / "nabla", config)
+    absent = dict.fromkeys(("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
+    stock = Kandinsky5T2VPipeline.from_pretrained(out, **absent)
+    assert isinstance(stock.transformer, NablaKandinsky5Transformer3DModel)
+    stock.set_progress_bar_config(disable=True)
+    reference = tiny_pipeline(Kandinsky5Transformer3DModel.from_pretrained(tmp_path / "dense" / "transformer"))
+    reference.transformer.register_to_config(attention_type="regular")  # its built-in NABLA would crop nothing here
+    for block in reference.transformer.visual_transformer_blocks:
+        block.self_attention.set_processor(RasterK5Reference((3, 8, 11), config.layer(0)))
+    expected = sample(reference)
+    torch.testing.assert_close(sample(stock), expected, rtol=1e-4, atol=1e-4)
+    dense = tiny_pipeline(Kandinsky5Transformer3DModel.from_pretrained(tmp_path / "dense" / "transformer"))
+    dense.transformer.register_to_config(attention_type="regular")
+    assert not torch.allclose(sample(dense), expected, atol=1e-3)
+
+
+def test_bench_inputs_run_a_nabla_model():
+    """The random inputs `bench` times a Kandinsky 5 step with (channels-last latents, visual_cond) fit the model."""
+    model = tiny_kandinsky5_transformer(visual_cond=True)
+    family = family_of(model)
+    apply_nabla(model, NablaConfig(threshold=0.9, sta=(11, 3, 3)))
+    kwargs = family.random_inputs(model, (3, 8, 12), 1, "cpu", torch.float32)
+    with torch.no_grad():
+        out = model(**kwargs).sample
+    assert out.shape == (1, 3, 16, 24, 4)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_pipeline_calibrate_convert_push_and_stock_generation(tmp_path):
+    """A tiny Kandinsky5T2VPipeline (Qwen2.5-VL, CLIP, HunyuanVideo VAE) through calibrate -> convert -> adapt
+    (2 LoRA steps on teacher rollouts) -> push --dry-run; stock Kandinsky5T2VPipeline.from_pretrained generates
+    with NABLA at the calibrated density; eval compares it with the dense pipeline."""
+    from click.testing import CliRunner
+
+    from nabla_convert.calibrate import calibrate
+    from nabla_convert.cli import main
+    from nabla_convert.eval import nabla_transformers
+    from nabla_convert.models.nabla import layer_densities
+    from nabla_convert.models.tiny import tiny_kandinsky5_pipeline
+
+    tiny_kandinsky5_pipeline().save_pretrained(tmp_path / "dense")
+    shape = dict(height=128, width=176, frames=5)  # token grid 2 x 8 x 11: padded
+    calibration = calibrate(
+        tmp_path / "dense", tmp_path / "cal", prompts=["a red ball moves left", "a blue cube"], steps=2,
+        sample_steps=2, guidance=1.0, target_density=0.5, device="cpu", progress=False, **shape,
+    )  # fmt: skip
+    converted = convert(tmp_path / "dense", tmp_path / "nabla", calibration.config())
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball moves left\na blue cube\n")
+    plan = dict(latent_shape=(2, 16, 22), rollout_steps=2, text_length=16, validation_samples=1, lora_rank=4)
+    out = adapt(converted, tmp_path / "adapted", AdaptSettings(steps=2, prompts=str(prompts), **plan), progress=False)
+    report = json.loads((out / "nabla_reports" / "adapt.json").read_text())
+    assert report["summary"]["steps"] == 2 and (out / "lora").is_dir()
+    result = CliRunner().invoke(main, ["push", str(out), "--repo-id", "me/k5-nabla", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "pipeline_tag: text-to-video" in result.output
+    pipe = Kandinsky5T2VPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    video = pipe(
+        "a red ball moves left",
+        height=shape["height"],
+        width=shape["width"],
+        num_frames=shape["frames"],
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        max_sequence_length=16,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).frames
+    assert video.shape == (1, 5, 3, 128, 176) and torch.isfinite(video).all()
+    densities = layer_densities(nabla_transformers(pipe)["transformer"])
+    assert set(densities) == {0, 1} and max(densities.values()) < 0.9
+    settings = EvalSettings(steps=2, guidance=3.0, preview_samples=1, **shape)
+    result = run_eval(
+        tmp_path / "dense",
+        out,
+        tmp_path / "eval",
+        prompts_file=prompts,
+        settings=settings,
+        device="cpu",
+        progress=False,
+    )
+    summary = result.summary()
+    assert summary["samples"] == 2 and math.isfinite(summary["latent_psnr_mean"])
+    assert summary["loss_a"] > 0 and summary["loss_b"] > 0 and 0 < summary["density_b"] < 0.9
+    assert (tmp_path / "eval" / "report.md").is_file()
+
+
+def test_denoising_call_matches_the_stock_pipeline_step():
+    """family.velocity (channels-last latents, visual condition, RoPE positions and scale, both text embeddings)
+    is what the stock pipeline applies: one Euler step from sigma 1 to 0 moves x by -velocity."""
+    from nabla_convert.models.tiny import tiny_kandinsky5_pipeline
+
+    pipe = tiny_kandinsky5_pipeline()
+    family = family_of(pipe.transformer)
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 16, 22, 4)
+    condition = torch.cat([torch.zeros_like(x), torch.zeros(1, 2, 16, 22, 1)], dim=-1)
+    stepped = pipe(
+        "a red ball moves left", height=128, width=176, num_frames=5, num_inference_steps=1, guidance_scale=1.0,
+        max_sequence_length=16, latents=torch.cat([x, condition], dim=-1), output_type="latent",
+    ).frames  # fmt: skip
+    with torch.no_grad():
+        conditioning = family.encode_prompts(pipe, ["a red ball moves left"], max_length=16)
+        velocity = family.velocity(pipe.transformer, x, torch.tensor([1000.0]), conditioning)
+    torch.testing.assert_close(x - stepped, velocity, rtol=1e-4, atol=1e-4)

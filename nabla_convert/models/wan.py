@@ -24,7 +24,6 @@ converter (`import_native`).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -33,7 +32,7 @@ from diffusers.models._modeling_parallel import ContextParallelInput, ContextPar
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
 from nabla_convert.attention.parallel import shard_sequence
-from nabla_convert.io import atomic_write_text, rename_safetensors, safetensors_header
+from nabla_convert.io import atomic_write_text, read_json, rename_safetensors, safetensors_header
 from nabla_convert.models import register
 from nabla_convert.models.family import FamilyError, ModelFamily
 from nabla_convert.models.nabla import NablaAttnProcessor, NablaModelMixin, StateHook
@@ -244,7 +243,11 @@ class WanFamily(ModelFamily):
 
     def is_native(self, root):
         config = root / "config.json"
-        return config.is_file() and _json(config).get("_class_name") == "WanModel" and any(root.glob(WEIGHTS_PATTERN))
+        return (
+            config.is_file()
+            and read_json(config, "model file", dict).get("_class_name") == "WanModel"
+            and any(root.glob(WEIGHTS_PATTERN))
+        )
 
     def import_native(self, root, base, out):
         """Official WanModel shards -> diffusers shards, keys renamed by diffusers' own single-file converter.
@@ -255,7 +258,8 @@ class WanFamily(ModelFamily):
         """
         from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-        native, dense = _json(root / "config.json"), _json(base / "config.json")
+        native = read_json(root / "config.json", "model file", dict)
+        dense = read_json(base / "config.json", "model file", dict)
         architecture = {key: dense.get(key) for key in NATIVE_ARCHITECTURE.values()}
         architecture["dim"] = dense.get("num_attention_heads", 0) * dense.get("attention_head_dim", 0)
         for native_key, key in {**NATIVE_ARCHITECTURE, "dim": "dim"}.items():
@@ -300,13 +304,6 @@ class WanFamily(ModelFamily):
             encoder_hidden_states=prompt_embeds.to(noisy.dtype),
             return_dict=False,
         )[0]
-
-
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise FamilyError(f"cannot read {path}: {err}") from None
 
 
 WAN = register(WanFamily())

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from nabla_convert.attention import BlockSelection, TileLayout, nabla_block_mask, nabla_selection, to_block_mask
 from nabla_convert.attention.flex import compiled_flex_attention, enable_compile_cache, kernel_options_for
 from nabla_convert.config import NablaConfig
+from nabla_convert.errors import NablaError
 from nabla_convert.io import atomic_write_text
 from nabla_convert.models.family import ModelFamily
 from nabla_convert.models.nabla import NablaAttnProcessor, apply_nabla, layer_densities, remove_nabla, set_processors
@@ -43,7 +44,7 @@ DENSE_BACKENDS = {
 BLOCK_SIZES = ((64, 64), (128, 64), (128, 128))
 
 
-class GPUUnavailableError(RuntimeError):
+class GPUUnavailableError(NablaError, RuntimeError):
     """Raised by every benchmark on a machine without a CUDA device."""
 
 

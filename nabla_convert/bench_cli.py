@@ -8,14 +8,18 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig, parse_window
-from nabla_convert.folders import FolderError, check_output_file
+from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig
+from nabla_convert.folders import check_output_file
 from nabla_convert.io import read_json
 from nabla_convert.models import family_for_arch, family_for_class_name
+from nabla_convert.options import CommaList, StaWindow
 from nabla_convert.recipes import load_recipe
 
 if TYPE_CHECKING:
     from nabla_convert.models.family import ModelFamily
+
+
+DENSITIES = CommaList(float, minimum=0.0, maximum=1.0, open_minimum=True, example="0.05,0.1")
 
 
 def _model_config(model: Path) -> tuple[ModelFamily, dict[str, Any], NablaConfig | None]:
@@ -40,26 +44,14 @@ def _is_bench_report(path: Path) -> bool:
     return isinstance(report, dict) and {"summary", "environment"} <= report.keys()
 
 
-def _densities(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...]:
-    if value is None:
-        return ()
-    try:
-        densities = tuple(float(part) for part in value.split(",") if part.strip())
-    except ValueError:
-        raise click.BadParameter(f"densities must be comma-separated numbers like 0.05,0.1, got {value!r}") from None
-    if not densities or any(not 0.0 < d <= 1.0 for d in densities):
-        raise click.BadParameter(f"every density must be in (0, 1], got {value!r}")
-    return densities
-
-
 @click.command("bench")
 @click.argument("model", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--arch", help="Architecture preset with random weights (e.g. wan2.1-t2v-14b, kandinsky5-t2v-lite).")
 @click.option("--resolution", default="832x480", show_default=True, help="Video size WIDTHxHEIGHT.")
 @click.option("--frames", type=click.IntRange(min=1), default=81, show_default=True)
-@click.option("--density", callback=_densities, help="Forced densities, comma-separated (random key blocks per row).")
+@click.option("--density", type=DENSITIES, help="Forced densities, comma-separated (random key blocks per row).")
 @click.option("--threshold", type=float, help="NABLA threshold (instead of the model's or recipe's).")
-@click.option("--sta", help="STA window wT,wH,wW in tiles, e.g. 11,3,3.")
+@click.option("--sta", type=StaWindow(), help="STA window wT,wH,wW in tiles, e.g. 11,3,3.")
 @click.option("--recipe", help="Recipe name or YAML path whose NABLA settings to use.")
 @click.option("--q-block", type=click.Choice(["64", "128"]), help="Query block (default: the config's).")
 @click.option("--kv-block", type=click.Choice(["64", "128"]), help="Key block (default: the config's).")
@@ -99,16 +91,13 @@ def bench(
     MODEL is a (converted) pipeline or transformer folder: its architecture and NABLA settings are
     used with random weights. Or give --arch. Prints a table and writes JSON to --out.
     """
-    from nabla_convert.bench import GPUUnavailableError, parse_resolution, run_bench
+    from nabla_convert.bench import parse_resolution, run_bench
 
     if (model is None) == (arch is None):
         raise click.UsageError("give either MODEL or --arch")
     if density and (threshold is not None or recipe is not None):
         raise click.UsageError("--density forces the selection; it cannot be combined with --threshold or --recipe")
-    try:
-        check_output_file(out, {"MODEL": model}, _is_bench_report)
-    except FolderError as err:
-        raise click.ClickException(str(err)) from None
+    check_output_file(out, {"MODEL": model}, _is_bench_report)
     try:
         size = parse_resolution(resolution)
         if arch is not None:
@@ -127,7 +116,7 @@ def bench(
             "kv_block": kv_block and int(kv_block),
         }
         if sta is not None:
-            overrides["sta"] = parse_window(sta)
+            overrides["sta"] = sta
         nabla = NablaConfig.from_dict({**nabla.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
         report = run_bench(
             family=family,
@@ -136,14 +125,12 @@ def bench(
             resolution=size,
             frames=frames,
             nabla=nabla,
-            densities=density,
+            densities=density or (),
             layers=layers,
             batch=batch,
             step=not skip_step,
             compiled=compiled,
         )
-    except GPUUnavailableError as err:
-        raise click.ClickException(str(err)) from None
     except (ConfigError, ValueError) as err:
         raise click.UsageError(str(err)) from None
     click.echo(report.table())

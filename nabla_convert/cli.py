@@ -7,35 +7,13 @@ from pathlib import Path
 
 import click
 
-from nabla_convert.config import ConfigError, NablaConfig, NablaError, load_config_file, parse_window
+from nabla_convert import reference
+from nabla_convert.config import NablaConfig, load_config_file
 from nabla_convert.convert import convert
+from nabla_convert.errors import one_line_errors
 from nabla_convert.folders import check_output
+from nabla_convert.options import StaWindow, model_argument
 from nabla_convert.recipes import load_recipe
-
-
-def default_model() -> str:
-    """The embedded reference pipeline, used when a command's MODEL is omitted."""
-    from nabla_convert.reference import REFERENCE_PIPELINE
-
-    if not (REFERENCE_PIPELINE / "model_index.json").is_file():
-        raise click.ClickException(
-            f"no MODEL given and the embedded reference model is missing at {REFERENCE_PIPELINE}"
-        )
-    return str(REFERENCE_PIPELINE)
-
-
-def model_argument(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """A MODEL folder or Hub id: an empty one is a mistake (it would mean the current folder), not the default."""
-    if value is not None and not value.strip():
-        raise click.BadParameter("empty; give a folder or a Hub id, or leave it out for the reference model")
-    return value
-
-
-def _window(ctx: click.Context, param: click.Parameter, value: str | None):
-    try:
-        return parse_window(value)
-    except ConfigError as err:
-        raise click.BadParameter(str(err)) from None
 
 
 def nabla_settings(
@@ -99,14 +77,9 @@ class NablaGroup(click.Group):
             formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context):
-        """The exit-code policy of nabla_convert.errors: a NablaError exits with its code, a file the operating
-        system refuses with 1, each as one "Error: ..." line; Click's usage errors exit with 2."""
-        try:
+        """Every command under the exit-code policy of nabla_convert.errors."""
+        with one_line_errors():
             return super().invoke(ctx)
-        except (NablaError, OSError) as err:
-            failure = click.ClickException(" ".join(str(err).split()))
-            failure.exit_code = getattr(err, "exit_code", 1)
-            raise failure from None
 
 
 @click.group(cls=NablaGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -128,7 +101,7 @@ def main() -> None:
     help="One threshold for every layer: the share of pooled attention mass each query block keeps, in [0, 1] "
     "(0 with --sta: the STA window alone).",
 )
-@click.option("--sta", callback=_window, help="Sliding-tile window wT,wH,wW in tiles, OR-ed with the NABLA mask.")
+@click.option("--sta", type=StaWindow(), help="Sliding-tile window wT,wH,wW in tiles, OR-ed with the NABLA mask.")
 @click.option("--dense-steps", type=click.IntRange(min=0), help="Run the first K denoising steps dense.")
 @click.option("--revision", help="Hub revision when MODEL is a Hub id.")
 @click.option("--token", envvar="HF_TOKEN", help="Hub token when MODEL is a private Hub id.")
@@ -160,7 +133,7 @@ def convert_command(
     diffusers pipeline of the same architecture (README: importing the published NABLA fine-tunes).
     """
     settings = nabla_settings(config, recipe, threshold, sta, dense_steps)
-    model = default_model() if model is None else model
+    model = reference.default_model() if model is None else model
     inputs = {"MODEL": model, "--config file": config, **({"--base": base} if base else {})}
     check_output(out, inputs, overwrite=overwrite)
     calibration = config.parent / "calibration.json" if config else None

@@ -90,13 +90,6 @@ def parse_window(value: Any) -> tuple[int, int, int] | None:
     return window  # type: ignore[return-value]
 
 
-def check_threshold(value: Any, where: str = "threshold") -> float:
-    threshold = check_number(value, where)
-    if not 0.0 <= threshold <= 1.0:
-        raise ConfigError(f"{where} must be in [0, 1] (0 = STA window only), got {threshold}")
-    return threshold
-
-
 def check_sta_only(threshold: float | tuple[float, ...], sta: Any, where: str) -> None:
     if threshold == 0.0 and sta is None:
         raise ConfigError(f"{where}: threshold 0 keeps no block by mass; it needs an STA window (STA only)")
@@ -105,16 +98,26 @@ def check_sta_only(threshold: float | tuple[float, ...], sta: Any, where: str) -
 Threshold = float | tuple[float, ...]
 
 
-def check_layer_threshold(value: Any, where: str = "threshold") -> Threshold:
-    """One threshold for every head (0 = STA window only), or a list of one per attention head, each in (0, 1]."""
-    if isinstance(value, (list, tuple)):
+def check_threshold(value: Any, where: str = "threshold", per_head: bool = True) -> Threshold:
+    """One threshold in [0, 1] (0 keeps no block by mass: the STA window alone), or (`per_head`) a non-empty list of
+    one per attention head, each in [0, 1]. The one range check of thresholds: configs, recipes, attention calls."""
+    if per_head and isinstance(value, (list, tuple)):
         if not value:
             raise ConfigError(f"{where} must be a number or a non-empty list of per-head numbers, got {value!r}")
-        heads = tuple(check_threshold(item, f"{where} of head {head}") for head, item in enumerate(value))
-        if min(heads) == 0.0:
-            raise ConfigError(f"{where}: per-head thresholds must be in (0, 1] (STA only is a layer setting)")
-        return heads
-    return check_threshold(value, where)
+        return tuple(check_threshold(item, f"{where} of head {head}") for head, item in enumerate(value))
+    threshold = check_number(value, where)
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"{where} must be in [0, 1] (0 = STA window only), got {threshold}")
+    return threshold
+
+
+def check_layer_threshold(value: Any, where: str = "threshold") -> Threshold:
+    """A layer's threshold: one for every head (0 = STA window only), or a list of one per attention head, each in
+    (0, 1] (STA only is a layer setting)."""
+    threshold = check_threshold(value, where)
+    if isinstance(threshold, tuple) and min(threshold) == 0.0:
+        raise ConfigError(f"{where}: per-head thresholds must be in (0, 1] (STA only is a layer setting)")
+    return threshold
 
 
 def threshold_text(threshold: Threshold | list[float]) -> str:
@@ -203,7 +206,7 @@ class NablaConfig:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "threshold", check_threshold(self.threshold))
+        object.__setattr__(self, "threshold", check_threshold(self.threshold, per_head=False))
         object.__setattr__(self, "sta", parse_window(self.sta))
         check_sta_only(self.threshold, self.sta, "config")
         if self.selection_precision not in SELECTION_PRECISIONS:

@@ -28,7 +28,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig, NablaError
+from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig
+from nabla_convert.errors import NablaError
 from nabla_convert.folders import (
     MARKER,
     check_links,
@@ -40,7 +41,7 @@ from nabla_convert.folders import (
     weight_digests,
     write_marker,
 )
-from nabla_convert.io import atomic_write_text, read_json
+from nabla_convert.io import DTYPES, atomic_write_text, read_json, resolve_device, torch_dtype
 from nabla_convert.models import TRANSFORMER_COMPONENTS, families, family_for_class_name
 
 if TYPE_CHECKING:
@@ -383,3 +384,38 @@ def load(path: str | os.PathLike, **kwargs: Any):
     if "" in components:
         return components[""][1].nabla_class.from_pretrained(folder, **kwargs)
     return DiffusionPipeline.from_pretrained(folder, **kwargs)
+
+
+def load_pipeline(
+    model: str | os.PathLike,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    without: tuple[str, ...] = (),
+    transformer_folder: bool = False,
+) -> Any:
+    """A pipeline (dense or converted: NABLA is active when the folder says so) through stock from_pretrained, to
+    measure or compare models.
+
+    `dtype` "auto" is bfloat16 on a GPU, float32 on the CPU; the components in `without` are not loaded (None). A
+    bare transformer folder becomes its family's pipeline without text encoder when `transformer_folder` allows it.
+    """
+    from diffusers import DiffusionPipeline
+
+    torch_device = resolve_device(device)
+    if dtype == "auto":
+        dtype = "bfloat16" if torch_device.type == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise ConvertError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
+    folder, _ = resolve_model(model)
+    components = transformer_components(folder) if transformer_folder else {}
+    if "" in components:
+        family = components[""][1]
+        transformer = family.transformer_classes[0].from_pretrained(folder, torch_dtype=torch_dtype(dtype))
+        pipe = family.bare_pipeline(transformer)
+    elif (folder / "model_index.json").is_file():
+        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype(dtype), **dict.fromkeys(without))
+    else:
+        raise ConvertError(f"not a diffusers pipeline folder (no model_index.json): {model}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(torch_device)

@@ -26,22 +26,19 @@ from nabla_convert.config import (
     CONFIG_KEY,
     ConfigError,
     NablaConfig,
-    NablaError,
     check_int,
     check_number,
     check_video_size,
     threshold_text,
 )
-from nabla_convert.convert import resolve_model
+from nabla_convert.convert import load_pipeline, resolve_model
+from nabla_convert.errors import NablaError
 from nabla_convert.folders import check_output, public_name, write_marker
 from nabla_convert.io import (
-    DTYPES,
     atomic_write,
     atomic_write_text,
     markdown_table,
     open_safetensors,
-    resolve_device,
-    torch_dtype,
 )
 from nabla_convert.models import family_of_pipeline
 from nabla_convert.models.nabla import layer_densities, reset_densities
@@ -508,17 +505,6 @@ def pipeline_folder(path: str | os.PathLike) -> Path:
     return folder
 
 
-def load_pipeline(path: str | os.PathLike, device: str = "auto", dtype: str = "float32") -> Any:
-    """A pipeline through stock DiffusionPipeline.from_pretrained (a converted folder loads with NABLA active)."""
-    from diffusers import DiffusionPipeline
-
-    if dtype not in DTYPES:
-        raise EvalError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DiffusionPipeline.from_pretrained(pipeline_folder(path), torch_dtype=torch_dtype(dtype)).to(
-        resolve_device(device)
-    )
-
-
 def run_eval(
     path_a: str | os.PathLike,
     path_b: str | os.PathLike,
@@ -544,7 +530,7 @@ def run_eval(
     prompts = load_prompts(prompts_file)
     held_out = load_held_out(latents_file) if latents_file is not None else None
     folder_a, folder_b = pipeline_folder(path_a), pipeline_folder(path_b)  # both checked before the slow loads
-    pipe_a, pipe_b = load_pipeline(folder_a, device, dtype), load_pipeline(folder_b, device, dtype)
+    pipe_a, pipe_b = (load_pipeline(folder, device=device, dtype=dtype) for folder in (folder_a, folder_b))
     result = evaluate(
         pipe_a,
         pipe_b,

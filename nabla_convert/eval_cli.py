@@ -7,18 +7,8 @@ from pathlib import Path
 import click
 
 from nabla_convert import reference
-from nabla_convert.cli import model_argument
 from nabla_convert.io import DTYPES
-
-
-def _seeds(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
-    try:
-        seeds = tuple(int(part) for part in value.split(",") if part.strip())
-    except ValueError:
-        raise click.BadParameter(f"seeds must be comma-separated integers like 0,1,2, got {value!r}") from None
-    if not seeds:
-        raise click.BadParameter("give at least one seed")
-    return seeds
+from nabla_convert.options import CommaList, model_argument
 
 
 @click.command("eval")
@@ -30,7 +20,7 @@ def _seeds(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int,
     type=click.Path(dir_okay=False, path_type=Path),
     help="Prompt file, one per line (default: the reference model's held-out prompts).",
 )
-@click.option("--seeds", default="0", show_default=True, callback=_seeds, help="Comma-separated seeds per prompt.")
+@click.option("--seeds", type=CommaList(int), default="0", show_default=True, help="Comma-separated seeds per prompt.")
 @click.option("--steps", type=click.IntRange(min=1), default=reference.RECOMMENDED_STEPS, show_default=True)
 @click.option("--guidance", type=float, default=reference.RECOMMENDED_GUIDANCE, show_default=True, help="CFG scale.")
 @click.option("--height", type=click.IntRange(min=16), default=reference.HEIGHT, show_default=True)

@@ -26,7 +26,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from nabla_convert.config import NablaError
+from nabla_convert.errors import NablaError
 
 MARKER = ".nabla-convert.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")

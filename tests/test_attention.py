@@ -168,11 +168,11 @@ def test_tile_grid_tuple_means_unpadded_8x8_tiles():
 
 def test_bad_threshold_and_shape_are_clear_errors():
     q = torch.randn(1, 1, 256, 8)
-    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"threshold( of head \d)? must be in \[0, 1\]"):
         nabla_block_mask(q, q, threshold=1.5, grid=(1, 2, 2))
     with pytest.raises(ValueError, match="layout"):
         nabla_block_mask(q, q, threshold=0.5, grid=(1, 2, 3))
-    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"threshold( of head \d)? must be in \[0, 1\]"):
         nabla_block_mask(q, q, threshold=[0.5, 1.5], grid=(1, 2, 2))
     with pytest.raises(ValueError, match="2 per-head thresholds for scores of shape"):
         nabla_block_mask(q, q, threshold=[0.5, 0.7], grid=(1, 2, 2))

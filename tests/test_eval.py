@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 import nabla_convert.reference as nabla_reference
 from nabla_convert import NablaConfig, apply_nabla, convert, layer_densities
 from nabla_convert.cli import main
+from nabla_convert.convert import load_pipeline
 from nabla_convert.errors import InputFileError
 from nabla_convert.eval import (
     EvalError,
@@ -25,7 +26,6 @@ from nabla_convert.eval import (
     evaluate,
     flow_matching_loss,
     load_held_out,
-    load_pipeline,
     load_prompts,
     psnr,
     run_eval,

@@ -20,6 +20,7 @@ from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError
 
 from nabla_convert import NablaConfig, NablaWanTransformer3DModel, convert
+from nabla_convert.cli import main
 from nabla_convert.config import LayerSettings
 from nabla_convert.folders import MARKER
 from nabla_convert.hub import (
@@ -34,7 +35,6 @@ from nabla_convert.hub import (
     push_to_hub,
 )
 from nabla_convert.hub import push as push_module
-from nabla_convert.hub.cli import push as push_command
 
 ALICE = "hf_alice_write"
 ALICE_READ = "hf_alice_read"
@@ -84,7 +84,7 @@ def remote_files(hub: LoopbackHub, revision: str) -> dict[str, bytes]:
 
 
 def run_cli(*args: str):
-    return CliRunner().invoke(push_command, [str(a) for a in args])
+    return CliRunner().invoke(main, ["push", *(str(a) for a in args)])
 
 
 def error_line(result) -> str:

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from nabla_convert.config import NablaError
+from nabla_convert.errors import NablaError
 
 FORMAT = "nabla-convert adapt checkpoint v1"
 STATE = "state.json"

@@ -8,19 +8,8 @@ import click
 from accelerate import PartialState
 
 from nabla_convert.adapt.trainer import AdaptSettings, adapt, run_folder
+from nabla_convert.options import CommaList
 from nabla_convert.recipes import load_recipe
-
-
-def _latent_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int, int] | None:
-    if value is None:
-        return None
-    try:
-        shape = tuple(int(v) for v in value.replace("x", ",").split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected three integers F,H,W, got {value!r}") from None
-    if len(shape) != 3 or min(shape) < 1:
-        raise click.BadParameter(f"expected three positive integers F,H,W, got {value!r}")
-    return shape  # type: ignore[return-value]
 
 
 @click.command("adapt")
@@ -40,7 +29,9 @@ def _latent_shape(ctx: click.Context, param: click.Parameter, value: str | None)
     help="Prompt file (one per line) for teacher rollouts when there is no --data.",
 )
 @click.option(
-    "--latent-shape", callback=_latent_shape, help="Rollout latent F,H,W (default 21,60,104 = 480p 81 frames)."
+    "--latent-shape",
+    type=CommaList(int, count=3, minimum=1, separators="x", example="21,60,104"),
+    help="Rollout latent F,H,W (default 21,60,104 = 480p 81 frames).",
 )
 @click.option("--lora-rank", type=click.IntRange(min=0), help="LoRA rank (0 = full fine-tune).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak AdamW learning rate.")

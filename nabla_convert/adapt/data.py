@@ -31,7 +31,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nabla_convert.config import NablaError
+from nabla_convert.errors import NablaError
 from nabla_convert.io import atomic_write, open_safetensors
 
 SHARD_METADATA = {"format": "nabla-convert-latents", "version": "1"}
@@ -182,9 +182,3 @@ class TimestepSampler:
         """(sigmas, timesteps) at quantiles u in [0, 1) of the allowed training noise levels."""
         indices = (self._first + u * (self._end - self._first)).long().clamp(self._first, self._end - 1)
         return self.scheduler.sigmas[indices].float(), self.scheduler.timesteps[indices].float()
-
-
-def add_noise(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """Rectified-flow interpolation x_t = (1 - sigma) x_0 + sigma noise; the velocity target is noise - x_0."""
-    sigmas = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents)
-    return (1 - sigmas) * latents + sigmas * noise

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 
+from nabla_convert.flow import per_sample_mse, velocity_target
 from nabla_convert.models import family_of
 from nabla_convert.models.nabla import nabla_disabled
 
@@ -65,8 +66,7 @@ def weighted_mse(
 ) -> torch.Tensor:
     """Mean over the batch of the SD3-weighted per-sample MSE (weights from compute_loss_weighting_for_sd3)."""
     weighting = compute_loss_weighting_for_sd3(weighting_scheme, sigmas=sigmas).to(prediction.device)
-    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
-    return (weighting.float() * per_sample).mean()
+    return (weighting.float() * per_sample_mse(prediction, target)).mean()
 
 
 def loss_target(
@@ -82,7 +82,7 @@ def loss_target(
     if kind == "distill":
         return teacher(noisy, timesteps, prompt_embeds)
     if kind == "flow":
-        return noise - latents
+        return velocity_target(latents, noise)
     raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
 
 

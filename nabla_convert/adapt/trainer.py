@@ -51,7 +51,6 @@ from nabla_convert.adapt.data import (
     DataError,
     LatentDataset,
     TimestepSampler,
-    add_noise,
     sample_positions,
     split_heldout,
     step_generator,
@@ -63,13 +62,14 @@ from nabla_convert.config import (
     CONFIG_KEY,
     ConfigError,
     NablaConfig,
-    NablaError,
     check_int,
     check_int_list,
     check_number,
     check_number_list,
 )
 from nabla_convert.convert import transformer_components
+from nabla_convert.errors import NablaError
+from nabla_convert.flow import add_noise, per_sample_mse, velocity_target
 from nabla_convert.folders import (
     MARKER,
     check_links,
@@ -421,9 +421,10 @@ class ValidationSet:
             inputs = (*(t[part].to(device) for t in (noisy, self.timesteps)), take(self.conditioning, part, device))
             with accelerator.autocast():
                 prediction = velocity(model, *inputs).float().cpu()
-            target = self.teacher[part] if settings.loss == "distill" else self.noise[part] - self.latents[part]
+            flow = velocity_target(self.latents[part], self.noise[part])
+            target = self.teacher[part] if settings.loss == "distill" else flow
             errors.append(relative_error(prediction, self.teacher[part]))
-            losses.append((prediction - target).pow(2).flatten(1).mean(1))
+            losses.append(per_sample_mse(prediction, target))
         densities = layer_densities(model)
         return {
             "student_teacher_error": float(torch.cat(errors).mean()),

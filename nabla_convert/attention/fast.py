@@ -26,14 +26,16 @@ from nabla_convert.attention.mask import (
     Threshold,
     Window,
     block_scores,
-    check_threshold,
     checked_layout,
+    compose_mask,
     head_thresholds,
     pool_blocks,
+    real_blocks,
     select_by_sorted_cumsum,
     sta_block_mask,
 )
 from nabla_convert.attention.tiling import TileLayout
+from nabla_convert.config import check_threshold
 
 try:
     import triton
@@ -117,9 +119,7 @@ def nabla_selection(
         return _triton_selection(qa, ka, kv_counts, threshold, valid, sta_blocks, q_block, kv_block)
     probs, kv_real = block_scores(q, k, q_block, kv_block, valid, PRECISIONS[precision])
     keep = (select_by_sorted_cumsum if precision == "bfloat16" else select_by_cut)(probs, threshold)
-    if sta_blocks is not None:
-        keep = keep | sta_blocks
-    keep = keep & kv_real
+    keep = compose_mask(keep, sta_blocks, kv_real)
     return BlockSelection.from_keep(keep, q_block=q_block, kv_block=kv_block, valid=valid)
 
 
@@ -138,8 +138,7 @@ def sta_selection(
     layout = checked_layout(q, k, grid, q_block, kv_block)
     valid = layout.indices(q.device).valid if layout.is_padded else None
     sta_blocks = sta_block_mask(layout, sta, q_block, kv_block, q.device)
-    kv_real = valid.view(-1, kv_block).any(-1) if valid is not None else torch.ones_like(sta_blocks[0])
-    keep = (sta_blocks & kv_real).expand(q.shape[0], q.shape[1], -1, -1)
+    keep = (sta_blocks & real_blocks(layout, kv_block, q.device)).expand(q.shape[0], q.shape[1], -1, -1)
     return BlockSelection.from_keep(keep, q_block=q_block, kv_block=kv_block, valid=valid)
 
 

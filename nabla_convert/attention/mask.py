@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from nabla_convert.attention.tiling import TileLayout
+from nabla_convert.config import check_threshold
 
 Window = tuple[int, int, int]
 Threshold = float | Sequence[float] | torch.Tensor  # one for every head, or one per head (H,)
@@ -29,13 +30,6 @@ def as_layout(grid: TileLayout | tuple[int, int, int], q_block: int, kv_block: i
         return grid
     T, Ht, Wt = grid
     return TileLayout.for_blocks((T, Ht * 8, Wt * 8), (8, 8), q_block, kv_block)
-
-
-def check_threshold(threshold: Threshold) -> None:
-    """One threshold, or one per head, each in [0, 1] (0 keeps nothing by mass: STA alone)."""
-    values = torch.as_tensor(threshold, dtype=torch.float64)
-    if values.dim() > 1 or values.numel() == 0 or not bool(((values >= 0.0) & (values <= 1.0)).all()):
-        raise ValueError(f"threshold must be in [0, 1] (one number, or one per head), got {threshold}")
 
 
 def head_thresholds(threshold: Threshold, scores: torch.Tensor) -> torch.Tensor:
@@ -109,7 +103,8 @@ def select_by_mass(probs: torch.Tensor, threshold: Threshold) -> torch.Tensor:
     Entries tied with the last kept value are kept too; a threshold of 1 keeps every entry, 0 none (STA alone).
     A per-head threshold (H,) applies to every row of head h of probs (B, H, rows, cols).
     """
-    check_threshold(threshold)
+    if not isinstance(threshold, torch.Tensor):
+        check_threshold(threshold)
     limit = head_thresholds(threshold, probs)
     desc, _ = probs.sort(dim=-1, descending=True)
     above = desc.cumsum(-1) - desc
@@ -186,9 +181,20 @@ def nabla_block_mask(
     valid = layout.indices(q.device).valid if layout.is_padded else None
     probs, kv_real = block_scores(q, k, q_block, kv_block, valid, PRECISIONS[precision])
     keep = (select_by_sorted_cumsum if precision == "bfloat16" else select_by_mass)(probs, threshold)
-    if sta is not None:
-        keep = keep | sta_block_mask(layout, sta, q_block, kv_block, q.device)
+    sta_blocks = sta_block_mask(layout, sta, q_block, kv_block, q.device) if sta is not None else None
+    return compose_mask(keep, sta_blocks, kv_real)
+
+
+def compose_mask(selected: torch.Tensor, sta_blocks: torch.Tensor | None, kv_real: torch.Tensor) -> torch.Tensor:
+    """The blocks attention computes: the selection by mass OR the STA window (when there is one), restricted to the
+    key blocks that hold real tokens (kv_real, (nk,))."""
+    keep = selected if sta_blocks is None else selected | sta_blocks
     return keep & kv_real
+
+
+def real_blocks(layout: TileLayout, block: int, device: torch.device | str) -> torch.Tensor:
+    """(S / block,) bool: which blocks of `block` tokens in tile order hold at least one real (not padding) token."""
+    return layout.indices(device).valid.view(-1, block).any(-1)
 
 
 def block_density(
@@ -197,6 +203,5 @@ def block_density(
     """Fraction of (query block, key block) pairs computed, over blocks that hold real tokens (0-dim, no sync)."""
     if layout is None or not layout.is_padded:
         return keep.float().mean()
-    valid = layout.indices(keep.device).valid
-    pairs = valid.view(-1, q_block).any(-1)[:, None] & valid.view(-1, kv_block).any(-1)[None, :]
+    pairs = real_blocks(layout, q_block, keep.device)[:, None] & real_blocks(layout, kv_block, keep.device)[None, :]
     return (keep & pairs).sum(dim=(-1, -2)).float().mean() / pairs.sum()

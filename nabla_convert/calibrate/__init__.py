@@ -46,9 +46,9 @@ from nabla_convert.calibrate.collect import (
 from nabla_convert.calibrate.report import write_outputs
 from nabla_convert.calibrate.search import ComponentChoice, Target, evaluate, search
 from nabla_convert.config import NablaConfig
-from nabla_convert.convert import resolve_model, transformer_components
+from nabla_convert.convert import load_pipeline, resolve_model, transformer_components
 from nabla_convert.folders import check_output, public_name, write_marker
-from nabla_convert.io import DTYPES, atomic_write, open_safetensors, resolve_device, torch_dtype
+from nabla_convert.io import atomic_write, open_safetensors
 from nabla_convert.models import family_of
 from nabla_convert.recipes import Recipe, load_recipe
 
@@ -117,33 +117,6 @@ def embedding_samples(path: str | os.PathLike, seeds: Sequence[int], guidance: f
     return samples
 
 
-def load_pipeline(model: str | os.PathLike, *, text_encoder: bool, device: str = "auto", dtype: str = "auto") -> Any:
-    """A dense pipeline for calibration: no VAE (latents are never decoded), no text encoder with embeddings.
-
-    A bare transformer folder becomes its family's pipeline without text encoder (`ModelFamily.bare_pipeline`).
-    """
-    from diffusers import DiffusionPipeline
-
-    torch_device = resolve_device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if torch_device.type == "cuda" else "float32"
-    if dtype not in DTYPES:
-        raise CalibrationError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
-    folder, _ = resolve_model(model)
-    components = transformer_components(folder)
-    if "" in components:
-        if text_encoder:
-            raise CalibrationError(f"{model} is a transformer folder without a text encoder: give --prompt-embeds")
-        family = components[""][1]
-        transformer = family.transformer_classes[0].from_pretrained(folder, torch_dtype=torch_dtype(dtype))
-        pipe = family.bare_pipeline(transformer)
-    else:
-        skipped = {"vae": None} if text_encoder else {"vae": None, "text_encoder": None, "tokenizer": None}
-        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype(dtype), **skipped)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(torch_device)
-
-
 def calibrate(
     model: str | os.PathLike | Any,
     out: str | os.PathLike,
@@ -174,10 +147,13 @@ def calibrate(
     local = model if isinstance(model, (str, os.PathLike)) else None
     check_output(out, {"MODEL": local, "--prompt-embeds file": prompt_embeds}, overwrite=overwrite, reuse="calibrate")
     if local is not None:
-        name, pipe = (
-            public_name(local),
-            load_pipeline(local, text_encoder=prompts is not None, device=device, dtype=dtype),
-        )
+        folder, _ = resolve_model(local)
+        bare = "" in transformer_components(folder)
+        if bare and prompts is not None:
+            raise CalibrationError(f"{local} is a transformer folder without a text encoder: give --prompt-embeds")
+        skipped = ("vae",) if prompts is not None else ("vae", "text_encoder", "tokenizer")
+        pipe = load_pipeline(folder, device=device, dtype=dtype, without=skipped, transformer_folder=bare)
+        name = public_name(local)
     else:
         name, pipe = type(model).__name__, model
     for transformer in pipeline_transformers(pipe).values():
@@ -234,7 +210,6 @@ __all__ = [
     "collect",
     "embedding_samples",
     "evaluate",
-    "load_pipeline",
     "make_plan",
     "prompt_samples",
     "recalibrate",

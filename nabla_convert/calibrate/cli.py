@@ -7,21 +7,12 @@ from pathlib import Path
 import click
 
 from nabla_convert.calibrate import calibrate, recalibrate
-from nabla_convert.cli import model_argument
 from nabla_convert.eval import load_prompts
 from nabla_convert.io import DTYPES
+from nabla_convert.options import CommaList, model_argument
 from nabla_convert.shipped import shipped_folder
 
 DEFAULT_PROMPTS = shipped_folder("calibration") / "prompts.txt"
-
-
-def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    try:
-        return tuple(int(part) for part in value.replace(" ", ",").split(",") if part)
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers like 0,1,2, got {value!r}") from None
 
 
 @click.command("calibrate")
@@ -40,7 +31,7 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--recipe", help="Recipe YAML (its nabla and calibrate sections), or the name of one in recipes/.")
 @click.option("--steps", type=click.IntRange(min=1), help="Denoising steps per run [recipe, or 50].")
 @click.option("--sample-steps", type=click.IntRange(min=1), help="How many steps to measure, spread evenly [5].")
-@click.option("--seeds", callback=_int_list, help="Comma-separated seeds per prompt [0].")
+@click.option("--seeds", type=CommaList(int, allow_empty=True), help="Comma-separated seeds per prompt [0].")
 @click.option("--height", type=click.IntRange(min=16), help="Video height in pixels [480].")
 @click.option("--width", type=click.IntRange(min=16), help="Video width in pixels [832].")
 @click.option("--frames", type=click.IntRange(min=1), help="Frames [81].")
@@ -49,7 +40,7 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option(
     "--error-budget", type=click.FloatRange(min=0.0), help="Per-layer relative L2 attention-output error budget."
 )
-@click.option("--dense-layers", callback=_int_list, help="Comma-separated layers kept dense.")
+@click.option("--dense-layers", type=CommaList(int, allow_empty=True), help="Comma-separated layers kept dense.")
 @click.option("--dense-steps", type=click.IntRange(min=0), help="Run the first K steps dense (not searched).")
 @click.option(
     "--per-head/--per-layer",
@@ -93,9 +84,8 @@ def calibrate_command(model, out, prompts, prompt_embeds, recipe, from_stats, ov
             raise click.UsageError("give --prompts or --prompt-embeds, not both")
         if model is None:  # the embedded reference model, at its own size and vocabulary
             from nabla_convert import reference
-            from nabla_convert.cli import default_model
 
-            model, prompts = default_model(), prompts or DEFAULT_PROMPTS.with_name("prompts_reference.txt")
+            model, prompts = reference.default_model(), prompts or DEFAULT_PROMPTS.with_name("prompts_reference.txt")
             native = {"height": reference.HEIGHT, "width": reference.WIDTH, "frames": reference.NUM_FRAMES}
             native |= {"steps": reference.RECOMMENDED_STEPS, "guidance": reference.RECOMMENDED_GUIDANCE}
             plan |= {key: value for key, value in native.items() if plan.get(key) is None}

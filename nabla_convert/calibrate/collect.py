@@ -44,12 +44,11 @@ from nabla_convert.attention import (
     select_by_mass,
     sta_block_mask,
 )
-from nabla_convert.attention.mask import block_scores
+from nabla_convert.attention.mask import block_scores, compose_mask, real_blocks
 from nabla_convert.config import (
     ConfigError,
     LayerSettings,
     NablaConfig,
-    NablaError,
     Threshold,
     check_int,
     check_int_list,
@@ -58,6 +57,7 @@ from nabla_convert.config import (
     check_video_size,
     parse_window,
 )
+from nabla_convert.errors import NablaError
 from nabla_convert.io import atomic_write, open_safetensors
 from nabla_convert.models import family_of, family_of_pipeline
 from nabla_convert.models.nabla import NablaAttnProcessor, apply_nabla, nabla_state, remove_nabla, set_processors
@@ -121,7 +121,9 @@ class CalibrationPlan:
     per_head: bool = False
 
     def __post_init__(self) -> None:
-        thresholds = tuple(sorted({check_threshold(t, "calibrate.thresholds") for t in self.thresholds}))
+        thresholds = tuple(
+            sorted({check_threshold(t, "calibrate.thresholds", per_head=False) for t in self.thresholds})
+        )
         if not thresholds:
             raise ConfigError("calibrate.thresholds needs at least one threshold")
         object.__setattr__(self, "thresholds", thresholds)
@@ -357,18 +359,11 @@ class Probe:
 
     def _query_blocks(self, layer: int, layout: TileLayout, device: torch.device) -> torch.Tensor:
         """Sampled query block indices: uniform without replacement among blocks holding real tokens."""
-        q_block = self.config.q_block
-        real = layout.indices("cpu").valid.view(-1, q_block).any(-1).nonzero().flatten()
+        real = real_blocks(layout, self.config.q_block, "cpu").nonzero().flatten()
         key = f"{self.sample}:{self.step}:{layer}:{self.calls[layer]}".encode()
         generator = torch.Generator().manual_seed(zlib.crc32(key))
         chosen = real[torch.randperm(real.numel(), generator=generator)[: self.query_blocks]]
         return chosen.sort().values.to(device)
-
-    def _keep(self, candidate: Candidate, selected: dict[float, torch.Tensor], windows: dict, kv_real: torch.Tensor):
-        keep = selected[candidate.threshold]
-        if candidate.sta:
-            keep = keep | windows[candidate.sta]
-        return keep & kv_real
 
     @torch.no_grad()
     def measure(
@@ -383,7 +378,7 @@ class Probe:
             self.maps[layer] = probs[0, self.map_heads].float().cpu()
         selected = {t: select_by_mass(probs, t) for t in self.thresholds}
         windows = {c.sta: sta_block_mask(layout, c.sta, q_block, kv_block, q.device) for c in self.candidates if c.sta}
-        keeps = [self._keep(c, selected, windows, kv_real) for c in self.candidates]
+        keeps = [compose_mask(selected[c.threshold], windows.get(c.sta), kv_real) for c in self.candidates]
         density = torch.stack(
             [torch.stack([block_density(keep[:, h], layout, q_block, kv_block) for h in range(H)]) for keep in keeps]
         )

@@ -20,7 +20,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from nabla_convert.attention import select_by_mass, sta_block_mask
+from nabla_convert.attention.mask import compose_mask, real_blocks, select_by_mass, sta_block_mask
 from nabla_convert.calibrate.collect import Stats
 from nabla_convert.calibrate.search import ComponentChoice
 from nabla_convert.io import atomic_write, atomic_write_text, markdown_table
@@ -103,15 +103,13 @@ def window_label(window: Any) -> str:
 def kept_blocks(stats: Stats, block_map: torch.Tensor, choice_layer: Any, head: int) -> torch.Tensor:
     """The (nq, nk) blocks a layer's chosen setting keeps for one stored pooled map of `head`."""
     layout, base = stats.layout, stats.base_config
-    kv_real = layout.indices("cpu").valid.view(-1, base.kv_block).any(-1)
+    kv_real = real_blocks(layout, base.kv_block, "cpu")
     candidate = choice_layer.candidate
     if candidate is None:
         return kv_real.expand_as(block_map).clone()
     threshold = candidate.threshold[head] if isinstance(candidate.threshold, tuple) else candidate.threshold
-    keep = select_by_mass(block_map, threshold)
-    if candidate.sta:
-        keep = keep | sta_block_mask(layout, candidate.sta, base.q_block, base.kv_block, "cpu")
-    return keep & kv_real
+    sta_blocks = sta_block_mask(layout, candidate.sta, base.q_block, base.kv_block, "cpu") if candidate.sta else None
+    return compose_mask(select_by_mass(block_map, threshold), sta_blocks, kv_real)
 
 
 def plot_masks(stats: Stats, choice: ComponentChoice, path: Path) -> bool:

@@ -1,8 +1,6 @@
 """Publishing to the Hugging Face Hub: pre-upload checks, model card, upload, checksum verification."""
 
-from nabla_convert.hub.card import generate_card
-from nabla_convert.hub.checks import Checkpoint, ManifestEntry, build_manifest, check_checkpoint
-from nabla_convert.hub.errors import (
+from nabla_convert.errors import (
     AuthenticationError,
     HubConnectionError,
     InvalidArgumentsError,
@@ -12,6 +10,8 @@ from nabla_convert.hub.errors import (
     PushError,
     VerificationError,
 )
+from nabla_convert.hub.card import generate_card
+from nabla_convert.hub.checks import Checkpoint, ManifestEntry, build_manifest, check_checkpoint
 from nabla_convert.hub.push import PushPlan, PushResult, prepare_push, push_to_hub
 
 __all__ = [

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig
 from nabla_convert.convert import REPORTS_DIR, tensor_header
+from nabla_convert.errors import InvalidCheckpointError
 from nabla_convert.folders import MARKER, check_links, is_weight_file
-from nabla_convert.hub.errors import InvalidCheckpointError
 
 NABLA_LIBRARY = "nabla_convert"
 

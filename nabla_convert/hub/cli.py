@@ -6,30 +6,11 @@ from pathlib import Path
 
 import click
 
-from nabla_convert.hub.errors import (
-    AuthenticationError,
-    HubConnectionError,
-    InvalidArgumentsError,
-    InvalidCheckpointError,
-    NotFoundError,
-    PermissionDeniedError,
-    PushError,
-    VerificationError,
-)
+from nabla_convert.errors import PUSH_ERRORS
 from nabla_convert.hub.push import prepare_push, push_to_hub
 
 EXIT_CODE_HELP = "\b\nExit codes:\n" + "\n".join(
-    f"  {cls.exit_code}  {cls.__doc__.splitlines()[0]}"
-    for cls in (
-        PushError,
-        InvalidArgumentsError,
-        InvalidCheckpointError,
-        AuthenticationError,
-        HubConnectionError,
-        NotFoundError,
-        PermissionDeniedError,
-        VerificationError,
-    )
+    f"  {cls.exit_code}  {cls.__doc__.splitlines()[0]}" for cls in PUSH_ERRORS
 )
 
 
@@ -63,32 +44,23 @@ def push(
     restamp: bool,
 ) -> None:
     """Check a converted checkpoint FOLDER, upload it with a model card, and verify the Hub's checksums."""
-    try:
-        if dry_run:
-            plan = prepare_push(
-                folder,
-                repo_id,
-                revision=revision,
-                create_pr=create_pr,
-                regenerate_card=regenerate_card,
-                restamp=restamp,
-            )
-            click.echo(plan.describe())
-            click.echo("\nDry run: nothing was sent and nothing was written.")
-            return
-        result = push_to_hub(
-            folder,
-            repo_id,
-            private=private,
-            revision=revision,
-            create_pr=create_pr,
-            token=token,
-            endpoint=endpoint,
-            commit_message=commit_message,
-            regenerate_card=regenerate_card,
-            restamp=restamp,
+    if dry_run:
+        plan = prepare_push(
+            folder, repo_id, revision=revision, create_pr=create_pr, regenerate_card=regenerate_card, restamp=restamp
         )
-    except PushError as err:
-        click.echo(f"Error: {err}", err=True)
-        raise SystemExit(err.exit_code) from None
+        click.echo(plan.describe())
+        click.echo("\nDry run: nothing was sent and nothing was written.")
+        return
+    result = push_to_hub(
+        folder,
+        repo_id,
+        private=private,
+        revision=revision,
+        create_pr=create_pr,
+        token=token,
+        endpoint=endpoint,
+        commit_message=commit_message,
+        regenerate_card=regenerate_card,
+        restamp=restamp,
+    )
     click.echo(result.summary())

@@ -32,13 +32,10 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id
 
-from nabla_convert.errors import InputFileError
-from nabla_convert.folders import MARKER, is_weight_file, read_marker, write_marker
-from nabla_convert.hub.card import generate_card
-from nabla_convert.hub.checks import Checkpoint, ManifestEntry, build_manifest, check_checkpoint, weights_changed
-from nabla_convert.hub.errors import (
+from nabla_convert.errors import (
     AuthenticationError,
     HubConnectionError,
+    InputFileError,
     InvalidArgumentsError,
     InvalidCheckpointError,
     NotFoundError,
@@ -46,6 +43,9 @@ from nabla_convert.hub.errors import (
     PushError,
     VerificationError,
 )
+from nabla_convert.folders import MARKER, is_weight_file, read_marker, write_marker
+from nabla_convert.hub.card import generate_card
+from nabla_convert.hub.checks import Checkpoint, ManifestEntry, build_manifest, check_checkpoint, weights_changed
 from nabla_convert.io import atomic_write_text, read_text
 
 logger = logging.getLogger(__name__)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nabla_convert.errors import InputFileError
 from nabla_convert.io import read_prompts
 
 if TYPE_CHECKING:  # the scene generator needs torch; the constants here serve command-line defaults without it
@@ -21,6 +22,13 @@ PROMPTS_HELDOUT = Path(__file__).parent / "prompts_heldout.txt"
 HEIGHT, WIDTH, NUM_FRAMES = 256, 256, 33  # latents 16 x 9 x 32 x 32; 9 x 16 x 16 = 2,304 video tokens
 TRAIN_SEED, HELDOUT_SEED, HELDOUT_COUNT = 7, 1234, 32
 RECOMMENDED_STEPS, RECOMMENDED_GUIDANCE = 12, 5.0
+
+
+def default_model() -> str:
+    """The embedded reference pipeline, used when a command's MODEL is omitted."""
+    if not (REFERENCE_PIPELINE / "model_index.json").is_file():
+        raise InputFileError(f"no MODEL given and the embedded reference model is missing at {REFERENCE_PIPELINE}")
+    return str(REFERENCE_PIPELINE)
 
 
 def heldout_scenes(count: int = HELDOUT_COUNT) -> list[Scene]:
@@ -53,6 +61,7 @@ __all__ = [
     "REFERENCE_PIPELINE",
     "TRAIN_SEED",
     "WIDTH",
+    "default_model",
     "heldout_prompts",
     "heldout_scenes",
     "heldout_videos",

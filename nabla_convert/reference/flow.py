@@ -1,14 +1,15 @@
-"""Flow-matching objective of the reference model, shared by its training script and by held-out evaluation.
+"""The reference model's flow-matching loss, shared by its training script and by held-out evaluation.
 
-Conventions follow diffusers' Wan pipeline and FlowMatchEulerDiscreteScheduler: x_t = (1 - s) x_0 + s * noise,
-the transformer predicts noise - x_0 at timestep 1000 * s, and latents are normalised with the VAE config's
-latents_mean / latents_std exactly as WanPipeline undoes it before decoding.
+The objective is nabla_convert.flow's; the transformer is called at timestep 1000 * sigma, and latents are
+normalised with the VAE config's latents_mean / latents_std exactly as WanPipeline undoes it before decoding.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from nabla_convert.flow import add_noise, per_sample_mse, velocity_target
 
 HELDOUT_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -52,8 +53,7 @@ def flow_matching_loss(
     (default: the Wan transformer's keyword call); it receives `prompt_embeds` as given.
     """
     dtype = getattr(transformer, "module", transformer).dtype  # the model, also inside a DistributedDataParallel
-    s = sigmas.view(-1, 1, 1, 1, 1).to(latents.dtype)
-    noisy = (1 - s) * latents + s * noise
+    noisy = add_noise(latents, noise, sigmas)
     if velocity is None:
         prediction = transformer(
             hidden_states=noisy.to(dtype),
@@ -63,17 +63,7 @@ def flow_matching_loss(
         )[0]
     else:
         prediction = velocity(transformer, noisy.to(dtype), sigmas * 1000, prompt_embeds)
-    error = F.mse_loss(prediction.float(), (noise - latents).float(), reduction="none")
-    if weight is None:
-        return error.mean(dim=(1, 2, 3, 4))
-    return weighted_mean(error, weight, dim=(1, 2, 3, 4))
-
-
-def weighted_mean(values: torch.Tensor, weight: torch.Tensor, dim: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Mean of `values` over `dim` (all dims when None) with `weight` broadcast to them, e.g. object pixels counted
-    1 + W times (the reference model's flow-matching and VAE losses)."""
-    weight = weight.float().expand_as(values)
-    return (weight * values).sum(dim=dim) / weight.sum(dim=dim)
+    return per_sample_mse(prediction, velocity_target(latents, noise), weight)
 
 
 @torch.no_grad()

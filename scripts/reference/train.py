@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from nabla_convert.eval import psnr
+from nabla_convert.flow import weighted_mean
 from nabla_convert.io import atomic_write, atomic_write_text
 from nabla_convert.reference import (
     HEIGHT,
@@ -40,7 +41,6 @@ from nabla_convert.reference.flow import (
     latent_coverage,
     normalise_latents,
     shifted_sigmas,
-    weighted_mean,
 )
 from nabla_convert.reference.scenes import VOCABULARY, Scene, SceneObject, render, sample_scenes
 

@@ -1,80 +1,41 @@
-"""nabla-convert command line: a thin Click layer over the Python API."""
+"""nabla-convert command line: the group of the stage commands, each a thin Click layer in its package's cli.py."""
 
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 import click
 
-from nabla_convert import reference
-from nabla_convert.config import NablaConfig, load_config_file
-from nabla_convert.convert import convert
 from nabla_convert.errors import one_line_errors
-from nabla_convert.folders import check_output
-from nabla_convert.options import StaWindow, model_argument
-from nabla_convert.recipes import load_recipe
-
-
-def nabla_settings(
-    config: Path | None, recipe: str | None, threshold: float | None, sta, dense_steps: int | None
-) -> NablaConfig | dict[str, NablaConfig] | None:
-    """One source of NABLA settings: --config, --recipe, or --threshold [--sta] [--dense-steps];
-    none (None) means the checkpoint's own settings."""
-    given = [
-        name for name, v in (("--config", config), ("--recipe", recipe), ("--threshold", threshold)) if v is not None
-    ]
-    if len(given) > 1:
-        raise click.UsageError("give at most one of --config FILE, --recipe FILE or --threshold T")
-    if (sta is not None or dense_steps is not None) and threshold is None:
-        raise click.UsageError("--sta and --dense-steps go with --threshold (recipes and configs carry their own)")
-    if config:
-        return load_config_file(config)
-    if recipe:
-        return load_recipe(recipe).nabla
-    if threshold is None:
-        return None
-    return NablaConfig(threshold=threshold, sta=sta, dense_steps=dense_steps or 0)
-
 
 # name -> (module:attribute of the Click command, the one line `nabla-convert --help` shows for it)
-LAZY_COMMANDS = {
+LAZY_COMMANDS = {  # in pipeline order
     "calibrate": ("nabla_convert.calibrate.cli:calibrate_command", "Measure layers on prompts; choose thresholds."),
+    "convert": ("nabla_convert.convert.cli:convert_command", "Rewrite self-attention into NABLA form; write it."),
     "adapt": ("nabla_convert.adapt.cli:adapt_command", "Fine-tune a converted model back to its dense self."),
     "push": ("nabla_convert.hub.cli:push", "Check, upload and verify a converted checkpoint on the Hub."),
-    "eval": ("nabla_convert.eval_cli:eval_command", "Compare two pipelines on the same prompts and seeds."),
-    "bench": ("nabla_convert.bench_cli:bench", "Time NABLA against dense attention on this GPU."),
+    "eval": ("nabla_convert.eval.cli:eval_command", "Compare two pipelines on the same prompts and seeds."),
+    "bench": ("nabla_convert.bench.cli:bench", "Time NABLA against dense attention on this GPU."),
 }
 
 
 class NablaGroup(click.Group):
-    """Loads each stage's command only when it runs (so `--help` and `convert` import no training or plotting
-    stack), lists commands in pipeline order, and reports errors as one line with their exit code."""
-
-    order = ("calibrate", "convert", "adapt", "push", "eval", "bench")
+    """Loads each stage's command only when it runs (so `--help` imports no torch, training or plotting stack),
+    lists commands in pipeline order, and reports errors as one line with their exit code."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        names = {*self.commands, *LAZY_COMMANDS}
-        return sorted(names, key=lambda name: self.order.index(name) if name in self.order else len(self.order))
+        return list(LAZY_COMMANDS)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name in self.commands or name not in LAZY_COMMANDS:
-            return self.commands.get(name)
+        if name not in LAZY_COMMANDS:
+            return None
         module, attribute = LAZY_COMMANDS[name][0].split(":")
-        command = getattr(importlib.import_module(module), attribute)
-        self.add_command(command, name)
-        return command
+        return getattr(importlib.import_module(module), attribute)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        """The command list without importing the lazy commands."""
-        rows = []
-        for name in self.list_commands(ctx):
-            if name in LAZY_COMMANDS:
-                rows.append((name, LAZY_COMMANDS[name][1]))
-            else:
-                rows.append((name, self.commands[name].get_short_help_str(formatter.width - 6 - len(name))))
+        """The command list without importing the commands."""
         with formatter.section("Commands"):
-            formatter.write_dl(rows)
+            formatter.write_dl([(name, short_help) for name, (_, short_help) in LAZY_COMMANDS.items()])
 
     def invoke(self, ctx: click.Context):
         """Every command under the exit-code policy of nabla_convert.errors."""
@@ -86,70 +47,6 @@ class NablaGroup(click.Group):
 @click.version_option(package_name="nabla-convert")
 def main() -> None:
     """Turn a dense video DiT into a NABLA sparse-attention model: calibrate -> convert -> adapt -> push."""
-
-
-@main.command("convert")
-@click.argument("model", required=False, callback=model_argument)
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output folder (created).")
-@click.option(
-    "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="NABLA config JSON (from calibrate)."
-)
-@click.option("--recipe", help="Recipe YAML file, or the name of one in recipes/.")
-@click.option(
-    "--threshold",
-    type=click.FloatRange(0.0, 1.0),
-    help="One threshold for every layer: the share of pooled attention mass each query block keeps, in [0, 1] "
-    "(0 with --sta: the STA window alone).",
-)
-@click.option("--sta", type=StaWindow(), help="Sliding-tile window wT,wH,wW in tiles, OR-ed with the NABLA mask.")
-@click.option("--dense-steps", type=click.IntRange(min=0), help="Run the first K denoising steps dense.")
-@click.option("--revision", help="Hub revision when MODEL is a Hub id.")
-@click.option("--token", envvar="HF_TOKEN", help="Hub token when MODEL is a private Hub id.")
-@click.option(
-    "--overwrite", is_flag=True, help="Replace --out if it exists and is not empty (only a folder nabla-convert wrote)."
-)
-@click.option(
-    "--base",
-    help="Dense diffusers pipeline (folder or Hub id) that completes a checkpoint in its family's own layout "
-    "(e.g. the published NABLA fine-tunes, shipped in their family's original layout).",
-)
-@click.option(
-    "--copy",
-    is_flag=True,
-    help="Copy weight files instead of hard-linking them (a hard link shares the file with MODEL: anything that later "
-    "writes into an output weight file in place, rather than replacing it, changes MODEL too).",
-)
-def convert_command(
-    model, out, config, recipe, threshold, sta, dense_steps, revision, token, overwrite, base, copy
-) -> None:
-    """Rewrite MODEL's self-attention into NABLA form and write a self-describing checkpoint to --out.
-
-    MODEL is a diffusers pipeline folder of a supported family, a transformer folder, or a Hub id; omitted,
-    the embedded reference model. The output loads with the stock pipeline's from_pretrained(OUT) or
-    nabla_convert.load(OUT); weights stay bit-exact (hard-linked on the same filesystem, else copied).
-    With --config DIR/nabla_config.json from calibrate, DIR/calibration.json goes along into
-    OUT/nabla_reports/ for the model card. Without settings, the checkpoint's own are used (families whose
-    config carries NABLA settings). A checkpoint in its family's original layout needs --base, the dense
-    diffusers pipeline of the same architecture (README: importing the published NABLA fine-tunes).
-    """
-    settings = nabla_settings(config, recipe, threshold, sta, dense_steps)
-    model = reference.default_model() if model is None else model
-    inputs = {"MODEL": model, "--config file": config, **({"--base": base} if base else {})}
-    check_output(out, inputs, overwrite=overwrite)
-    calibration = config.parent / "calibration.json" if config else None
-    reports = {"calibration": calibration} if calibration and calibration.is_file() else None
-    written = convert(
-        model,
-        out,
-        settings,
-        revision=revision,
-        token=token,
-        overwrite=overwrite,
-        reports=reports,
-        base=base,
-        link=not copy,
-    )
-    click.echo(f"wrote NABLA checkpoint to {written}")
 
 
 if __name__ == "__main__":  # accelerate launch -m nabla_convert.cli adapt ...

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from nabla_convert.bench import AttentionRow, BenchReport, StepRow, parse_resolution
-from nabla_convert.bench_cli import _model_config
+from nabla_convert.bench.cli import _model_config
 from nabla_convert.cli import main
 from nabla_convert.config import NablaConfig
 from nabla_convert.models import family_for_arch

@@ -30,19 +30,17 @@ from nabla_convert.attention.flex import (
     enable_compile_cache,
     kernel_options_for,
 )
-from nabla_convert.bench import (
-    BenchReport,
+from nabla_convert.bench.experiments import block_size_rows, compile_counts, selection_agreement
+from nabla_convert.bench.measure import (
     attention_rows,
-    block_size_rows,
-    compile_counts,
     cuda_ms,
     environment,
     forced_keep,
     random_qkv,
     require_cuda,
-    selection_agreement,
     sparse_attention_ms,
 )
+from nabla_convert.bench.report import BenchReport
 from nabla_convert.io import atomic_write_text
 
 WAN14B_720P_CROPPED = (21, 40, 80)  # 81 frames at 1280x640 (the public code crops to multiples of 128 px)

@@ -28,7 +28,7 @@ from diffusers import ContextParallelConfig, WanTransformer3DModel
 
 from nabla_convert import NablaConfig, apply_nabla, layer_densities, nabla_disabled, reset_densities
 from nabla_convert.attention.parallel import cpu_counts_as_device
-from nabla_convert.bench import cuda_ms, environment, parse_resolution
+from nabla_convert.bench.measure import cuda_ms, environment, parse_resolution
 from nabla_convert.io import atomic_write_text
 from nabla_convert.models.tiny import tiny_transformer
 from nabla_convert.models.wan import WAN

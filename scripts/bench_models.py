@@ -27,19 +27,21 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nabla_convert.attention import flex
-from nabla_convert.bench import (
-    BenchReport,
-    attention_rows,
+from nabla_convert.bench.experiments import (
     best_kernel_options,
-    compiled_blocks,
-    environment,
     kernel_option_rows,
     kernel_time_breakdown,
     pipeline_seconds,
+)
+from nabla_convert.bench.measure import (
+    attention_rows,
+    compiled_blocks,
+    environment,
     random_transformer,
     require_cuda,
     transformer_step_rows,
 )
+from nabla_convert.bench.report import BenchReport
 from nabla_convert.config import NablaConfig
 from nabla_convert.models.nabla import apply_nabla, remove_nabla
 from nabla_convert.models.tiny import tiny_transformer

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from nabla_convert import NablaConfig, convert
 from nabla_convert.calibrate import calibrate
 from nabla_convert.config import load_config_file
-from nabla_convert.eval import run_eval
+from nabla_convert.eval.run import run_eval
 from nabla_convert.io import atomic_write, atomic_write_text, markdown_table
 from nabla_convert.recipes import load_recipe
 from nabla_convert.reference import (

@@ -8,8 +8,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from nabla_convert.bench import AttentionRow, BenchReport, StepRow, parse_resolution
 from nabla_convert.bench.cli import _model_config
+from nabla_convert.bench.measure import AttentionRow, StepRow, parse_resolution
+from nabla_convert.bench.report import BenchReport
 from nabla_convert.cli import main
 from nabla_convert.config import NablaConfig
 from nabla_convert.models import family_for_arch
@@ -110,7 +111,7 @@ def test_report_arithmetic_and_json(tmp_path) -> None:
 
 def test_forced_density_holds_one_selection_for_all_layers() -> None:
     """The forced path keeps one random selection per shape alive, as the real path does, not one per layer."""
-    from nabla_convert.bench import ForcedDensityProcessor, ForcedSelections
+    from nabla_convert.bench.measure import ForcedDensityProcessor, ForcedSelections
     from nabla_convert.models.nabla import apply_nabla, layer_densities
     from nabla_convert.models.tiny import tiny_transformer
 

@@ -395,7 +395,8 @@ def test_eval_out_never_touches_a_model(model, where):
 
 
 def test_eval_replaces_only_its_own_report_and_names_models_without_their_path(model, tmp_path):
-    from nabla_convert.eval import EvalSettings, run_eval
+    from nabla_convert.eval.run import run_eval
+    from nabla_convert.eval.sampling import EvalSettings
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red ball\n")

@@ -20,17 +20,9 @@ from nabla_convert import NablaConfig, apply_nabla, convert, layer_densities
 from nabla_convert.cli import main
 from nabla_convert.convert import load_pipeline
 from nabla_convert.errors import InputFileError
-from nabla_convert.eval import (
-    EvalError,
-    EvalSettings,
-    evaluate,
-    flow_matching_loss,
-    load_held_out,
-    load_prompts,
-    psnr,
-    run_eval,
-    ssim,
-)
+from nabla_convert.eval.metrics import psnr, ssim
+from nabla_convert.eval.run import load_held_out, load_prompts, run_eval
+from nabla_convert.eval.sampling import EvalError, EvalSettings, evaluate, flow_matching_loss
 from nabla_convert.models.tiny import tiny_wan_pipeline
 
 TINY = EvalSettings(steps=2, height=32, width=32, frames=5, preview_samples=2, preview_frames=3)

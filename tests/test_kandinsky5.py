@@ -16,7 +16,8 @@ from test_wan import RasterNablaReference
 from nabla_convert import NablaConfig, apply_nabla, convert, load
 from nabla_convert.adapt import AdaptSettings, adapt
 from nabla_convert.config import LayerSettings
-from nabla_convert.eval import EvalSettings, run_eval
+from nabla_convert.eval.run import run_eval
+from nabla_convert.eval.sampling import EvalSettings
 from nabla_convert.models import family_for_arch, family_of
 from nabla_convert.models.kandinsky5 import NablaKandinsky5Transformer3DModel
 from nabla_convert.models.nabla import NablaAttnProcessor, set_processors
@@ -249,7 +250,7 @@ def test_pipeline_calibrate_convert_push_and_stock_generation(tmp_path):
 
     from nabla_convert.calibrate import calibrate
     from nabla_convert.cli import main
-    from nabla_convert.eval import nabla_transformers
+    from nabla_convert.eval.sampling import nabla_transformers
     from nabla_convert.models.nabla import layer_densities
     from nabla_convert.models.tiny import tiny_kandinsky5_pipeline
 

@@ -91,7 +91,7 @@ def bench(
     MODEL is a (converted) pipeline or transformer folder: its architecture and NABLA settings are
     used with random weights. Or give --arch. Prints a table and writes JSON to --out.
     """
-    from nabla_convert.bench import parse_resolution, run_bench
+    from nabla_convert.bench.measure import parse_resolution, run_bench
 
     if (model is None) == (arch is None):
         raise click.UsageError("give either MODEL or --arch")

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from nabla_convert.calibrate import calibrate, recalibrate
-from nabla_convert.eval import load_prompts
+from nabla_convert.eval.run import load_prompts
 from nabla_convert.io import DTYPES
 from nabla_convert.options import CommaList, model_argument
 from nabla_convert.shipped import shipped_folder

@@ -58,7 +58,8 @@ def eval_command(
     PSNR/SSIM, each transformer's flow-matching loss on held-out latents, per-layer NABLA density.
     MODEL_A/MODEL_B are diffusers pipeline folders (dense or converted) or Hub ids.
     """
-    from nabla_convert.eval import EvalSettings, run_eval
+    from nabla_convert.eval.run import run_eval
+    from nabla_convert.eval.sampling import EvalSettings
 
     settings = EvalSettings(steps=steps, guidance=guidance, height=height, width=width, frames=frames)
     result = run_eval(

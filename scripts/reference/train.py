@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nabla_convert.eval import psnr
+from nabla_convert.eval.metrics import psnr
 from nabla_convert.flow import weighted_mean
 from nabla_convert.io import atomic_write, atomic_write_text
 from nabla_convert.reference import (

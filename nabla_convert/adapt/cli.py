@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from accelerate import PartialState
 
-from nabla_convert.adapt.trainer import AdaptSettings, adapt, run_folder
+from nabla_convert.adapt import AdaptSettings, adapt, run_folder
 from nabla_convert.options import CommaList
 from nabla_convert.recipes import load_recipe
 

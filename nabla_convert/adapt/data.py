@@ -9,7 +9,7 @@ sorted order; every shard holds the same tensors with the same shapes except the
   any further conditioning tensor of the family (N, ...), e.g. pooled_prompt_embeds (a pooled text embedding).
 Latents are in the layout the family's pipeline denoises (channels-first or channels-last: ModelFamily.sample_shape).
 Shard metadata {"format": "nabla-convert-latents", "version": "1"} marks them. `write_latent_shard`
-writes one; adapt.trainer.teacher_rollouts makes one from the dense teacher alone (no videos needed).
+writes one; adapt.rollouts.teacher_rollouts makes one from the dense teacher alone (no videos needed).
 
 Every random draw of a training step comes from generators seeded by (seed, step, micro-batch,
 process), and the sample order is a per-epoch permutation seeded by (seed, epoch). So the data
@@ -182,3 +182,17 @@ class TimestepSampler:
         """(sigmas, timesteps) at quantiles u in [0, 1) of the allowed training noise levels."""
         indices = (self._first + u * (self._end - self._first)).long().clamp(self._first, self._end - 1)
         return self.scheduler.sigmas[indices].float(), self.scheduler.timesteps[indices].float()
+
+
+def sample_noise(
+    seed: int, first: int, shape: torch.Size, sampler: TimestepSampler
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noise, sigmas, timesteps) of the samples numbered first, first + 1, ... of the run.
+
+    Each sample draws from its own generator keyed by its global number, so N processes with batch b
+    draw exactly what one process with batch N * b draws: the run does not depend on the GPU count.
+    """
+    generators = [step_generator(seed, first + i) for i in range(shape[0])]
+    noise = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators])
+    sigmas, timesteps = (torch.cat(t) for t in zip(*(sampler.sample(1, g) for g in generators), strict=True))
+    return noise, sigmas, timesteps

@@ -32,44 +32,34 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
-from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from nabla_convert.adapt.checkpoint import load_checkpoint, save_checkpoint
+from nabla_convert.adapt.checkpoint import load_checkpoint
 from nabla_convert.adapt.data import (
-    Conditioning,
-    DataError,
     LatentDataset,
     TimestepSampler,
+    sample_noise,
     sample_positions,
     split_heldout,
-    step_generator,
     take,
-    write_latent_shard,
 )
-from nabla_convert.adapt.losses import LOSSES, DenseTeacher, loss_target, relative_error, velocity, weighted_mse
-from nabla_convert.config import (
-    CONFIG_KEY,
-    ConfigError,
-    NablaConfig,
-    check_int,
-    check_int_list,
-    check_number,
-    check_number_list,
-)
+from nabla_convert.adapt.losses import DenseTeacher, loss_target, velocity, weighted_mse
+from nabla_convert.adapt.rollouts import teacher_rollouts
+from nabla_convert.adapt.run import MetricsLog, RunPaths, check_run_folder, run_folder, save_run_checkpoint
+from nabla_convert.adapt.settings import AdaptError, AdaptSettings
+from nabla_convert.adapt.validation import ValidationSet
+from nabla_convert.config import CONFIG_KEY, NablaConfig
 from nabla_convert.convert import transformer_components
-from nabla_convert.errors import NablaError
-from nabla_convert.flow import add_noise, per_sample_mse, velocity_target
+from nabla_convert.flow import add_noise
 from nabla_convert.folders import (
     MARKER,
     check_links,
@@ -83,182 +73,20 @@ from nabla_convert.folders import (
     weight_digests,
     write_marker,
 )
-from nabla_convert.io import atomic_write_text, read_json, read_prompts
-from nabla_convert.models import family_for_class_name, family_of
+from nabla_convert.io import atomic_write_text, read_json
+from nabla_convert.models import family_for_class_name
 from nabla_convert.models.family import ModelFamily
-from nabla_convert.models.nabla import layer_densities, reset_densities
 
 LORA_FOLDER = "lora"
+
+
 REPORT_PATH = "nabla_reports/adapt.json"
-RESUMABLE_CHANGES = {"checkpoint_every", "validate_every", "keep_checkpoints"}
+
+
 NOT_COPIED = (".cache", ".git", MARKER)  # parts of CONVERTED the output does not take over (besides the transformer)
+
+
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
-class AdaptError(NablaError, ValueError):
-    """Adaptation that cannot start or continue, with a message that says why."""
-
-
-@dataclass(frozen=True)
-class AdaptSettings:
-    """What `adapt` trains and how; recipe `adapt:` sections use these names.
-
-    loss: "distill" (match the dense teacher's velocity) or "flow" (flow matching on `data`).
-    data: latent dataset folder (format in adapt/data.py); without it, distillation runs on
-        teacher rollouts: `prompts` (text file, one per line) encoded by the checkpoint's text
-        encoder, `rollout_steps` Euler steps of the dense teacher from noise of `latent_shape`
-        (latent frames, height, width), without guidance.
-    lr: AdamW learning rate (default 1e-4 with LoRA, 1e-5 for a full fine-tune); warmup_steps
-        (default steps // 20) then `lr_scheduler` (diffusers.optimization names) to zero.
-    lora_rank: 0 = full fine-tune; >0 = peft LoRA of that rank (alpha = rank unless given) on
-        `lora_targets` (default: the family's attention projections), and the frozen base is the teacher.
-    batch_size per process and micro-step, grad_accum micro-steps per step.
-    weighting_scheme / logit_mean / logit_std / mode_scale: timestep density and loss weight as in
-        diffusers' SD3 scripts; shift: flow shift (default: the checkpoint's scheduler config);
-        sigma_range: the noise levels trained (one expert of a two-transformer model).
-    checkpoint_every, validate_every: in steps (0 = only at the end); keep_checkpoints newest kept.
-    validation_samples: held-out samples (last heldout_fraction of the data) validated on.
-    mixed_precision: "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp16" or "no".
-    component: which transformer of a pipeline folder to adapt (e.g. transformer_2).
-    """
-
-    steps: int = 1000
-    loss: str = "distill"
-    data: str | None = None
-    prompts: str | None = None
-    latent_shape: tuple[int, int, int] = (21, 60, 104)
-    rollout_steps: int = 20
-    text_length: int = 512
-    lr: float | None = None
-    lr_scheduler: str = "cosine"
-    warmup_steps: int | None = None
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    lora_rank: int = 0
-    lora_alpha: float | None = None
-    lora_targets: tuple[str, ...] | None = None
-    batch_size: int = 1
-    grad_accum: int = 1
-    weighting_scheme: str = "logit_normal"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    shift: float | None = None
-    sigma_range: tuple[float, float] = (0.0, 1.0)
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    validate_every: int = 100
-    validation_samples: int = 4
-    heldout_fraction: float = 0.1
-    seed: int = 0
-    mixed_precision: str = "auto"
-    gradient_checkpointing: bool = True
-    component: str = "transformer"
-
-    def __post_init__(self) -> None:
-        try:
-            self.check_types()
-        except ConfigError as err:
-            raise AdaptError(f"adapt settings: {err}") from None
-        if self.loss not in LOSSES:
-            raise AdaptError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.loss == "flow" and not self.data:
-            raise AdaptError("flow matching needs a latent dataset (--data)")
-        if self.lr is not None and self.lr <= 0:
-            raise AdaptError(f"lr must be positive, got {self.lr}")
-        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
-            raise AdaptError(f"mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise AdaptError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-
-    def check_types(self) -> None:
-        """Refuse values of the wrong type (a recipe's "10" steps, true for a float) instead of coercing them."""
-        positive = ("steps", "batch_size", "grad_accum", "validation_samples", "keep_checkpoints", "text_length")
-        for name in positive:
-            check_int(getattr(self, name), name, minimum=1)
-        for name in ("lora_rank", "checkpoint_every", "validate_every", "rollout_steps"):
-            check_int(getattr(self, name), name, minimum=0)
-        check_int(self.seed, "seed")
-        if self.warmup_steps is not None:
-            check_int(self.warmup_steps, "warmup_steps", minimum=0)
-        for name in ("weight_decay", "max_grad_norm", "logit_mean", "logit_std", "mode_scale", "heldout_fraction"):
-            check_number(getattr(self, name), name)
-        for name in ("lr", "lora_alpha", "shift"):
-            if getattr(self, name) is not None:
-                check_number(getattr(self, name), name)
-        shape = check_int_list(self.latent_shape, "latent_shape", minimum=1)
-        if len(shape) != 3:
-            raise ConfigError(f"latent_shape must be three integers F, H, W, got {self.latent_shape!r}")
-        sigmas = check_number_list(self.sigma_range, "sigma_range")
-        if len(sigmas) != 2:
-            raise ConfigError(f"sigma_range must be two numbers, got {self.sigma_range!r}")
-        targets = self.lora_targets
-        if targets is not None and (
-            not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets)
-        ):
-            raise ConfigError(f"lora_targets must be a list of module names, got {self.lora_targets!r}")
-        for name in ("loss", "lr_scheduler", "weighting_scheme", "mixed_precision", "component"):
-            if not isinstance(getattr(self, name), str):
-                raise ConfigError(f"{name} must be text, got {getattr(self, name)!r}")
-        for name in ("data", "prompts"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise ConfigError(f"{name} must be a path, got {getattr(self, name)!r}")
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise ConfigError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
-        object.__setattr__(self, "latent_shape", shape)
-        object.__setattr__(self, "sigma_range", sigmas)
-        if self.lora_targets is not None:
-            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-
-    @classmethod
-    def from_dict(cls, plan: dict[str, Any], /, **overrides: Any) -> AdaptSettings:
-        """Settings from a recipe's `adapt:` mapping, then `overrides` that are not None (CLI options)."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(plan) - known
-        if unknown:
-            raise AdaptError(f"unknown adapt settings {sorted(unknown)}; known: {sorted(known)}")
-        given = {k: v for k, v in overrides.items() if v is not None}
-        if plan.keys() & given.keys():  # a recipe value an option replaces must still be valid
-            cls(**{**given, **plan})
-        return cls(**{**plan, **given})
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (1e-4 if self.lora_rank else 1e-5)
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
-
-
-@dataclass
-class RunPaths:
-    root: Path
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def settings(self) -> Path:
-        return self.root / "settings.json"
-
-    @property
-    def rollouts(self) -> Path:
-        return self.root / "rollouts"
-
-    def latest_checkpoint(self) -> Path | None:
-        found = sorted(self.checkpoints.glob("step-*")) if self.checkpoints.is_dir() else []
-        return found[-1] if found else None
-
-
-def run_folder(out: str | os.PathLike) -> Path:
-    """Where a run writing `out` keeps its checkpoints, metrics and settings."""
-    out = Path(out)
-    return out.with_name(out.name + ".run")
 
 
 def _component_folder(root: Path, component: str) -> tuple[str, Path]:
@@ -321,164 +149,6 @@ def load_student(folder: Path, settings: AdaptSettings, dtype: torch.dtype) -> t
     return model
 
 
-def teacher_rollouts(
-    root: Path,
-    teacher: DenseTeacher,
-    settings: AdaptSettings,
-    sampler: TimestepSampler,
-    sample_shape: tuple[int, ...],
-    accelerator: Accelerator,
-    folder: Path,
-    progress: bool = True,
-) -> None:
-    """A latent dataset made by the dense teacher: prompts encoded, then Euler steps from noise.
-
-    Each process makes one contiguous share of the prompts into its own shard, so the dataset is the
-    same for any process count; done.json marks completion, so a resumed run reuses it.
-    """
-    if (folder / "done.json").is_file():
-        return
-    if not settings.prompts:
-        raise AdaptError("distillation without --data needs prompts to make teacher rollouts (--prompts FILE)")
-    try:
-        prompts = read_prompts(settings.prompts)
-    except FileNotFoundError as err:
-        raise AdaptError(str(err)) from None
-    if len(prompts) < 2:
-        raise AdaptError(f"{settings.prompts} needs at least 2 prompts (one is held out), found {len(prompts)}")
-    if not (root / "text_encoder").is_dir():
-        raise AdaptError(f"{root} has no text_encoder to encode prompts; pass a latent dataset with --data")
-    device = accelerator.device
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if len(prompts) < world:
-        raise AdaptError(
-            f"{settings.prompts} has {len(prompts)} prompts for {world} processes; give each one at least one"
-        )
-    mine = range(len(prompts) * rank // world, len(prompts) * (rank + 1) // world)  # shards in prompt order
-    family = family_of(teacher.student)
-    encoder = family.load_text_encoder(root, device)
-    embeds = family.encode_prompts(encoder, [prompts[i] for i in mine], settings.text_length)
-    del encoder
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=sampler.shift)
-    latents = []
-    for row, index in enumerate(
-        tqdm(mine, desc="teacher rollouts", disable=not (progress and accelerator.is_local_main_process))
-    ):
-        x = torch.randn((1, *sample_shape), generator=step_generator(settings.seed, -2, index)).to(device)
-        scheduler.set_timesteps(settings.rollout_steps, device=device)
-        for t in scheduler.timesteps:
-            with accelerator.autocast():
-                v = teacher(x, t.expand(1), take(embeds, slice(row, row + 1)))
-            x = scheduler.step(v.float(), t, x).prev_sample
-        latents.append(x.cpu())
-    write_latent_shard(folder / f"shard-{accelerator.process_index:05d}.safetensors", torch.cat(latents), embeds)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_text(folder / "done.json", json.dumps({"prompts": len(prompts)}) + "\n")
-    accelerator.wait_for_everyone()
-
-
-@dataclass
-class ValidationSet:
-    """Fixed held-out samples, noise and noise levels (spread over the range), with cached teacher velocities."""
-
-    latents: torch.Tensor
-    conditioning: Conditioning
-    noise: torch.Tensor
-    sigmas: torch.Tensor
-    timesteps: torch.Tensor
-    teacher: torch.Tensor
-
-    @classmethod
-    def build(cls, dataset, heldout, settings, sampler, teacher, accelerator) -> ValidationSet:
-        count = settings.validation_samples
-        batch = dataset.batch([heldout[i % len(heldout)] for i in range(count)])
-        noise = torch.randn(batch["latents"].shape, generator=step_generator(settings.seed, -3))
-        sigmas, timesteps = sampler.at((torch.arange(count) + 0.5) / count)
-        noisy = add_noise(batch["latents"], noise, sigmas)
-        conditioning = dataset.conditioning(batch)
-        outputs = []
-        for chunk in range(0, count, settings.batch_size):
-            part = slice(chunk, chunk + settings.batch_size)
-            inputs = (
-                *(t[part].to(accelerator.device) for t in (noisy, timesteps)),
-                take(conditioning, part, accelerator.device),
-            )
-            with accelerator.autocast():
-                prediction = teacher(*inputs)
-            outputs.append(prediction.float().cpu())
-        return cls(batch["latents"], conditioning, noise, sigmas, timesteps, torch.cat(outputs))
-
-    @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, settings: AdaptSettings, accelerator: Accelerator) -> dict[str, float]:
-        """Student-vs-teacher relative error, held-out loss of the training objective, mean block density."""
-        reset_densities(model)
-        errors, losses = [], []
-        noisy = add_noise(self.latents, self.noise, self.sigmas)
-        for chunk in range(0, len(self.latents), settings.batch_size):
-            part = slice(chunk, chunk + settings.batch_size)
-            device = accelerator.device
-            inputs = (*(t[part].to(device) for t in (noisy, self.timesteps)), take(self.conditioning, part, device))
-            with accelerator.autocast():
-                prediction = velocity(model, *inputs).float().cpu()
-            flow = velocity_target(self.latents[part], self.noise[part])
-            target = self.teacher[part] if settings.loss == "distill" else flow
-            errors.append(relative_error(prediction, self.teacher[part]))
-            losses.append(per_sample_mse(prediction, target))
-        densities = layer_densities(model)
-        return {
-            "student_teacher_error": float(torch.cat(errors).mean()),
-            "heldout_loss": float(torch.cat(losses).mean()),
-            "density": sum(densities.values()) / max(len(densities), 1),
-        }
-
-
-class MetricsLog:
-    """metrics.jsonl of the run; on resume, records past the checkpoint (lost with the kill) are dropped."""
-
-    def __init__(self, path: Path, enabled: bool, resumed_at: int | None) -> None:
-        self.path, self.enabled = path, enabled
-        if enabled and resumed_at is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_at]
-            atomic_write_text(path, "".join(f"{line}\n" for line in kept))
-        elif enabled:
-            atomic_write_text(path, "")
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def _check_run_folder(paths: RunPaths, settings: AdaptSettings, resume: bool) -> None:
-    check_links(paths.root, "the run folder")
-    checkpoint = paths.latest_checkpoint()
-    if checkpoint is not None and not resume:
-        raise AdaptError(f"{paths.root} already holds checkpoints; pass --resume to continue, or remove it")
-    if resume and paths.settings.is_file():
-        before = json.loads(paths.settings.read_text())
-        now = settings.to_dict()
-        changed = sorted(
-            k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES
-        )
-        if changed:
-            raise AdaptError(f"cannot resume {paths.root} with changed settings {changed}; use the original ones")
-
-
-def _save_checkpoint(accelerator: Accelerator, paths: RunPaths, model, optimizer, lr_scheduler, step: int, keep: int):
-    """The run's state at `step`, built in a temp folder and renamed into place; checkpoints beyond `keep` removed."""
-    final = paths.checkpoints / f"step-{step:06d}"
-    if not accelerator.is_main_process:
-        save_checkpoint(accelerator, model, optimizer, lr_scheduler, step, final)  # joins the gather; writes nothing
-    else:
-        with staging(final) as work:
-            save_checkpoint(accelerator, model, optimizer, lr_scheduler, step, work / final.name)
-            replace_folder(work / final.name, final)
-        for old in sorted(paths.checkpoints.glob("step-*"))[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
 def _check_finite(grad_norm: torch.Tensor | None, loss: torch.Tensor, step: int, paths: RunPaths) -> None:
     """Stop before a non-finite gradient reaches the weights (the norm is global, so every process stops)."""
     if grad_norm is not None and math.isfinite(float(grad_norm)):
@@ -490,20 +160,6 @@ def _check_finite(grad_norm: torch.Tensor | None, loss: torch.Tensor, step: int,
         f"{f'last good checkpoint {kept}' if kept else 'no checkpoint was written yet'}; "
         "check the data for NaN/inf, or lower --lr"
     )
-
-
-def sample_noise(
-    seed: int, first: int, shape: torch.Size, sampler: TimestepSampler
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(noise, sigmas, timesteps) of the samples numbered first, first + 1, ... of the run.
-
-    Each sample draws from its own generator keyed by its global number, so N processes with batch b
-    draw exactly what one process with batch N * b draws: the run does not depend on the GPU count.
-    """
-    generators = [step_generator(seed, first + i) for i in range(shape[0])]
-    noise = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators])
-    sigmas, timesteps = (torch.cat(t) for t in zip(*(sampler.sample(1, g) for g in generators), strict=True))
-    return noise, sigmas, timesteps
 
 
 def _fsdp_wrap_blocks(accelerator: Accelerator, family: ModelFamily) -> None:
@@ -556,7 +212,7 @@ def adapt(
     family = folder_family(folder)
     if not family.supports_training():
         raise AdaptError(f"adapt does not support {family.name} checkpoints yet (no denoising call for training)")
-    _check_run_folder(paths, settings, resume)
+    check_run_folder(paths, settings, resume)
     with sigterm_raises():
         return _train(root, out, component, folder, paths, settings, resume, stop_after, progress)
 
@@ -692,7 +348,7 @@ def _train(
                 validate()
             every = settings.checkpoint_every
             if (every and step % every == 0) or step == last_step < settings.steps:
-                _save_checkpoint(accelerator, paths, model, optimizer, lr_scheduler, step, settings.keep_checkpoints)
+                save_run_checkpoint(accelerator, paths, model, optimizer, lr_scheduler, step, settings.keep_checkpoints)
     if step < settings.steps:
         return None
     after = validate()
@@ -759,6 +415,3 @@ def write_adapted(
         write_marker(staged, "adapt", weight_digests(staged))
         replace_folder(staged, out)
     return out
-
-
-__all__ = ["AdaptError", "AdaptSettings", "DataError", "adapt", "run_folder", "write_adapted"]

@@ -12,16 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from nabla_convert.config import (
-    threshold_text,
-)
+from nabla_convert.config import threshold_text
 from nabla_convert.eval.sampling import EvalResult, Preview
 from nabla_convert.folders import write_marker
-from nabla_convert.io import (
-    atomic_write,
-    atomic_write_text,
-    markdown_table,
-)
+from nabla_convert.io import atomic_write, atomic_write_text, markdown_table
 
 
 def json_safe(value: Any) -> Any:

@@ -11,9 +11,7 @@ from nabla_convert.convert import load_pipeline, resolve_model
 from nabla_convert.eval.report import write_outputs
 from nabla_convert.eval.sampling import EvalError, EvalResult, EvalSettings, HeldOut, evaluate
 from nabla_convert.folders import check_output, public_name
-from nabla_convert.io import (
-    open_safetensors,
-)
+from nabla_convert.io import open_safetensors
 from nabla_convert.reference import heldout_prompts
 
 

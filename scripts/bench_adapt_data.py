@@ -56,11 +56,10 @@ def batches_in_training_order(dataset: LatentDataset, args: argparse.Namespace):
         for k in range(args.batches):
             yield dataset.batch(sample_positions(0, len(dataset), k * args.batch_size, args.batch_size))
     else:
-        from nabla_convert.adapt.data import training_loader
+        from nabla_convert.adapt.data import MicroBatches, training_loader
 
-        yield from training_loader(
-            dataset, range(len(dataset)), 0, args.batch_size, steps=range(args.batches), workers=args.workers
-        )
+        batches = MicroBatches(args.batch_size)
+        yield from training_loader(dataset, range(len(dataset)), 0, batches, range(args.batches), args.workers)
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ from nabla_convert.recipes import load_recipe
 @click.option("--grad-accum", type=click.IntRange(min=1), help="Micro-steps per optimizer step.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), help="Checkpoint every N steps (0: never).")
 @click.option("--validate-every", type=click.IntRange(min=0), help="Validate every N steps (0: start and end only).")
+@click.option("--data-workers", type=click.IntRange(min=0), help="Processes reading the data ahead of the step [2].")
 @click.option("--seed", type=int, help="Seed of every random draw (data order, noise, timesteps).")
 @click.option("--component", help="Transformer of a two-transformer pipeline to adapt (transformer_2).")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT.run from its newest checkpoint.")

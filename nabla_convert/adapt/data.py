@@ -20,10 +20,11 @@ would, whatever happened to global RNG state in between.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -67,7 +68,10 @@ def write_latent_shard(path: str | os.PathLike, latents: torch.Tensor, condition
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """The samples of a latent dataset folder (or one shard file), read row by row from disk."""
+    """The samples of a latent dataset folder (or one shard file), read row by row from disk.
+
+    Each process (the training process, every DataLoader worker) opens each shard once, on its first row.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         path = Path(path)
@@ -94,14 +98,27 @@ class LatentDataset(torch.utils.data.Dataset):
             self.rows += [(shard, i) for i in range(sizes["latents"][0])]
         self.latent_shape = shapes["latents"]
         self.text_shape = shapes["prompt_embeds"]
+        self._handles: dict[Path, Any] = {}
+        self._pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         shard, row = self.rows[index]
-        with safe_open(shard, framework="pt") as f:
-            return {name: f.get_slice(name)[row : row + 1][0] for name in self.names}
+        handle = self._open(shard)
+        return {name: handle.get_slice(name)[row : row + 1][0] for name in self.names}
+
+    def _open(self, shard: Path) -> Any:
+        """This process's handle of `shard` (a forked worker opens its own, never its parent's)."""
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(shard, framework="pt")
+        return self._handles[shard]
+
+    def __getstate__(self) -> dict[str, Any]:  # a spawned worker opens its own handles
+        return {**self.__dict__, "_handles": {}}
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         items = [self[i] for i in indices]
@@ -137,6 +154,55 @@ def _epoch_permutation(seed: int, epoch: int, size: int) -> tuple[int, ...]:
 def sample_positions(seed: int, size: int, first: int, count: int) -> list[int]:
     """Positions (into the training index list) of global samples first..first+count, epoch after epoch."""
     return [_epoch_permutation(seed, k // size, size)[k % size] for k in range(first, first + count)]
+
+
+@dataclass(frozen=True)
+class MicroBatches:
+    """Where each micro-batch of one process starts among the run's samples: global sample numbers run over steps,
+    then micro-steps, then processes, so N processes with batch b read what one process with batch N * b reads."""
+
+    batch_size: int
+    grad_accum: int = 1
+    world: int = 1
+    rank: int = 0
+
+    def first(self, step: int, micro: int) -> int:
+        return ((step * self.grad_accum + micro) * self.world + self.rank) * self.batch_size
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Dataset indices of every micro-batch one process reads in `steps`, in the training loop's order."""
+
+    def __init__(self, train: Sequence[int], seed: int, batches: MicroBatches, steps: range) -> None:
+        self.train, self.seed, self.batches, self.steps = train, seed, batches, steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in self.steps:
+            for micro in range(self.batches.grad_accum):
+                first = self.batches.first(step, micro)
+                positions = sample_positions(self.seed, len(self.train), first, self.batches.batch_size)
+                yield [self.train[p] for p in positions]
+
+    def __len__(self) -> int:
+        return len(self.steps) * self.batches.grad_accum
+
+
+def training_loader(
+    dataset: LatentDataset,
+    train: Sequence[int],
+    seed: int,
+    batches: MicroBatches,
+    steps: range,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
+    """The micro-batches of `steps` for one process, read ahead by `workers` processes (0: in this one)."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=StepBatches(train, seed, batches, steps),
+        num_workers=workers,
+        pin_memory=pin_memory,
+    )
 
 
 @dataclass

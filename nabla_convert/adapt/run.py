@@ -18,7 +18,7 @@ from nabla_convert.adapt.settings import AdaptError, AdaptSettings
 from nabla_convert.folders import check_links, replace_folder, staging
 from nabla_convert.io import atomic_write_text
 
-RESUMABLE_CHANGES = {"checkpoint_every", "validate_every", "keep_checkpoints"}
+RESUMABLE_CHANGES = {"checkpoint_every", "validate_every", "keep_checkpoints", "data_workers"}
 
 
 @dataclass

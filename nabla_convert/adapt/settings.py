@@ -39,6 +39,7 @@ class AdaptSettings:
         diffusers' SD3 scripts; shift: flow shift (default: the checkpoint's scheduler config);
         sigma_range: the noise levels trained (one expert of a two-transformer model).
     checkpoint_every, validate_every: in steps (0 = only at the end); keep_checkpoints newest kept.
+    data_workers: DataLoader processes reading the latent shards ahead of the step (0: the training process).
     validation_samples: held-out samples (last heldout_fraction of the data) validated on.
     mixed_precision: "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp16" or "no".
     component: which transformer of a pipeline folder to adapt (e.g. transformer_2).
@@ -75,6 +76,7 @@ class AdaptSettings:
     seed: int = 0
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = True
+    data_workers: int = 2
     component: str = "transformer"
 
     def __post_init__(self) -> None:
@@ -98,7 +100,7 @@ class AdaptSettings:
         positive = ("steps", "batch_size", "grad_accum", "validation_samples", "keep_checkpoints", "text_length")
         for name in positive:
             check_int(getattr(self, name), name, minimum=1)
-        for name in ("lora_rank", "checkpoint_every", "validate_every", "rollout_steps"):
+        for name in ("lora_rank", "checkpoint_every", "validate_every", "rollout_steps", "data_workers"):
             check_int(getattr(self, name), name, minimum=0)
         check_int(self.seed, "seed")
         if self.warmup_steps is not None:

@@ -46,11 +46,12 @@ from tqdm.auto import tqdm
 from nabla_convert.adapt.checkpoint import load_checkpoint
 from nabla_convert.adapt.data import (
     LatentDataset,
+    MicroBatches,
     TimestepSampler,
     sample_noise,
-    sample_positions,
     split_heldout,
     take,
+    training_loader,
 )
 from nabla_convert.adapt.losses import DenseTeacher, loss_target, velocity, weighted_mse
 from nabla_convert.adapt.rollouts import teacher_rollouts
@@ -303,16 +304,27 @@ def _train(
         desc="adapt",
         disable=not (progress and accelerator.is_local_main_process),
     )
-    world, rank = accelerator.num_processes, accelerator.process_index
+    micro_batches = MicroBatches(
+        settings.batch_size, settings.grad_accum, accelerator.num_processes, accelerator.process_index
+    )
+    loader = training_loader(
+        dataset,
+        train,
+        settings.seed,
+        micro_batches,
+        range(step, last_step),
+        workers=settings.data_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    batches = iter(loader)
     with bar:  # closed (its line ended) also when a step fails, so the error gets its own line
         while step < last_step:
             started = time.perf_counter()
             total_loss = torch.zeros((), device=accelerator.device)
             for micro in range(settings.grad_accum):
                 with accelerator.accumulate(model):
-                    first = ((step * settings.grad_accum + micro) * world + rank) * settings.batch_size
-                    positions = sample_positions(settings.seed, len(train), first, settings.batch_size)
-                    batch = dataset.batch([train[p] for p in positions])
+                    first = micro_batches.first(step, micro)
+                    batch = next(batches)
                     noise, sigmas, timesteps = sample_noise(settings.seed, first, batch["latents"].shape, sampler)
                     latents, noise = (t.to(accelerator.device) for t in (batch["latents"], noise))
                     embeds = take(dataset.conditioning(batch), slice(None), accelerator.device)

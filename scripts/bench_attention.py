@@ -1,4 +1,4 @@
-"""GPU check and timing of the NABLA attention core (issues 2 and 8); writes JSON and Markdown to --out.
+"""GPU check and timing of the NABLA attention core (selection, mask and sparse kernel); writes JSON and Markdown to --out.
 
 1. Compiled flex on a NABLA mask equals masked SDPA at >= 16k tokens (padded grid, STA, bf16), and
    the fast selection equals the reference selection at the Wan2.1-14B 720p shape.

@@ -1,4 +1,4 @@
-"""Issue 18 on one GPU, in one process: kernel options, attention calls, whole models eager and compiled, a pipeline.
+"""Compiled NABLA on one GPU, in one process: kernel options, attention calls, whole models eager and compiled, a pipeline.
 
 Sections (run in this order; pick with --only):
 - smoke: a small NABLA transformer compiled with compile_repeated_blocks(fullgraph=True) equals eager, no recompile;

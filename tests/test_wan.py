@@ -16,7 +16,7 @@ from nabla_convert.models.tiny import tiny_transformer, tiny_wan_pipeline
 
 
 class RasterNablaReference:
-    """NABLA applied per layer on raster-order tokens, written from the definition (DESIGN §1).
+    """NABLA applied per layer on raster-order tokens, written from the definition (the NABLA paper, arXiv 2507.13546).
 
     Tile membership comes from each token's (frame, row, col); pooled maps, sort-and-accumulate
     selection and the STA window are computed in float64 per row. No tile-order permutation.

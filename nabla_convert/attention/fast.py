@@ -1,7 +1,7 @@
 """NABLA block selection without a sort: per-row cut-value search, fused on the GPU.
 
 The reference (`mask.nabla_block_mask`) sorts every row of the pooled map. A sort cannot meet the
-2 ms budget at 67k tokens x 40 heads (DESIGN §3), but the selection needs no order, only the cut:
+2 ms budget at 67k tokens x 40 heads (docs/benchmarks.md), but the selection needs no order, only the cut:
 an entry of value v is kept iff the mass of the entries strictly larger than v is at most the
 threshold. That mass only falls as v grows, so the kept set is {p >= c} for one cut value c per
 row, found by bisection over the bit patterns of non-negative float32 (whose integer order is

@@ -1,6 +1,6 @@
 """Block-sparse attention on a NABLA block mask: FlexAttention and a dense reference.
 
-Facts this module is built around (DESIGN §2):
+Facts this module is built around (measured on torch 2.11; docs/benchmarks.md):
 - eager flex_attention ignores the block indices, so the BlockMask always carries a mask_mod that
   looks the block up; compiled kernels skip it on full blocks, so it costs nothing there;
 - after dynamo's recompile limit a compiled frame silently falls back to eager, which materialises

@@ -2,7 +2,7 @@
 
 Composable pieces (each checked against a brute-force reference in tests/):
 `pool_blocks` -> `block_scores` -> `select_by_mass`, optionally OR `sta_block_mask`. The public
-entry point `nabla_block_mask` chains them exactly as DESIGN §1 and the public NABLA code do.
+entry point `nabla_block_mask` chains them exactly as the NABLA paper (arXiv 2507.13546) and its public code do.
 """
 
 from __future__ import annotations

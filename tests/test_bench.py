@@ -96,12 +96,13 @@ def test_report_arithmetic_and_json(tmp_path) -> None:
     attention = AttentionRow(67200, 67200, 40, 128, 64, 0.1, 2.0, 7.0, 20.0, 146.0, "cudnn", 2.0)
     step = StepRow("wan2.1-t2v-14b", 4, 67200, 67200, 0.1, None, None, 980.0, 490.0, 10.0, 11.0, 1.5)
     report = BenchReport({"card": "H100", "torch": "2.11", "date": "2026-11-27"}, {}, [attention], [step])
-    assert attention.speedup == pytest.approx(146.0 / 22.0)
-    assert attention.target_ms == pytest.approx(1.3 * 0.1 * 146.0)
+    assert attention.speedup == pytest.approx(6.6364, abs=1e-4)  # 146 ms dense / (2 ms mask + 20 ms sparse)
+    assert attention.target_ms == pytest.approx(18.98)  # 1.3 x density 0.1 x 146 ms
     data = json.loads(report.write(tmp_path / "bench.json").read_text())
     assert data["summary"]["step_speedup_d0.1"] == 2.0
     assert data["summary"]["mask_ms"] == 2.0
-    assert data["attention"][0]["speedup"] == pytest.approx(146.0 / 22.0)
+    assert data["attention"][0]["speedup"] == pytest.approx(6.6364, abs=1e-4)
+    assert "| 2.00 (7.0) | 20.00 | 18.98 | 146.00 (cudnn) | 6.64x |" in report.table()
     assert "| wan2.1-t2v-14b (4) | 67,200 (67,200) | eager | 0.1 | 980.0 | 490.0 | 2.00x |" in report.table()
     compiled = StepRow("wan2.1-t2v-14b", 40, 75600, 80640, None, 0.1, 0.094, 9000.0, 3000.0, 35.0, 36.0, 40.0, True, 0)
     report.steps.append(compiled)

@@ -48,7 +48,7 @@ def _is_bench_report(path: Path) -> bool:
 @click.argument("model", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--arch", help="Architecture preset with random weights (e.g. wan2.1-t2v-14b, kandinsky5-t2v-lite).")
 @click.option("--resolution", default="832x480", show_default=True, help="Video size WIDTHxHEIGHT.")
-@click.option("--frames", type=click.IntRange(min=1), default=81, show_default=True)
+@click.option("--frames", type=click.IntRange(min=1), default=81, show_default=True, help="Video frames.")
 @click.option("--density", type=DENSITIES, help="Forced densities, comma-separated (random key blocks per row).")
 @click.option("--threshold", type=float, help="NABLA threshold (instead of the model's or recipe's).")
 @click.option("--sta", type=StaWindow(), help="STA window wT,wH,wW in tiles, e.g. 11,3,3.")

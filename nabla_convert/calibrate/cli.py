@@ -59,7 +59,13 @@ DEFAULT_PROMPTS = shipped_folder("calibration") / "prompts.txt"
     help="Start over in an --out that holds another calibration (by default a rerun resumes its own stats).",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-@click.option("--dtype", type=click.Choice(["auto", *sorted(DTYPES)]), default="auto", show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", *sorted(DTYPES)]),
+    default="auto",
+    show_default=True,
+    help="Weights dtype (auto: bfloat16 on a GPU, float32 on the CPU).",
+)
 def calibrate_command(model, out, prompts, prompt_embeds, recipe, from_stats, overwrite, device, dtype, **plan) -> None:
     """Measure MODEL's self-attention layers on prompts and choose each layer's NABLA threshold for a target.
 

@@ -21,11 +21,23 @@ from nabla_convert.options import CommaList, model_argument
     help="Prompt file, one per line (default: the reference model's held-out prompts).",
 )
 @click.option("--seeds", type=CommaList(int), default="0", show_default=True, help="Comma-separated seeds per prompt.")
-@click.option("--steps", type=click.IntRange(min=1), default=reference.RECOMMENDED_STEPS, show_default=True)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=reference.RECOMMENDED_STEPS,
+    show_default=True,
+    help="Denoising steps per sample.",
+)
 @click.option("--guidance", type=float, default=reference.RECOMMENDED_GUIDANCE, show_default=True, help="CFG scale.")
-@click.option("--height", type=click.IntRange(min=16), default=reference.HEIGHT, show_default=True)
-@click.option("--width", type=click.IntRange(min=16), default=reference.WIDTH, show_default=True)
-@click.option("--frames", type=click.IntRange(min=1), default=reference.NUM_FRAMES, show_default=True)
+@click.option(
+    "--height", type=click.IntRange(min=16), default=reference.HEIGHT, show_default=True, help="Video height in pixels."
+)
+@click.option(
+    "--width", type=click.IntRange(min=16), default=reference.WIDTH, show_default=True, help="Video width in pixels."
+)
+@click.option(
+    "--frames", type=click.IntRange(min=1), default=reference.NUM_FRAMES, show_default=True, help="Frames per video."
+)
 @click.option("--max-samples", type=click.IntRange(min=1), help="Evaluate at most this many (prompt, seed) pairs.")
 @click.option(
     "--latents",
@@ -33,7 +45,13 @@ from nabla_convert.options import CommaList, model_argument
     help="Held-out latents (safetensors: 'latents' N,C,F,H,W + 'prompts' metadata) for the loss; default: A's samples.",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(sorted(DTYPES)),
+    default="float32",
+    show_default=True,
+    help="Weights dtype of both pipelines.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace --out if it holds an earlier nabla-convert report.")
 def eval_command(
     model_a,

@@ -10,7 +10,8 @@ from huggingface_hub import ModelCard
 
 from nabla_convert import NablaConfig, convert
 from nabla_convert.config import LayerSettings
-from nabla_convert.hub import InvalidCheckpointError, check_checkpoint, generate_card, prepare_push
+from nabla_convert.errors import InvalidCheckpointError
+from nabla_convert.hub import check_checkpoint, generate_card, prepare_push
 from nabla_convert.models.tiny import tiny_wan_pipeline
 
 REPO = "alice/wan-nabla"

@@ -22,8 +22,7 @@ from huggingface_hub.errors import RepositoryNotFoundError
 from nabla_convert import NablaConfig, NablaWanTransformer3DModel, convert
 from nabla_convert.cli import main
 from nabla_convert.config import LayerSettings
-from nabla_convert.folders import MARKER
-from nabla_convert.hub import (
+from nabla_convert.errors import (
     AuthenticationError,
     HubConnectionError,
     InvalidArgumentsError,
@@ -31,9 +30,9 @@ from nabla_convert.hub import (
     NotFoundError,
     PermissionDeniedError,
     VerificationError,
-    prepare_push,
-    push_to_hub,
 )
+from nabla_convert.folders import MARKER
+from nabla_convert.hub import prepare_push, push_to_hub
 from nabla_convert.hub import push as push_module
 
 ALICE = "hf_alice_write"

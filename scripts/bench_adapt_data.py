@@ -4,6 +4,7 @@ Writes a latent dataset of SHARDS shards (latents 16 x F x H x W and prompt_embe
 teacher rollouts or a prepared dataset hold them), then reads batches in the training loop's order (adapt's
 deterministic per-step positions): `--mode rows` through LatentDataset.batch in the training process (every
 version has it), `--mode loader` through adapt's DataLoader (worker processes, one open handle per shard).
+`--step-ms` sleeps that long per batch as the GPU step would, so the wait for data shows what the step would wait.
 
     python scripts/bench_adapt_data.py --mode rows --out bench_data_rows.json
     python scripts/bench_adapt_data.py --mode loader --workers 2 --out bench_data_loader.json
@@ -36,6 +37,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rows-per-shard", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--batches", type=int, default=48)
+    parser.add_argument(
+        "--step-ms",
+        type=float,
+        default=0.0,
+        help="time the training step would take per batch (slept: it frees the CPU)",
+    )
     parser.add_argument("--data", type=Path, help="reuse this dataset folder (written if missing)")
     parser.add_argument("--out", type=Path, required=True)
     return parser.parse_args()
@@ -70,18 +77,26 @@ def main() -> None:
             write_dataset(folder, args)
         dataset = LatentDataset(folder)
         sample_bytes = sum(torch.Size(shape).numel() * 4 for shape in (dataset.latent_shape, dataset.text_shape))
-        started, count, first_s = time.perf_counter(), 0, None
-        for batch in batches_in_training_order(dataset, args):
+        started, count, waits = time.perf_counter(), 0, []
+        batches = batches_in_training_order(dataset, args)
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            waits.append(time.perf_counter() - asked)
             count += len(batch["latents"])
-            first_s = first_s if first_s is not None else time.perf_counter() - started
+            time.sleep(args.step_ms / 1000)
         seconds = time.perf_counter() - started
     result = {
         "mode": args.mode,
         "workers": args.workers if args.mode == "loader" else 0,
         "samples": count,
         "seconds": round(seconds, 3),
-        "first_batch_s": round(first_s, 3),
+        "step_ms": args.step_ms,
+        "first_batch_s": round(waits[0], 3),
         "samples_per_s": round(count / seconds, 2),
+        "data_wait_ms_per_batch_after_first": round(1000 * sum(waits[1:]) / max(len(waits) - 1, 1), 1),
         "mb_per_sample": round(sample_bytes / 2**20, 1),
         "latent": args.latent,
         "text": args.text,

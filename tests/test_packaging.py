@@ -133,3 +133,16 @@ def test_every_imported_package_is_a_declared_dependency():
     }
     undeclared = {name: sorted(users) for name, users in imported_distributions().items() if name not in declared}
     assert undeclared == {}
+
+
+def test_readme_map_lists_every_file_of_the_package_and_scripts():
+    """README's layout map has one line per source file of nabla_convert/ and scripts/, and names nothing else."""
+    layout = (ROOT / "README.md").read_text().split("## Layout", 1)[1]
+    mapped = {path for path in re.findall(r"^\| `([^`]+)`", layout, flags=re.MULTILINE) if path.endswith(".py")}
+    files = {
+        path.relative_to(ROOT).as_posix()
+        for folder in ("nabla_convert", "scripts")
+        for path in (ROOT / folder).rglob("*.py")
+        if "pipeline" not in path.parts
+    }
+    assert mapped == files, {"not in the map": sorted(files - mapped), "not in the tree": sorted(mapped - files)}

@@ -16,6 +16,7 @@ from nabla_convert.attention import (
     nabla_attention,
     nabla_block_mask,
 )
+from nabla_convert.attention.blockwise import block_partials, combine_blocks
 from nabla_convert.attention.flex import compact_indices, to_block_mask
 
 GRIDS = [(2, 16, 16), (3, 12, 20), (1, 9, 15), (2, 8, 24)]  # token grids; the middle two need padding
@@ -269,3 +270,21 @@ def test_compiled_flex_matches_reference_and_refuses_eager_fallback(monkeypatch)
     _, q2, k2, v2, keep2 = random_case((2, 8, 24), 0.5)
     with pytest.raises(RecompileLimitError, match="refusing the eager fallback"):
         block_sparse_attention(q2, k2, v2, keep2, backend="flex")
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_block_partials_combine_to_masked_sdpa(padded):
+    """Any set of kept key blocks, from the partials alone, equals SDPA with those blocks (and padding) masked."""
+    torch.manual_seed(0)
+    B, H, S, D, kv_block = 2, 3, 256, 16, 64
+    q, k, v = (torch.randn(B, H, S, D, dtype=torch.float64) for _ in range(3))
+    valid = torch.arange(S) < (S - 40 if padded else S)  # the last key block is partly padding
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(~valid, float("-inf"))
+    partials = block_partials(scores, v, kv_block)
+    keep = torch.rand(B, H, S, S // kv_block) < 0.5
+    keep[..., 0] = True  # every row keeps a block with real keys
+    mask = keep.repeat_interleave(kv_block, dim=-1) & valid
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(combine_blocks(*partials, keep), expected)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=valid.expand(S, S))
+    torch.testing.assert_close(combine_blocks(*partials, torch.ones_like(keep)), dense)

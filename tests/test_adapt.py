@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from nabla_convert import NablaConfig, NablaWanTransformer3DModel, convert, load
 from nabla_convert.adapt import AdaptError, AdaptSettings, DataError, LatentDataset, adapt, write_latent_shard
-from nabla_convert.adapt.data import TimestepSampler, sample_positions
+from nabla_convert.adapt.data import MicroBatches, TimestepSampler, sample_positions, training_loader
 from nabla_convert.adapt.losses import relative_error, weighted_mse
 from nabla_convert.models.tiny import tiny_wan_pipeline
 
@@ -266,3 +266,24 @@ def test_two_processes_train_what_one_process_trains_with_their_joint_batch(conv
         "shard-00000.safetensors",
         "shard-00001.safetensors",
     ]
+
+
+def test_training_loader_reads_each_micro_batch_of_the_loop_from_worker_processes(tmp_path):
+    """The DataLoader (two workers, two shards) yields the rows the loop asks for, step after step, micro-step after
+    micro-step, for one process of several; a loader started at a later step (resume) yields the tail."""
+    latents, embeds = torch.randn(6, 4, 2, 4, 4), torch.randn(6, 3, 8)
+    write_latent_shard(tmp_path / "a.safetensors", latents[:4], embeds[:4])
+    write_latent_shard(tmp_path / "b.safetensors", latents[4:], embeds[4:])
+    dataset, train = LatentDataset(tmp_path), [0, 1, 2, 4, 5]
+    batches = MicroBatches(batch_size=2, grad_accum=2, world=2, rank=1)
+    got = list(training_loader(dataset, train, 7, batches, range(0, 4), workers=2))
+    wanted = [
+        [train[p] for p in sample_positions(7, len(train), batches.first(step, micro), 2)]
+        for step in range(4)
+        for micro in range(2)
+    ]
+    assert len(got) == len(wanted) == 8
+    for batch, rows in zip(got, wanted, strict=True):
+        assert torch.equal(batch["latents"], latents[rows]) and torch.equal(batch["prompt_embeds"], embeds[rows])
+    resumed = list(training_loader(dataset, train, 7, batches, range(2, 4)))
+    assert all(torch.equal(a["latents"], b["latents"]) for a, b in zip(resumed, got[4:], strict=True))

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from nabla_convert.convert import load_pipeline
 from nabla_convert.eval.metrics import psnr
 from nabla_convert.flow import weighted_mean
 from nabla_convert.io import atomic_write, atomic_write_text
@@ -100,14 +101,6 @@ def build_pipeline(seed: int = 0):
         scheduler=FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT),
         transformer=transformer,
     )
-
-
-def load_pipeline(path: str, device: str):
-    from diffusers import WanPipeline
-
-    pipe = WanPipeline.from_pretrained(path).to(device)  # float32, also where weights are stored in bf16
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def save_json(path: Path, payload: dict) -> None:
@@ -217,7 +210,7 @@ def cmd_vae(args: argparse.Namespace) -> None:
     rank, processes = accelerator.process_index, accelerator.num_processes
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(args.pipeline, DEVICE)
+    pipe = load_pipeline(args.pipeline, device=DEVICE, dtype="float32")
     vae = pipe.vae.train()
     if args.decoder_only:  # the transformer was trained on this encoder's latents: keep them, sharpen the decoder
         for module in (vae.encoder, vae.quant_conv):
@@ -320,7 +313,7 @@ def cmd_dit(args: argparse.Namespace) -> None:
     rank, main = accelerator.process_index, accelerator.is_main_process
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(args.pipeline, DEVICE)
+    pipe = load_pipeline(args.pipeline, device=DEVICE, dtype="float32")
     if args.resume:
         pipe.transformer.load_state_dict(load_file(Path(args.resume) / "raw_transformer.safetensors"))
     pool = cached_pool(pipe, args, rank)
@@ -392,7 +385,7 @@ def cmd_dit(args: argparse.Namespace) -> None:
 
 
 def cmd_heldout(args: argparse.Namespace) -> None:
-    pipe = load_pipeline(args.pipeline, args.device)
+    pipe = load_pipeline(args.pipeline, device=args.device, dtype="float32")
     prompts, videos = heldout_videos(args.count, args.device)
     print(json.dumps({"heldout_loss": heldout_loss(pipe, videos, prompts), "clips": args.count, **device_record()}))
 

@@ -141,6 +141,7 @@ def main() -> None:
         frames=frames,
         guidance=args.guidance,
         target_density=0.3,
+        progress=False,
     )
     sync()
     calibrate_s = time.time() - start

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from nabla_convert.bench import environment, parse_resolution
 from nabla_convert.calibrate import calibrate
 from nabla_convert.calibrate.distributed import Processes
+from nabla_convert.io import resolve_device
 from nabla_convert.models.wan import WAN
 
 SMALL = dict(num_layers=2, attention_head_dim=24, ffn_dim=64, text_dim=32, num_attention_heads=2)
@@ -82,7 +83,7 @@ def same_stats(path: Path, reference: Path) -> dict[str, object]:
 def main() -> None:
     args = parse_args()
     processes, device = Processes.launched("cpu" if args.small else "auto")
-    device = torch.device(device)
+    device = resolve_device(device)
     work = args.work or args.out
     config = {**WAN.archs[args.arch], **(SMALL if args.small else {})}
     width, height = (256, 240) if args.small else parse_resolution(args.resolution)

@@ -150,6 +150,9 @@ def test_several_processes_take_their_own_gpus_and_search_in_one(monkeypatch, tm
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(DeviceError, match="each process takes its own GPU"):
         Processes.launched("cuda:1")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="no CUDA GPU"):
+            Processes.launched("cuda")
     stats = tmp_path / "stats.safetensors"
     stats.write_bytes(b"")
     result = CliRunner().invoke(main, ["calibrate", "--from-stats", str(stats), "--out", str(tmp_path / "o")])

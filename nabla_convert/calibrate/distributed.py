@@ -49,9 +49,16 @@ class Processes:
                 f"--device {device} with {launched_processes()} processes: each process takes its own GPU; "
                 "give auto, cuda or cpu"
             )
+        if device == "cuda" and not torch.cuda.is_available():
+            raise DeviceError("device 'cuda' is not usable on this machine (no CUDA GPU); give auto or cpu")
         from accelerate import PartialState
 
         state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+        if state.num_processes != launched_processes():  # each process would take itself for the only one
+            raise DeviceError(
+                f"accelerate was set up for {state.num_processes} process(es) before this launch of "
+                f"{launched_processes()}; start calibrate in fresh processes"
+            )
         return cls(state.process_index, state.num_processes), str(state.device)
 
     @property

@@ -39,8 +39,9 @@ from nabla_convert.calibrate import (
     search,
 )
 from nabla_convert.calibrate.cli import DEFAULT_PROMPTS
-from nabla_convert.calibrate.collect import ComponentStats, Probe
+from nabla_convert.calibrate.probe import Probe
 from nabla_convert.calibrate.search import choose_head_options, choose_options, curves, spend_density
+from nabla_convert.calibrate.stats import ComponentStats
 from nabla_convert.cli import main
 from nabla_convert.config import ConfigError, NablaConfig, load_config_file
 from nabla_convert.convert import load

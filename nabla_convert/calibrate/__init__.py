@@ -36,18 +36,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from nabla_convert.calibrate.collect import (
-    CalibrationError,
-    CalibrationPlan,
-    Candidate,
-    Sample,
-    Stats,
-    collect,
-    pipeline_transformers,
-)
+from nabla_convert.calibrate.collect import collect, pipeline_transformers
 from nabla_convert.calibrate.distributed import Processes
+from nabla_convert.calibrate.plan import CalibrationError, CalibrationPlan, Candidate, Sample
 from nabla_convert.calibrate.report import write_outputs
 from nabla_convert.calibrate.search import ComponentChoice, Target, evaluate, search
+from nabla_convert.calibrate.stats import Stats
 from nabla_convert.config import NablaConfig
 from nabla_convert.convert import load_pipeline, resolve_model, transformer_components
 from nabla_convert.folders import check_output, public_name, write_marker

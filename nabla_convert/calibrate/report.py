@@ -21,8 +21,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from nabla_convert.attention.mask import compose_mask, real_blocks, select_by_mass, sta_block_mask
-from nabla_convert.calibrate.collect import Stats
 from nabla_convert.calibrate.search import ComponentChoice
+from nabla_convert.calibrate.stats import Stats
 from nabla_convert.io import atomic_write, atomic_write_text, markdown_table
 
 CONFIG_FILE = "nabla_config.json"

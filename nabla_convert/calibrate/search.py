@@ -35,7 +35,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from nabla_convert.calibrate.collect import CalibrationError, CalibrationPlan, Candidate, ComponentStats, Stats
+from nabla_convert.calibrate.plan import CalibrationError, CalibrationPlan, Candidate
+from nabla_convert.calibrate.stats import ComponentStats, Stats
 from nabla_convert.config import LayerSettings, NablaConfig
 
 FULL = 1.0 - 1e-6  # a density at or above this keeps every block

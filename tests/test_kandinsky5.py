@@ -319,3 +319,35 @@ def test_denoising_call_matches_the_stock_pipeline_step():
         conditioning = family.encode_prompts(pipe, ["a red ball moves left"], max_length=16)
         velocity = family.velocity(pipe.transformer, x, torch.tensor([1000.0]), conditioning)
     torch.testing.assert_close(x - stepped, velocity, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_times_diffusers_builtin_nabla_through_the_family():
+    """bench's built-in row calls the dense K5 model with the pipeline's sparse_params on the flex backend; a shape the
+    built-in cannot run is a row with its error, not a crash. Wan has no built-in NABLA."""
+    from nabla_convert.bench import BenchReport, transformer_step_rows
+
+    model = tiny_kandinsky5_transformer(visual_cond=True)
+    family = family_of(model)
+    config = NablaConfig(threshold=0.7, sta=(3, 1, 1))
+    calls = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs.get("sparse_params")), with_kwargs=True
+    )
+    rows = transformer_step_rows(
+        family, "tiny", {}, (256, 128), 9, config, [None], model=model, builtin=(False,), reps=1
+    )
+    assert [r.implementation for r in rows] == ["diffusers built-in", "nabla-convert"]
+    assert all(r.error is None and r.nabla_ms > 0 for r in rows)
+    builtin_calls = [c for c in calls if c is not None]
+    assert builtin_calls and all(c["P"] == 0.7 and c["to_fractal"] for c in builtin_calls)
+    expected_sta = Kandinsky5T2VPipeline.fast_sta_nabla(3, 1, 2, 3, 1, 1, device="cpu")  # 3 x 8 x 16 tokens
+    assert torch.equal(builtin_calls[0]["sta_mask"][0, 0], expected_sta)
+    assert all(p.processor._attention_backend is None for p in family.self_attention(model))  # backend restored
+    padded = transformer_step_rows(
+        family, "tiny", {}, (176, 128), 9, config, [None], model=model, builtin=(False,), reps=1
+    )
+    assert (
+        padded[0].error.startswith("FamilyError")
+        and "fails: FamilyError" in BenchReport({"card": "cpu", "torch": "", "date": ""}, {}, steps=padded).table()
+    )
+    assert not family_for_arch("wan2.1-t2v-1.3b").has_builtin_nabla() and family.has_builtin_nabla()

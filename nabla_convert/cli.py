@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from nabla_convert.config import ConfigError, NablaConfig, NablaError, load_config_file, parse_window
-from nabla_convert.convert import convert
+from nabla_convert.convert import SharedWeightsWarning, convert
 from nabla_convert.folders import check_output
 from nabla_convert.recipes import load_recipe
 
@@ -168,7 +168,7 @@ def convert_command(
     calibration = config.parent / "calibration.json" if config else None
     reports = {"calibration": calibration} if calibration and calibration.is_file() else None
     with warnings.catch_warnings(record=True) as warned:
-        warnings.simplefilter("always")
+        warnings.simplefilter("always", SharedWeightsWarning)
         written = convert(
             model,
             out,
@@ -181,7 +181,10 @@ def convert_command(
             link=not copy,
         )
     for warning in warned:
-        click.echo(f"Warning: {warning.message}", err=True)
+        if issubclass(warning.category, SharedWeightsWarning):
+            click.echo(f"Warning: {warning.message}", err=True)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     click.echo(f"wrote NABLA checkpoint to {written}")
 
 

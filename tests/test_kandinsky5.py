@@ -362,7 +362,10 @@ def test_bench_times_diffusers_builtin_nabla_through_the_family():
     assert builtin_calls and all(c["P"] == 0.7 and c["to_fractal"] for c in builtin_calls)
     expected_sta = Kandinsky5T2VPipeline.fast_sta_nabla(3, 1, 2, 3, 1, 1, device="cpu")  # 3 x 8 x 16 tokens
     assert torch.equal(builtin_calls[0]["sta_mask"][0, 0], expected_sta)
-    assert all(p.processor._attention_backend is None for p in family.self_attention(model))  # backend restored
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    assert all(p.processor._attention_backend is None for p in family.self_attention(model))  # backends restored
+    assert _AttentionBackendRegistry.get_active_backend()[0] == "native"  # diffusers' process-wide default too
     padded = transformer_step_rows(
         family, "tiny", {}, (176, 128), 9, config, [None], model=model, builtin=(False,), reps=1
     )

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
-from diffusers import Kandinsky5T2VPipeline, Kandinsky5Transformer3DModel
+from diffusers import Kandinsky5T2VPipeline, Kandinsky5Transformer3DModel, attention_backend
 from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnProcessor
 
 from nabla_convert.config import NablaConfig
@@ -165,11 +165,14 @@ class Kandinsky5Family(ModelFamily):
             raise FamilyError("diffusers' built-in K5 NABLA takes one threshold > 0 and always an STA window")
         device = next(transformer.parameters()).device
         sta_mask = Kandinsky5T2VPipeline.fast_sta_nabla(T, H // 8, W // 8, *config.sta, device=device)
-        transformer.set_attention_backend("flex")
-        try:
-            yield {"sparse_params": {"sta_mask": sta_mask[None, None], "P": config.threshold, "to_fractal": True}}
-        finally:
-            transformer.reset_attention_backend()
+        # set_attention_backend also makes flex diffusers' process-wide default, which reset_attention_backend keeps:
+        # the attention_backend context puts the default back
+        with attention_backend("flex"):
+            transformer.set_attention_backend("flex")
+            try:
+                yield {"sparse_params": {"sta_mask": sta_mask[None, None], "P": config.threshold, "to_fractal": True}}
+            finally:
+                transformer.reset_attention_backend()
 
     def load_text_encoder(self, root, device):
         return Kandinsky5T2VPipeline.from_pretrained(root, transformer=None, vae=None).to(device)

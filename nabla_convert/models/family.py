@@ -7,8 +7,8 @@ instance with `nabla_convert.models.register`. Methods without a default must be
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -91,14 +91,12 @@ class ModelFamily(ABC):
         """NABLA settings a checkpoint's own config carries (None: it has none)."""
         return None
 
-    @contextmanager
     def builtin_nabla(
         self, transformer: torch.nn.Module, grid: tuple[int, int, int], config: NablaConfig
-    ) -> Iterator[dict[str, Any]]:
-        """The family's own NABLA in diffusers (bench compares against it): inside the block, the dense transformer
-        runs it at `config`'s threshold and window when called with the yielded extra forward kwargs."""
+    ) -> AbstractContextManager[dict[str, Any]]:
+        """The family's own NABLA in diffusers (bench compares against it): inside the context, the dense transformer
+        runs it at `config`'s threshold and window when called with the extra forward kwargs the context gives."""
         raise FamilyError(f"{self.name}: diffusers has no built-in NABLA for this family")
-        yield {}
 
     def has_builtin_nabla(self) -> bool:
         return type(self).builtin_nabla is not ModelFamily.builtin_nabla

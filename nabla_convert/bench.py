@@ -532,7 +532,7 @@ def random_transformer(family: ModelFamily, model_config: dict[str, Any], layers
 
 def bf16_model(model: torch.nn.Module) -> torch.nn.Module:
     """The model in bf16 as from_pretrained(torch_dtype=bf16) gives it: its `_keep_in_fp32_modules` stay float32
-    (Kandinsky 5's time embeddings and modulations take float32 inputs)."""
+    (e.g. time embeddings and modulations that take float32 inputs)."""
     keep = getattr(model, "_keep_in_fp32_modules", None) or ()
     model.to(torch.bfloat16)
     for name, module in model.named_modules():

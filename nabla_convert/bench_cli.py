@@ -72,7 +72,7 @@ def _densities(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option(
     "--builtin",
     is_flag=True,
-    help="Also time the family's own NABLA in diffusers (Kandinsky 5's attention_type nabla), compiled as ours.",
+    help="Also time the family's own NABLA in diffusers, where it has one, compiled as ours.",
 )
 @click.option(
     "--out",

@@ -1,4 +1,4 @@
-"""`nabla-convert bench`: the Click layer over nabla_convert.bench.run_bench."""
+"""`nabla-convert bench`: the Click layer over nabla_convert.bench.measure.run_bench."""
 
 from __future__ import annotations
 
@@ -62,6 +62,11 @@ def _is_bench_report(path: Path) -> bool:
 @click.option("--skip-step", is_flag=True, help="Only the per-attention-call table.")
 @click.option("--compiled", is_flag=True, help="Also time the step under diffusers' compile_repeated_blocks().")
 @click.option(
+    "--builtin",
+    is_flag=True,
+    help="Also time the family's own NABLA in diffusers, where it has one, compiled as ours.",
+)
+@click.option(
     "--out",
     "-o",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -84,6 +89,7 @@ def bench(
     batch,
     skip_step,
     compiled,
+    builtin,
     out,
 ) -> None:
     """Time NABLA against the best dense SDPA on this GPU, per attention call and per transformer step.
@@ -130,6 +136,7 @@ def bench(
             batch=batch,
             step=not skip_step,
             compiled=compiled,
+            builtin=builtin,
         )
     except (ConfigError, ValueError) as err:
         raise click.UsageError(str(err)) from None

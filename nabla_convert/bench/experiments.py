@@ -18,6 +18,7 @@ from nabla_convert.attention.flex import compiled_flex_attention, kernel_options
 from nabla_convert.bench.measure import (
     block_mask_for,
     cuda_ms,
+    error_line,
     forced_keep,
     random_qkv,
     sparse_attention_ms,
@@ -36,11 +37,6 @@ def selection_agreement(token_grid_, heads: int, threshold: float, sta=None, q_b
     reference = nabla_block_mask(q, k, **kwargs)
     differing = int((fast != reference).sum())
     return {"differing_blocks": differing, "blocks": fast.numel(), "density": float(reference.float().mean())}
-
-
-def error_line(err: Exception) -> str:
-    """A failure as one short line for a result row (a kernel the card cannot build is a result, not a crash)."""
-    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
 
 
 @dataclass

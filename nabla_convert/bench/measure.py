@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from nabla_convert.attention import BlockSelection, TileLayout, nabla_block_mask, nabla_selection, to_block_mask
 from nabla_convert.attention.flex import compiled_flex_attention, enable_compile_cache, kernel_options_for
-from nabla_convert.bench.report import BenchReport
+from nabla_convert.bench.report import OWN_IMPLEMENTATION, BenchReport
 from nabla_convert.config import NablaConfig
 from nabla_convert.errors import NablaError
 from nabla_convert.models.family import ModelFamily
@@ -245,6 +245,11 @@ def attention_rows(
     return rows
 
 
+def error_line(err: Exception) -> str:
+    """A failure as one short line for a result row (a kernel the card cannot build is a result, not a crash)."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+
+
 @dataclass
 class StepRow:
     arch: str
@@ -261,6 +266,8 @@ class StepRow:
     compile_s: float
     compiled: bool = False
     graph_breaks: int | None = None
+    implementation: str = OWN_IMPLEMENTATION
+    error: str | None = None  # the run failed (NaN times): its one-line error
 
     @property
     def speedup(self) -> float:
@@ -343,7 +350,18 @@ def random_transformer(family: ModelFamily, model_config: dict[str, Any], layers
     key = family.layers_key
     model_config = {**model_config, key: layers or model_config.get(key, 40)}
     with torch.device("cuda"):
-        return family.transformer_classes[0](**model_config).to(torch.bfloat16).eval()
+        return bf16_model(family.transformer_classes[0](**model_config)).eval()
+
+
+def bf16_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model in bf16 as from_pretrained(torch_dtype=bf16) gives it: its `_keep_in_fp32_modules` stay float32
+    (e.g. time embeddings and modulations that take float32 inputs)."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+    model.to(torch.bfloat16)
+    for name, module in model.named_modules():
+        if any(part in keep for part in name.split(".")):
+            module.to(torch.float32)
+    return model
 
 
 def transformer_step_rows(
@@ -362,6 +380,7 @@ def transformer_step_rows(
     reps: int = 3,
     compiled: Sequence[bool] = (False,),
     model: torch.nn.Module | None = None,
+    builtin: Sequence[bool] = (),
 ) -> list[StepRow]:
     """Transformer forward time, dense (best SDPA) vs NABLA, eager and/or compiled, in one process.
 
@@ -370,6 +389,8 @@ def transformer_step_rows(
     densities run eager only). Compiled = diffusers' `compile_repeated_blocks()`, dense and NABLA
     alike. Builds the family's transformer of `model_config` with random bf16 weights (truncated to
     `layers` blocks when given) unless `model` is passed; inputs are the family's random inputs.
+    `builtin` (modes: True = compiled) adds a row of the family's own NABLA in diffusers (`ModelFamily.builtin_nabla`)
+    at the config's threshold and window, compiled the same way (eager, its flex attention is unfused: small shapes).
     """
     from torch._dynamo.utils import counters
 
@@ -381,9 +402,25 @@ def transformer_step_rows(
     if not settings:
         settings = [(None, nabla.threshold)]
 
-    def forward():
+    def forward(**extra):
         with torch.no_grad():
-            return model(**inputs, return_dict=False)[0]
+            return model(**inputs, **extra, return_dict=False)[0]
+
+    def row(first_s, ms, peak, is_compiled, breaks_before, **fields):
+        return StepRow(
+            arch,
+            family.num_layers(model.config),
+            layout.num_tokens,
+            layout.padded_len,
+            dense_ms=dense_ms,
+            nabla_ms=ms,
+            dense_peak_gib=dense_peak,
+            nabla_peak_gib=peak,
+            compile_s=max(0.0, first_s - ms / 1e3),
+            compiled=is_compiled,
+            graph_breaks=sum(counters["graph_break"].values()) - breaks_before if is_compiled else None,
+            **fields,
+        )
 
     rows = []
     for is_compiled in compiled:
@@ -391,6 +428,26 @@ def transformer_step_rows(
         with context, sdpa_kernel([DENSE_BACKENDS[dense_backend], *DENSE_BACKENDS.values()], set_priority=True):
             remove_nabla(model)
             _, dense_ms, dense_peak = timed_call(forward, reps)
+            if is_compiled in builtin:
+                breaks_before = sum(counters["graph_break"].values())
+                failed = None
+                try:
+                    with family.builtin_nabla(model, grid, nabla) as extra:
+                        timed = timed_call(lambda extra=extra: forward(**extra), reps)
+                except Exception as err:  # diffusers' own code failing on this card or shape is a result
+                    failed, timed = error_line(err), (0.0, float("nan"), float("nan"))
+                rows.append(
+                    row(
+                        *timed,
+                        is_compiled,
+                        breaks_before,
+                        density=None,
+                        threshold=nabla.threshold,
+                        measured_density=None,
+                        implementation="diffusers built-in",
+                        error=failed,
+                    )
+                )
             for density, threshold in tqdm(settings, desc=f"{arch} step", leave=False):
                 if density is not None and is_compiled:
                     continue
@@ -399,24 +456,16 @@ def transformer_step_rows(
                     forced = ForcedSelections()
                     set_processors(model, lambda _, base, d=density, f=forced: ForcedDensityProcessor(base, d, f))
                 breaks_before = sum(counters["graph_break"].values())
-                first_s, nabla_ms, nabla_peak = timed_call(forward, reps)
+                timed = timed_call(forward, reps)
                 measured = statistics.fmean(layer_densities(model).values())
                 rows.append(
-                    StepRow(
-                        arch,
-                        family.num_layers(model.config),
-                        layout.num_tokens,
-                        layout.padded_len,
-                        density,
-                        threshold,
-                        measured if density is None else None,
-                        dense_ms,
-                        nabla_ms,
-                        dense_peak,
-                        nabla_peak,
-                        max(0.0, first_s - nabla_ms / 1e3),
+                    row(
+                        *timed,
                         is_compiled,
-                        sum(counters["graph_break"].values()) - breaks_before if is_compiled else None,
+                        breaks_before,
+                        density=density,
+                        threshold=threshold,
+                        measured_density=measured if density is None else None,
                     )
                 )
             remove_nabla(model)
@@ -437,10 +486,12 @@ def run_bench(
     attention: bool = True,
     step: bool = True,
     compiled: bool = False,
+    builtin: bool = False,
 ) -> BenchReport:
     """Per attention call and per transformer step: forced densities if given, else the config's threshold.
 
     `compiled` adds step rows with diffusers' `compile_repeated_blocks()` (dense and NABLA; real thresholds only).
+    `builtin` adds step rows of the family's own NABLA in diffusers, compiled only (eager, its flex is unfused).
     """
     require_cuda()
     enable_compile_cache()
@@ -473,6 +524,8 @@ def run_bench(
             sta=nabla.sta,
             head_dim=head_dim,
         )
+    if builtin and not family.has_builtin_nabla():
+        raise ValueError(f"{arch}: diffusers has no built-in NABLA for the {family.name} family")
     if step:
         dense_backend = report.attention[0].dense_backend if report.attention else "cudnn"
         report.steps = transformer_step_rows(
@@ -486,6 +539,7 @@ def run_bench(
             layers=layers,
             batch=batch,
             dense_backend=dense_backend,
-            compiled=(False, True) if compiled else (False,),
+            compiled=(False, True) if compiled or builtin else (False,),
+            builtin=(True,) if builtin else (),
         )
     return report

@@ -8,7 +8,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nabla_convert.config import threshold_text
 from nabla_convert.io import atomic_write_text
+
+OWN_IMPLEMENTATION = "nabla-convert"  # a step row's NABLA; "diffusers built-in" is the family's own (builtin_nabla)
 
 if TYPE_CHECKING:
     from nabla_convert.bench.experiments import BlockSizeRow, KernelRow
@@ -37,8 +40,11 @@ class BenchReport:
             out["attention_dense_ms"] = round(self.attention[0].dense_ms, 3)
             out["mask_ms"] = round(self.attention[0].mask_fast_ms, 3)
         for row in self.steps:
-            key = f"d{row.density:g}" if row.density is not None else f"thr{row.threshold:g}"
-            out[f"step_speedup_{key}{'_compiled' if row.compiled else ''}"] = round(row.speedup, 3)
+            if row.error is not None:
+                continue
+            key = f"d{row.density:g}" if row.density is not None else f"thr{threshold_text(row.threshold)}"
+            builtin = "_builtin" if row.implementation != OWN_IMPLEMENTATION else ""
+            out[f"step_speedup_{key}{builtin}{'_compiled' if row.compiled else ''}"] = round(row.speedup, 3)
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -86,10 +92,21 @@ class BenchReport:
                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             ]
             for r in self.steps:
-                density = (
-                    f"{r.density:g}" if r.density is not None else f"thr {r.threshold:g} -> {r.measured_density:.3f}"
-                )
+                if r.density is not None:
+                    density = f"{r.density:g}"
+                elif r.measured_density is None:
+                    density = f"thr {threshold_text(r.threshold)}"
+                else:
+                    density = f"thr {threshold_text(r.threshold)} -> {r.measured_density:.3f}"
                 mode = "eager" if not r.compiled else f"compiled ({r.graph_breaks} graph breaks)"
+                if r.implementation != OWN_IMPLEMENTATION:
+                    mode = f"{r.implementation}, {mode}"
+                if r.error is not None:
+                    lines.append(
+                        f"| {r.arch} ({r.layers}) | {r.tokens:,} ({r.padded_tokens:,}) | {mode} | {density} | "
+                        f"{r.dense_ms:.1f} | fails: {r.error} | - | - | - |"
+                    )
+                    continue
                 lines.append(
                     f"| {r.arch} ({r.layers}) | {r.tokens:,} ({r.padded_tokens:,}) | {mode} | {density} | "
                     f"{r.dense_ms:.1f} | {r.nabla_ms:.1f} | {r.speedup:.2f}x | "

@@ -70,6 +70,14 @@ def shard_sequence(x: torch.Tensor, config: ParallelConfig, dim: int = 1) -> tor
     return EquipartitionSharder.shard(x, dim, cp._flattened_mesh)
 
 
+def gather_sequence(x: torch.Tensor, config: ParallelConfig, dim: int = 1) -> torch.Tensor:
+    """The full sequence along `dim` from every rank's share, gathered as diffusers' gather hooks gather it."""
+    cp = config.context_parallel_config
+    if cp.ulysses_anything:
+        return PartitionAnythingSharder.unshard_anything(x, dim, cp._flattened_mesh)
+    return EquipartitionSharder.unshard(x, dim, cp._flattened_mesh)
+
+
 def ulysses_attention(
     attend: Attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: ParallelConfig | None
 ) -> torch.Tensor:

@@ -55,6 +55,10 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def compute_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def build_model(arch: str, layers: int | None, device: torch.device) -> torch.nn.Module:
     """The same random weights on every rank: seeded init, then rank 0's weights broadcast."""
     torch.manual_seed(0)
@@ -65,7 +69,7 @@ def build_model(arch: str, layers: int | None, device: torch.device) -> torch.nn
             family = family_for_arch(arch)
             config = {**family.archs[arch], **({family.layers_key: layers} if layers else {})}
             model = family.transformer_classes[0](**config)
-    model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    model = model.to(compute_dtype(device)).eval()
     for name, module in model.named_modules():  # as from_pretrained loads them (Kandinsky 5 needs it)
         if set(name.split(".")) & set(model._keep_in_fp32_modules or ()):
             module.float()
@@ -98,7 +102,7 @@ def main() -> None:
     family = family_of(model)
     grid = family.token_grid(parse_resolution(args.resolution), args.frames, family.patch_size(model.config))
     torch.manual_seed(1)
-    inputs = family.random_inputs(model, grid, 1, device, next(model.parameters()).dtype)
+    inputs = family.random_inputs(model, grid, 1, device, compute_dtype(device))
     for tensor in inputs.values():  # rank 0's inputs everywhere
         for t in tensor if isinstance(tensor, list) else [tensor]:
             dist.broadcast(t, src=0)

@@ -108,12 +108,14 @@ class BlockSelection:
 
         Compiled CUDA kernels evaluate the mask_mod only on the listed partial blocks, all kept, so
         there it just drops padding keys (measured 1.2x faster at 1280x720 on H100 than the keep
-        lookup); eager flex and inductor's CPU kernel do not skip unlisted blocks, so they get the
-        mask_mod that looks the block up.
+        lookup), and without padding (no partial blocks) there is none: a captured mask_mod, even
+        never evaluated, made the 64x64 kernel 1.36x slower (697 vs 512 ms, K5 Pro call on H200,
+        docs/benchmarks.md). Eager flex and inductor's CPU kernel do not skip unlisted blocks, so they
+        get the mask_mod that looks the block up.
         """
         nq, nk = self.keep.shape[-2:]
-        if compiled and self.valid is not None:
-            mask_mod = padding_mask_mod(self.valid)
+        if compiled:
+            mask_mod = None if self.valid is None else padding_mask_mod(self.valid)
         else:
             mask_mod = keep_mask_mod(self.keep, self.q_block, self.kv_block, self.valid)
         return BlockMask.from_kv_blocks(

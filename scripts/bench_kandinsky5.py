@@ -22,7 +22,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from nabla_convert import NablaConfig, apply_nabla, remove_nabla
 from nabla_convert.attention import TileLayout, nabla_selection
-from nabla_convert.attention.flex import kernel_options_for
+from nabla_convert.attention.flex import keep_mask_mod, kernel_options_for
 from nabla_convert.bench import (
     BenchReport,
     compiled_blocks,
@@ -79,9 +79,9 @@ def flex_call_rows(arch: str, resolution: tuple[int, int], frames: int) -> dict:
     selection = nabla_selection(q, k, threshold=0.9, grid=layout, sta=NABLA.sta)
     masks = {
         "ours": selection.block_mask(compiled=True),
-        "ours, no mask_mod": BlockMask.from_kv_blocks(
+        "ours + keep-lookup mask_mod (before the fix)": BlockMask.from_kv_blocks(
             selection.partial_count, selection.partial_indices, selection.full_count, selection.full_indices,
-            BLOCK_SIZE=64, mask_mod=None, compute_q_blocks=False,
+            BLOCK_SIZE=64, mask_mod=keep_mask_mod(selection.keep, 64, 64), compute_q_blocks=False,
         ),
         "built-in": nablaT_v2(q.transpose(1, 2), k.transpose(1, 2), sta, thr=0.9),
     }  # fmt: skip
@@ -95,7 +95,11 @@ def flex_call_rows(arch: str, resolution: tuple[int, int], frames: int) -> dict:
     compiled = torch.compile(flex_attention, dynamic=False)
     rows = {}
     cases = [("ours", "ours"), ("built-in", "built-in"), ("ours", "built-in"), ("built-in", "ours")]
-    cases += [("ours, no mask_mod", "ours"), ("ours", "ours + num_warps 4"), ("ours", "ours + USE_TMA")]
+    cases += [
+        ("ours + keep-lookup mask_mod (before the fix)", "ours"),
+        ("ours", "ours + num_warps 4"),
+        ("ours", "ours + USE_TMA"),
+    ]
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
         for mask, option in cases:
             try:

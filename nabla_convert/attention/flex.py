@@ -1,8 +1,9 @@
 """Block-sparse attention on a NABLA block mask: FlexAttention and a dense reference.
 
 Facts this module is built around (DESIGN §2):
-- eager flex_attention ignores the block indices, so the BlockMask always carries a mask_mod that
-  looks the block up; compiled kernels skip it on full blocks, so it costs nothing there;
+- eager flex_attention ignores the block indices, so its BlockMask carries a mask_mod that looks the
+  block up; compiled CUDA kernels visit the listed blocks only and get the lightest mask_mod that is
+  still exact (none without padding: a captured one slows the kernel even where it is never run);
 - after dynamo's recompile limit a compiled frame silently falls back to eager, which materialises
   S x S scores: we compile with dynamic=False and make that fallback an error instead;
 - the full and partial index tensors must be distinct tensors (the CPU compile breaks otherwise).

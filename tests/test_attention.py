@@ -256,6 +256,25 @@ def test_block_mask_carries_the_selection():
     assert torch.equal(block_mask.full_kv_num_blocks, (keep & kv_whole).sum(-1).int())
 
 
+@pytest.mark.parametrize("grid", [(2, 16, 16), (3, 12, 20)])
+def test_compiled_block_mask_lists_the_selection_and_masks_only_padding(grid):
+    """The BlockMask for compiled CUDA kernels (which visit listed blocks only): the kept blocks, and a mask_mod
+    that drops padding keys; without padding every kept block is full and no mask_mod is captured at all."""
+    from torch.nn.attention.flex_attention import noop_mask
+
+    layout, *_, keep = random_case(grid, 0.4, (1, 3, 3))
+    valid = layout.indices().valid if layout.is_padded else None
+    block_mask = flex.BlockSelection.from_keep(keep, valid=valid).block_mask(compiled=True)
+    assert torch.equal(block_mask.to_dense().bool(), keep)
+    S = layout.padded_len
+    b, h, q_idx, kv_idx = (torch.zeros(S, dtype=torch.long),) * 3 + (torch.arange(S),)
+    expected = torch.ones(S, dtype=torch.bool) if valid is None else valid
+    assert torch.equal(torch.broadcast_to(block_mask.mask_mod(b, h, q_idx, kv_idx), (S,)), expected)
+    if valid is None:
+        assert block_mask.mask_mod is noop_mask
+        assert int(block_mask.kv_num_blocks.sum()) == 0
+
+
 @pytest.mark.slow
 def test_compiled_flex_matches_reference_and_refuses_eager_fallback(monkeypatch):
     layout, q, k, v, keep = random_case((3, 12, 20), 0.5, (1, 3, 3))

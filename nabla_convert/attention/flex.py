@@ -1,8 +1,9 @@
 """Block-sparse attention on a NABLA block mask: FlexAttention and a dense reference.
 
 Facts this module is built around (measured on torch 2.11; docs/benchmarks.md):
-- eager flex_attention ignores the block indices, so the BlockMask always carries a mask_mod that
-  looks the block up; compiled kernels skip it on full blocks, so it costs nothing there;
+- eager flex_attention ignores the block indices, so its BlockMask carries a mask_mod that looks the
+  block up; compiled CUDA kernels visit the listed blocks only and get the lightest mask_mod that is
+  still exact (none without padding: a captured one slows the kernel even where it is never run);
 - after dynamo's recompile limit a compiled frame silently falls back to eager, which materialises
   S x S scores: we compile with dynamic=False and make that fallback an error instead;
 - the full and partial index tensors must be distinct tensors (the CPU compile breaks otherwise).
@@ -108,12 +109,14 @@ class BlockSelection:
 
         Compiled CUDA kernels evaluate the mask_mod only on the listed partial blocks, all kept, so
         there it just drops padding keys (measured 1.2x faster at 1280x720 on H100 than the keep
-        lookup); eager flex and inductor's CPU kernel do not skip unlisted blocks, so they get the
-        mask_mod that looks the block up.
+        lookup), and without padding (no partial blocks) there is none: a captured mask_mod, even
+        never evaluated, made the 64x64 kernel 1.36x slower (697 vs 512 ms, K5 Pro call on H200,
+        docs/benchmarks.md). Eager flex and inductor's CPU kernel do not skip unlisted blocks, so they
+        get the mask_mod that looks the block up.
         """
         nq, nk = self.keep.shape[-2:]
-        if compiled and self.valid is not None:
-            mask_mod = padding_mask_mod(self.valid)
+        if compiled:
+            mask_mod = None if self.valid is None else padding_mask_mod(self.valid)
         else:
             mask_mod = keep_mask_mod(self.keep, self.q_block, self.kv_block, self.valid)
         return BlockMask.from_kv_blocks(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -121,7 +122,7 @@ def _tile_coord(layout: TileLayout, tile: int) -> tuple[int, int, int]:
 @pytest.mark.parametrize("sta", [None, (3, 1, 1)])
 @pytest.mark.parametrize("grid", GRIDS)
 def test_block_selection_matches_brute_force(threshold, sta, grid):
-    torch.manual_seed(hash((threshold, sta, grid)) % 2**31)
+    torch.manual_seed(zlib.crc32(repr((threshold, sta, grid)).encode()))  # hash(None) differs per process
     layout = TileLayout(*grid)
     q, k = (torch.randn(1, 2, layout.padded_len, 8) * 3 for _ in range(2))
     keep = nabla_block_mask(q, k, threshold=threshold, grid=layout, sta=sta)
@@ -135,7 +136,7 @@ def test_block_selection_matches_brute_force(threshold, sta, grid):
 @pytest.mark.parametrize("grid", GRIDS)
 def test_per_head_thresholds_match_brute_force_per_head(sta, grid):
     """Head h of a per-head selection is the brute-force selection of head h alone at its own threshold."""
-    torch.manual_seed(hash((sta, grid)) % 2**31)
+    torch.manual_seed(zlib.crc32(repr((sta, grid)).encode()))
     layout = TileLayout(*grid)
     thresholds = (0.3, 1.0, 0.8)
     q, k = (torch.randn(2, len(thresholds), layout.padded_len, 8) * 3 for _ in range(2))

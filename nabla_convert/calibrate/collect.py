@@ -99,8 +99,9 @@ class CalibrationPlan:
 
     Recipe keys (all optional): thresholds, sta (list of windows, null = none), steps,
     sample_steps (a count spread evenly over the NABLA steps, or a list of step indices), seeds,
-    height, width, frames, guidance, query_blocks, target_density | error_budget, error_quantile,
-    dense_layers, dense_steps, per_head (search one threshold per attention head).
+    height, width, frames, guidance, query_blocks, target_density | error_budget | target_speedup (with
+    cost_model, a name in calibration/costs.yaml), error_quantile, dense_layers, dense_steps,
+    dense_step_options (dense step counts the search chooses from), per_head (one threshold per attention head).
     """
 
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
@@ -115,9 +116,12 @@ class CalibrationPlan:
     query_blocks: int = 16
     target_density: float | None = None
     error_budget: float | None = None
+    target_speedup: float | None = None
+    cost_model: str | None = None
     error_quantile: float = 0.9
     dense_layers: tuple[int, ...] = ()
     dense_steps: int = 0
+    dense_step_options: tuple[int, ...] = ()
     per_head: bool = False
 
     def __post_init__(self) -> None:
@@ -147,12 +151,26 @@ class CalibrationPlan:
         dense_layers = check_int_list(self.dense_layers, "dense_layers", minimum=0)
         object.__setattr__(self, "dense_layers", tuple(sorted(set(dense_layers))))
         check_number(self.guidance, "calibrate.guidance")
-        for name in ("target_density", "error_budget"):
+        for name in ("target_density", "error_budget", "target_speedup"):
             if getattr(self, name) is not None:
                 check_number(getattr(self, name), f"calibrate.{name}")
         check_number(self.error_quantile, "calibrate.error_quantile")
-        if self.target_density is not None and self.error_budget is not None:
-            raise ConfigError("give a target density or an error budget, not both")
+        targets = [self.target_density, self.error_budget, self.target_speedup]
+        if sum(value is not None for value in targets) > 1:
+            raise ConfigError("give one target: a target density, an error budget or a target speedup, not two")
+        if self.target_speedup is not None and not self.target_speedup > 1.0:
+            raise ConfigError(f"target speedup must be above 1, got {self.target_speedup}")
+        if self.cost_model is not None and not isinstance(self.cost_model, str):
+            raise ConfigError(f"calibrate.cost_model must be a name, got {self.cost_model!r}")
+        options = check_int_list(self.dense_step_options, "calibrate.dense_step_options", minimum=0)
+        if any(k >= self.steps for k in options):
+            raise ConfigError(f"calibrate.dense_step_options must be in [0, steps={self.steps}), got {list(options)}")
+        if options and min(options) < self.dense_steps:
+            raise ConfigError(
+                f"calibrate.dense_step_options {list(options)} go below dense_steps {self.dense_steps}: "
+                "the steps before it are not measured"
+            )
+        object.__setattr__(self, "dense_step_options", tuple(sorted(set(options))))
         if self.target_density is not None and not 0.0 < self.target_density <= 1.0:
             raise ConfigError(f"target density must be in (0, 1], got {self.target_density}")
         if self.error_budget is not None and not self.error_budget >= 0.0:
@@ -161,8 +179,6 @@ class CalibrationPlan:
             raise ConfigError(f"error_quantile must be in [0, 1], got {self.error_quantile}")
         if not isinstance(self.per_head, bool):
             raise ConfigError(f"calibrate.per_head must be true or false, got {self.per_head!r}")
-        if self.per_head and len(self.sta) > 1:
-            raise ConfigError("calibrate.per_head needs one STA window (or none): a layer has one window for all heads")
 
     @classmethod
     def from_recipe(cls, section: dict[str, Any], nabla: NablaConfig, where: str = "recipe") -> CalibrationPlan:
@@ -174,7 +190,7 @@ class CalibrationPlan:
             )
         defaults = {"sta": (nabla.sta,), "dense_steps": nabla.dense_steps, "dense_layers": nabla.dense_layers}
         values = {**defaults, **section}
-        for key in ("thresholds", "sta", "seeds", "dense_layers"):
+        for key in ("thresholds", "sta", "seeds", "dense_layers", "dense_step_options"):
             if not isinstance(values.get(key, ()), (list, tuple)):
                 raise ConfigError(f"{where}: calibrate.{key} must be a list")
         try:

@@ -42,7 +42,7 @@ from nabla_convert.calibrate.cli import DEFAULT_PROMPTS
 from nabla_convert.calibrate.collect import ComponentStats, Probe
 from nabla_convert.calibrate.search import choose_head_options, choose_options, curves, spend_density
 from nabla_convert.cli import main
-from nabla_convert.config import ConfigError, NablaConfig, load_config_file
+from nabla_convert.config import NablaConfig, load_config_file
 from nabla_convert.convert import load
 from nabla_convert.models.nabla import apply_nabla, layer_densities, remove_nabla, reset_densities
 from nabla_convert.models.tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_wan_pipeline

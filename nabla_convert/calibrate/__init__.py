@@ -192,7 +192,9 @@ def calibrate(
     stats = collect(
         pipe, samples, plan, base, stats_path=stats_path, model=name, progress=progress, overwrite=overwrite
     )
-    choices = search(stats, target, plan.dense_layers, plan.dense_steps, plan.per_head, dense_step_options=plan.dense_step_options)
+    choices = search(
+        stats, target, plan.dense_layers, plan.dense_steps, plan.per_head, dense_step_options=plan.dense_step_options
+    )
     return Calibration(stats, choices, write_outputs(out, stats, choices))
 
 
@@ -211,7 +213,14 @@ def recalibrate(
     if given.keys() & {"target_density", "error_budget", "target_speedup"}:
         measured.update(target_density=None, error_budget=None, target_speedup=None)
     plan = CalibrationPlan(**{**measured, **given})
-    choices = search(stats, Target.from_plan(plan), plan.dense_layers, plan.dense_steps, plan.per_head, dense_step_options=plan.dense_step_options)
+    choices = search(
+        stats,
+        Target.from_plan(plan),
+        plan.dense_layers,
+        plan.dense_steps,
+        plan.per_head,
+        dense_step_options=plan.dense_step_options,
+    )
     out = Path(out)
     in_place = (out / STATS_FILE).exists() and (out / STATS_FILE).samefile(stats_file)
     check_output(out, {} if in_place else {"--from-stats file": stats_file}, overwrite=overwrite, reuse="calibrate")

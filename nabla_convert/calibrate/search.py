@@ -55,7 +55,9 @@ class Target:
 
     def __post_init__(self) -> None:
         if (self.kind == "speed") != (self.cost_model is not None):
-            raise CalibrationError("a speed target needs a cost model (--cost-model), and only a speed target takes one")
+            raise CalibrationError(
+                "a speed target needs a cost model (--cost-model), and only a speed target takes one"
+            )
 
     @classmethod
     def from_plan(cls, plan: CalibrationPlan) -> Target:
@@ -315,7 +317,7 @@ def nabla_budget(curve: Curves, target: Target, dense_steps: int = 0, steps: int
     time per NABLA step; a head's part is its layer's time at the head's density over the head count (a layer whose
     heads all run dense counts as dense attention, a dense head in a sparse layer at the sparse kernel's density 1).
     """
-    layers, options, heads = curve.head_density.shape
+    layers, _, heads = curve.head_density.shape
     if target.kind == "density":
         share = dense_steps / steps
         total = (target.value - share) / (1.0 - share) * layers
@@ -608,7 +610,10 @@ def predict(comp: ComponentStats, candidates: list[Candidate], config: NablaConf
     k = config.dense_steps
     curve, full = curves(comp, k), curves(comp, 0)
     run = run_error(curve, full, picks)
-    remaining = lambda step: float(steps - step)  # noqa: E731
+
+    def remaining(step: int) -> float:
+        return float(steps - step)
+
     weighted = run_error(curves(comp, k, step_weight=remaining), curves(comp, 0, step_weight=remaining), picks)
     return {
         "density": k / steps + (1 - k / steps) * float(curve.pick(picks).density.mean()),

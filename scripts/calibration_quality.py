@@ -58,6 +58,7 @@ def settings(stats: Stats) -> dict[str, Callable[[], NablaConfig]]:
         "threshold 0.5 + STA 3-1-1 (scaled)": lambda: NablaConfig(threshold=0.5, sta=(3, 1, 1)),
         "v1 per layer, density 0.171": lambda: searched(stats, PRESET_DENSITY, **no_window),
         "v1 per layer, density 0.0855": lambda: searched(stats, half, **no_window),
+        "per head, no STA, density 0.0855": lambda: searched(stats, half, per_head=True, **no_window),
         "v2, density 0.171": lambda: searched(stats, PRESET_DENSITY, per_head=True, dense_step_options=(0, 1, 2)),
         "v2, density 0.0855": lambda: searched(stats, half, per_head=True, dense_step_options=(0, 1, 2)),
     }

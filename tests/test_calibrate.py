@@ -40,9 +40,10 @@ from nabla_convert.calibrate import (
 )
 from nabla_convert.calibrate.cli import DEFAULT_PROMPTS
 from nabla_convert.calibrate.collect import ComponentStats, Probe
-from nabla_convert.calibrate.search import choose_head_options, choose_options, curves, spend_density
+from nabla_convert.calibrate.costs import CostModel, cost_models, load_cost_model
+from nabla_convert.calibrate.search import choose_head_options, choose_options, curves, predict, spend_density
 from nabla_convert.cli import main
-from nabla_convert.config import NablaConfig, load_config_file
+from nabla_convert.config import LayerSettings, NablaConfig, load_config_file
 from nabla_convert.convert import load
 from nabla_convert.models.nabla import apply_nabla, layer_densities, remove_nabla, reset_densities
 from nabla_convert.models.tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_wan_pipeline
@@ -524,3 +525,205 @@ def test_calibrate_out_never_touches_an_input_or_a_foreign_folder(tiny_folder, t
     result = CliRunner().invoke(main, ["calibrate", str(tiny_folder), "--out", str(mine), *args, "--overwrite"])
     assert result.exit_code == 1 and "not written by nabla-convert" in result.output
     assert (mine / "report.md").read_text() == "my own report"
+
+
+TEST_COST = CostModel(
+    name="test",
+    source="synthetic",
+    layers=4,
+    dense_step_ms=1000.0,
+    dense_attention_ms=200.0,
+    mask_ms=2.0,
+    sparse_ms=((0.05, 16.0), (0.1, 31.0)),
+)
+
+
+def synthetic_run(
+    rng: np.random.Generator, layers: int, heads: int, steps: int, windows: tuple, early: float = 1.0
+) -> Stats:
+    """Stats of `steps` measured steps x 2 samples over thresholds (0.3, 0.6) x `windows`: convex error curves per
+    head and window (a window adds density), step 0's error scaled by `early`."""
+    thresholds = (0.3, 0.6)
+    candidates = [[t, list(w) if w else None] for w in windows for t in thresholds]
+    density = np.concatenate(
+        [np.linspace(0.1, 0.5, 2)[None, :, None] + (0.1 if w else 0.0) * rng.uniform(0.5, 1.5) for w in windows], 1
+    )
+    density = np.broadcast_to(density, (layers, len(candidates), heads)).copy()
+    scale = rng.uniform(0.05, 2.0, size=(layers, len(candidates) // len(thresholds), heads)).repeat(2, 1)
+    power = rng.uniform(1.0, 3.0, size=(layers, 1, heads))
+    comp = ComponentStats(layers, heads)
+    for sample in range(2):
+        for step in range(steps):
+            comp.sample.append(sample)
+            comp.step.append(step)
+            comp.local_step.append(step)
+            comp.density.append(torch.tensor(density))
+            factor = (early if step == 0 else 1.0) * rng.uniform(0.8, 1.2)
+            comp.err_num.append(torch.tensor(scale * factor * (1.0 - density) ** power))
+            comp.err_den.append(torch.ones(layers, heads, dtype=torch.float64))
+    meta = {
+        "plan": {"steps": steps, "query_blocks": 4},
+        "candidates": candidates,
+        "base_config": NablaConfig().to_dict(),
+    }
+    return Stats(meta, {"transformer": comp})
+
+
+def all_picks(options: int, layers: int, heads: int, per_head: bool) -> np.ndarray:
+    """Every (layers, heads) pick of `options` options: per head, or one per layer shared by its heads."""
+    if per_head:
+        return np.array(list(itertools.product(range(options), repeat=layers * heads))).reshape(-1, layers, heads)
+    return np.array(list(itertools.product(range(options), repeat=layers)))[:, :, None].repeat(heads, 2)
+
+
+def test_dense_steps_are_chosen_as_a_brute_force_would():
+    """Density target over the run: the chosen dense step count and per-layer settings give the least summed run
+    error among all (dense steps, settings) that meet it; a large early error makes a dense first step pay."""
+    rng = np.random.default_rng(7)
+    chosen_steps = set()
+    for early in (1.0, 30.0, 1.0, 30.0):
+        stats = synthetic_run(rng, layers=3, heads=1, steps=4, windows=(None,), early=early)
+        comp, target = stats.components["transformer"], float(rng.uniform(0.45, 0.6))
+        choice = search(stats, Target("density", target), dense_step_options=(0, 1))["transformer"]
+        best = (np.inf, None)
+        for k in (0, 1):
+            for picks in all_picks(3, 3, 1, per_head=False):
+                config = search_config(stats, picks, k)
+                p = predict(comp, stats.candidates, config, steps=4)
+                if p["density"] <= target * (1 + 1e-6) and p["run_error"] < best[0]:
+                    best = (p["run_error"], k)
+        assert choice.summary["run_density"] <= target * (1 + 1e-6)
+        assert choice.summary["run_error"] == pytest.approx(best[0], abs=1e-9)
+        assert choice.config.dense_steps == best[1]
+        chosen_steps.add(best[1])
+    assert chosen_steps == {0, 1}  # both answers occur: the variable is really chosen
+
+
+def search_config(stats: Stats, picks: np.ndarray, dense_steps: int) -> NablaConfig:
+    """The config of per-layer/head picks (the last index is dense), as the search writes it."""
+    from nabla_convert.calibrate.search import head_candidate
+
+    layers = {}
+    for layer, row in enumerate(picks):
+        candidate = head_candidate(stats.candidates, row)
+        layers[layer] = LayerSettings(dense=True) if candidate is None else candidate.settings()
+    return NablaConfig(layers=layers, dense_steps=dense_steps)
+
+
+@pytest.mark.parametrize("kind", ["density", "error"])
+def test_per_head_windows_are_chosen_as_a_brute_force_would(kind):
+    """Per head over two STA windows: a density target gives within 5% the least sum of squared layer errors of every
+    mix with one window for the model (or one setting per layer); an error budget per layer the sparsest mix of any
+    window (within 0.02 density)."""
+    rng = np.random.default_rng(11)
+    windows = (None, (1, 1, 1))
+    for _ in range(6):
+        stats = synthetic_run(rng, layers=2, heads=2, steps=1, windows=windows)
+        comp = stats.components["transformer"]
+        curve = curves(comp, quantile=0.5)
+        dense = len(stats.candidates)
+        groups = [[i for i, c in enumerate(stats.candidates) if c.sta == w] + [dense] for w in windows]
+        mixes = [np.array(g)[m] for g in groups for m in all_picks(3, 2, 2, per_head=True)]
+        mixes += list(all_picks(dense + 1, 2, 2, per_head=False))
+        figures = [curve.pick(m) for m in mixes]
+        if kind == "density":
+            target = Target("density", float(rng.uniform(0.3, 0.7)), error_quantile=0.5)
+            choice = search(stats, target, per_head=True)["transformer"]
+            best = min((f.error**2).sum() for f in figures if f.density.mean() <= target.value * (1 + 1e-6))
+            assert choice.mean_density <= target.value * (1 + 1e-6)
+            # greedy on the convex hulls: the knapsack optimum up to the last step that does not fit
+            assert best - 1e-12 <= sum(c.error**2 for c in choice.layers) <= 1.05 * best + 1e-12
+        else:
+            target = Target("error", float(rng.uniform(0.1, 0.6)), error_quantile=0.5)
+            choice = search(stats, target, per_head=True)["transformer"]
+            for layer in range(2):
+                fits = [f.density[layer, 0] for f in figures if f.error_quantile[layer, 0] <= target.value + 1e-12]
+                assert choice.layers[layer].error_quantile <= target.value + 1e-12
+                assert choice.layers[layer].density <= min(fits) + 0.02
+
+
+def test_speed_target_is_met_as_a_brute_force_would():
+    """Speed target through a cost model: the least summed error among the per-layer settings whose predicted
+    speedup reaches the target; dense layers are priced as dense attention."""
+    rng = np.random.default_rng(5)
+    for _ in range(4):
+        stats = synthetic_run(rng, layers=3, heads=1, steps=2, windows=(None,))
+        comp = stats.components["transformer"]
+        speedup = float(rng.uniform(1.3, 2.2))
+        target = Target("speed", speedup, cost_model=TEST_COST)
+        choice = search(stats, target)["transformer"]
+        curve = curves(comp)
+        best = np.inf
+        for picks in all_picks(3, 3, 1, per_head=False):
+            figures = curve.pick(picks)
+            dense = picks[:, 0] == 2
+            if TEST_COST.speedup(figures.density[:, 0], dense, 0, 2) >= speedup * (1 - 1e-6):
+                best = min(best, figures.error.sum())
+        assert choice.summary["predicted_speedup"] >= speedup * (1 - 1e-6)
+        assert sum(c.error for c in choice.layers) == pytest.approx(best, abs=1e-12)
+    with pytest.raises(CalibrationError, match="needs a cost model"):
+        Target("speed", 2.0)
+
+
+def test_cost_model_table_predicts_its_own_measurements():
+    """The shipped models reproduce the bench's measured NABLA steps within 10% (docs/benchmarks.md: 14B 720p
+    compiled, compact stream 4,350 ms at density 0.093; 1.3B 480p compiled 260 ms at 0.093)."""
+    models = cost_models()
+    for name, measured in (("wan2.1-t2v-14b-1280x720x81", 11323 / 4350), ("wan2.1-t2v-1.3b-832x480x81", 524 / 260)):
+        model = models[name]
+        predicted = model.speedup([0.093] * model.layers, [False] * model.layers)
+        assert 0.9 * measured <= predicted <= measured  # conservative, within 10%
+        assert model.speedup([1.0] * model.layers, [True] * model.layers) == pytest.approx(1.0)
+    with pytest.raises(CalibrationError, match="unknown cost model"):
+        load_cost_model("no-such-shape")
+
+
+def test_speed_target_holds_on_held_out_prompts(train_and_held_out):
+    _, _, train, held_out = train_and_held_out
+    target = Target("speed", 1.5, cost_model=load_cost_model("wan2.1-t2v-14b-1280x720x81"))
+    choice = search(train, target, per_head=True)["transformer"]
+    assert choice.summary["predicted_speedup"] >= 1.5 * (1 - 1e-6)
+    check = evaluate(held_out.components["transformer"], train.candidates, choice.config)
+    dense = [c.candidate is None for c in choice.layers]
+    assert target.cost_model.speedup(check.density[:, 0], dense) >= 1.5 * 0.97
+
+
+@pytest.mark.slow
+def test_dense_steps_and_dense_layers_run_dense_attention():
+    """A config's dense steps and dense layers run dense attention: the latents after step 0 of a dense_steps=1
+    model equal the dense pipeline's (and step 1's do not); every layer dense gives the dense result."""
+    torch.manual_seed(4)
+    pipe = wan_pipeline(tiny_transformer(num_layers=2, heads=2))
+
+    def latents_per_step() -> list[torch.Tensor]:
+        seen = []
+
+        def keep(pipeline, step, timestep, tensors):
+            seen.append(tensors["latents"].clone())
+            return {}
+
+        pipe(
+            "a red ball",
+            num_inference_steps=2,
+            num_frames=SIZE["frames"],
+            height=SIZE["height"],
+            width=SIZE["width"],
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+            callback_on_step_end=keep,
+        )
+        return seen
+
+    dense = latents_per_step()
+    for config, dense_after in (
+        (NablaConfig(threshold=0.2, dense_steps=1), [True, False]),
+        (NablaConfig(threshold=0.2, dense_layers=(0, 1)), [True, True]),
+        (NablaConfig(threshold=0.2, layers={0: LayerSettings(dense=True)}), [False, False]),
+    ):
+        apply_nabla(pipe.transformer, config)
+        try:
+            sparse = latents_per_step()
+        finally:
+            remove_nabla(pipe.transformer)
+        same = [torch.allclose(a, b, atol=1e-5) for a, b in zip(dense, sparse, strict=True)]
+        assert same == dense_after, config

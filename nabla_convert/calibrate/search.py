@@ -451,13 +451,23 @@ def choose_picks(
     if not per_head:
         return solve(allowed, heads_apart=False)
     windows = list(dict.fromkeys(candidates[i].sta for i in allowed))
-    tried = [solve([i for i in allowed if candidates[i].sta == w], heads_apart=True) for w in windows]
     if len(windows) == 1:
-        return tried[0]
+        return solve(allowed, heads_apart=True)
+    tried, failure = [], None
+    for window in windows:  # a window too dense for the target drops out
+        try:
+            tried.append(solve([i for i in allowed if candidates[i].sta == window], heads_apart=True))
+        except CalibrationError as err:
+            failure = err
     if target.kind == "error":  # layers are independent: each takes its sparsest fitting mix under any window
         density = np.stack([curve.pick(p).density[:, 0] for p in tried])  # (windows, layers)
         return np.stack([tried[w][layer] for layer, w in enumerate(density.argmin(0))])
-    tried.append(solve(allowed, heads_apart=False))
+    try:
+        tried.append(solve(allowed, heads_apart=False))
+    except CalibrationError as err:
+        failure = err
+    if not tried:
+        raise failure
     return min(tried, key=lambda p: (curve.pick(p).error[:, 0] ** 2).sum())
 
 

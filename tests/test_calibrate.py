@@ -39,11 +39,11 @@ from nabla_convert.calibrate import (
     search,
 )
 from nabla_convert.calibrate.cli import DEFAULT_PROMPTS
-from nabla_convert.calibrate.collect import ComponentStats, Probe
+from nabla_convert.calibrate.collect import PUBLIC_TILE_GRID, PUBLIC_WINDOWS, ComponentStats, Probe, scaled_windows
 from nabla_convert.calibrate.costs import CostModel, cost_models, load_cost_model
 from nabla_convert.calibrate.search import choose_head_options, choose_options, curves, predict, spend_density
 from nabla_convert.cli import main
-from nabla_convert.config import LayerSettings, NablaConfig, load_config_file
+from nabla_convert.config import ConfigError, LayerSettings, NablaConfig, load_config_file
 from nabla_convert.convert import load
 from nabla_convert.models.nabla import apply_nabla, layer_densities, remove_nabla, reset_densities
 from nabla_convert.models.tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_wan_pipeline
@@ -727,3 +727,16 @@ def test_dense_steps_and_dense_layers_run_dense_attention():
             remove_nabla(pipe.transformer)
         same = [torch.allclose(a, b, atol=1e-5) for a, b in zip(dense, sparse, strict=True)]
         assert same == dense_after, config
+
+
+def test_public_windows_scale_to_the_tile_grid():
+    """The public windows (tuned for 21 x 5 x 10 tiles) on the reference model's 9 x 2 x 2 tiles and on 720p itself."""
+    assert scaled_windows((9, 2, 2)) == ((5, 1, 1), (5, 3, 1))
+    assert scaled_windows(PUBLIC_TILE_GRID) == PUBLIC_WINDOWS
+    plan, _ = make_plan(None, sta=(None, "scaled", (1, 1, 1)))
+    with pytest.raises(CalibrationError, match="need the tile grid"):
+        plan.candidates()
+    windows = [c.sta for c in plan.with_tile_grid((9, 2, 2)).candidates()]
+    assert list(dict.fromkeys(windows)) == [None, (5, 1, 1), (5, 3, 1), (1, 1, 1)]
+    with pytest.raises(ConfigError, match="STA window"):
+        make_plan(None, sta=("scaled-ish",))

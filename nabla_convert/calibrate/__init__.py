@@ -11,7 +11,8 @@ most the sample in progress); other settings are refused unless overwrite=True (
 
 Recipe `calibrate:` section (all keys optional; CLI options override them):
   thresholds:     candidate thresholds in (0, 1]            default [0.2, 0.3, ..., 0.9, 0.95, 0.99]
-  sta:            candidate STA windows, null = none         default [the recipe's nabla.sta]
+  sta:            candidate STA windows, null = none, "scaled" = the public windows (11-3-3, 11-5-5 at Wan 720p's
+                  21x5x10 tiles) scaled to this tile grid     default [the recipe's nabla.sta]
   target_density: mean block density over layers and steps (dense layers and dense steps count 1.0)
   error_budget:   per-layer relative L2 attention-output error at the NABLA steps
   target_speedup: the whole run this many times faster than dense, through cost_model (give one of the three)
@@ -37,6 +38,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from nabla_convert.attention import TileLayout
 from nabla_convert.calibrate.collect import (
     CalibrationError,
     CalibrationPlan,
@@ -184,8 +186,10 @@ def calibrate(
     else:
         name, pipe = type(model).__name__, model
     for transformer in pipeline_transformers(pipe).values():
-        layers = len(family_of(transformer).self_attention(transformer))
-        replace(base, dense_layers=plan.dense_layers).check_num_layers(layers)
+        family = family_of(transformer)
+        replace(base, dense_layers=plan.dense_layers).check_num_layers(len(family.self_attention(transformer)))
+        grid = family.token_grid((plan.width, plan.height), plan.frames, family.patch_size(transformer.config))
+        plan = plan.with_tile_grid(TileLayout.for_blocks(grid, base.tile).grid)
     out.mkdir(parents=True, exist_ok=True)
     write_marker(out, "calibrate")
     stats_path = out / STATS_FILE

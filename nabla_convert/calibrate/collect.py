@@ -28,7 +28,7 @@ import math
 import os
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +63,29 @@ from nabla_convert.models import family_of, family_of_pipeline
 from nabla_convert.models.nabla import NablaAttnProcessor, apply_nabla, nabla_state, remove_nabla, set_processors
 
 DEFAULT_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+# The public STA windows (wT, wH, wW) and the tile grid they were tuned for: Wan2.1 at 720p, 81 frames, as the
+# official code crops it (1280x640: 21 latent frames x 5 x 10 tiles). `sta: [scaled]` measures them scaled to the
+# calibration's own tile grid.
+PUBLIC_WINDOWS = ((11, 3, 3), (11, 5, 5))
+PUBLIC_TILE_GRID = (21, 5, 10)
+SCALED = "scaled"
 STATS_FORMAT = "nabla-convert calibration stats v1"
 SCORE_BUDGET = 1 << 27  # float32 score elements per head chunk (512 MiB), bounds the error computation's memory
 
 
 class CalibrationError(NablaError, ValueError):
     """Bad calibration input or stats, with a one-line message."""
+
+
+def scaled_window(window: Window, tile_grid: tuple[int, int, int], reference: tuple[int, int, int]) -> Window:
+    """`window`, tuned for the tile grid `reference`, scaled to `tile_grid`: each side the nearest odd size >= 1."""
+    sides = (w * grid / ref for w, grid, ref in zip(window, tile_grid, reference, strict=True))
+    return tuple(max(1, 2 * math.floor(side / 2) + 1) for side in sides)  # type: ignore[return-value]
+
+
+def scaled_windows(tile_grid: tuple[int, int, int]) -> tuple[Window, ...]:
+    """The public STA windows scaled to `tile_grid`, without repeats."""
+    return tuple(dict.fromkeys(scaled_window(w, tile_grid, PUBLIC_TILE_GRID) for w in PUBLIC_WINDOWS))
 
 
 @dataclass(frozen=True)
@@ -105,7 +122,7 @@ class CalibrationPlan:
     """
 
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
-    sta: tuple[Window | None, ...] = (None,)
+    sta: tuple[Window | str | None, ...] = (None,)  # "scaled": the public windows scaled to the tile grid
     steps: int = 50
     sample_steps: int | tuple[int, ...] = 5
     seeds: tuple[int, ...] = (0,)
@@ -129,7 +146,7 @@ class CalibrationPlan:
         if not thresholds:
             raise ConfigError("calibrate.thresholds needs at least one threshold")
         object.__setattr__(self, "thresholds", thresholds)
-        windows = tuple(dict.fromkeys(parse_window(w) for w in self.sta))
+        windows = tuple(dict.fromkeys(w if w == SCALED else parse_window(w) for w in self.sta))
         object.__setattr__(self, "sta", windows or (None,))
         for name in ("steps", "height", "width", "frames", "query_blocks"):
             check_int(getattr(self, name), f"calibrate.{name}", minimum=1)
@@ -198,7 +215,16 @@ class CalibrationPlan:
         except (TypeError, ConfigError) as err:
             raise ConfigError(f"{where}: {err}") from None
 
+    def with_tile_grid(self, tile_grid: tuple[int, int, int]) -> CalibrationPlan:
+        """The plan with `sta: scaled` replaced by the public windows scaled to `tile_grid`."""
+        if SCALED not in self.sta:
+            return self
+        windows = [w for entry in self.sta for w in (scaled_windows(tile_grid) if entry == SCALED else (entry,))]
+        return replace(self, sta=tuple(windows))
+
     def candidates(self) -> list[Candidate]:
+        if SCALED in self.sta:
+            raise CalibrationError("STA windows 'scaled' need the tile grid first (CalibrationPlan.with_tile_grid)")
         return [Candidate(t, w) for w in self.sta for t in self.thresholds]
 
     def measured_steps(self) -> tuple[int, ...]:
@@ -209,7 +235,7 @@ class CalibrationPlan:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["sta"] = [list(w) if w else None for w in self.sta]
+        data["sta"] = [list(w) if isinstance(w, tuple) else w for w in self.sta]
         return data
 
 

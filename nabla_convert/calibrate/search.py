@@ -9,16 +9,22 @@ Every layer may also stay dense (density 1, error 0).
 
 Targets:
 - error budget E: each layer takes its sparsest setting whose quantile error is <= E;
-- mean density D (over all layers, layers kept dense count 1.0): minimise the sum of the layers'
-  pooled errors. Greedy over the lower convex hull of each layer's (density, error) curve, starting
+- mean density D over the run (over all layers and steps; layers and steps kept dense count 1.0), or a
+  speedup S over dense through a step-time cost model (costs.py: attention time ~ fixed + density, dense
+  layers on the dense backend, dense steps at dense speed): minimise the sum of the layers' pooled errors. Greedy over the lower convex hull of each layer's (density, error) curve, starting
   from the sparsest settings and buying the steps with the largest error drop per unit of density
   while the budget allows (the Lagrangian solution), then spending what is left on the best
   remaining single-layer improvements; the result is never worse than the best single setting
   shared by all layers, which is tried too.
 A chosen setting that keeps every block runs dense (no mask to build).
 
-Per head (`per_head`, one STA window or none among the candidates): every head of a layer takes its own
-threshold, "dense" being threshold 1 for that head. The stats already hold each head's density and error
+Dense steps (`dense_step_options`): for each count K the NABLA steps get what the target leaves them
+(density (D - K/S) / (1 - K/S) for S steps; the speed budget minus K dense steps); the K whose run error
+(the NABLA steps' error terms over every step's dense output) is least wins, for an error budget the K of
+least run density.
+
+Per head (`per_head`): every head of a layer takes its own threshold, "dense" being threshold 1 for that
+head, under one STA window per layer (several candidate windows: `choose_picks`). The stats already hold each head's density and error
 terms, and a head's selection does not depend on the other heads, so any mix is measured exactly:
 - mean density D: minimise the sum of the layers' squared pooled errors (a head adds its own error term to its
   layer's), greedy over all (layer, head) hulls at once, never worse than a setting shared by all heads;

@@ -678,7 +678,7 @@ def test_cost_model_table_predicts_its_own_measurements():
         load_cost_model("no-such-shape")
 
 
-def test_speed_target_holds_on_held_out_prompts(train_and_held_out):
+def test_speed_and_run_density_targets_hold_on_held_out_prompts(train_and_held_out):
     _, _, train, held_out = train_and_held_out
     target = Target("speed", 1.5, cost_model=load_cost_model("wan2.1-t2v-14b-1280x720x81"))
     choice = search(train, target, per_head=True)["transformer"]
@@ -686,6 +686,11 @@ def test_speed_target_holds_on_held_out_prompts(train_and_held_out):
     check = evaluate(held_out.components["transformer"], train.candidates, choice.config)
     dense = [c.candidate is None for c in choice.layers]
     assert target.cost_model.speedup(check.density[:, 0], dense) >= 1.5 * 0.97
+
+    # a density target over the run with the dense steps chosen by the search (the runs have 2 steps)
+    choice = search(train, Target("density", 0.6), per_head=True, dense_step_options=(0, 1))["transformer"]
+    held = predict(held_out.components["transformer"], train.candidates, choice.config, steps=2)
+    assert choice.summary["run_density"] <= 0.6 + 1e-6 and held["density"] <= 0.6 + 0.03
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -89,6 +90,16 @@ class ModelFamily(ABC):
     def native_settings(self, config: Mapping[str, Any]) -> NablaConfig | None:
         """NABLA settings a checkpoint's own config carries (None: it has none)."""
         return None
+
+    def builtin_nabla(
+        self, transformer: torch.nn.Module, grid: tuple[int, int, int], config: NablaConfig
+    ) -> AbstractContextManager[dict[str, Any]]:
+        """The family's own NABLA in diffusers (bench compares against it): inside the context, the dense transformer
+        runs it at `config`'s threshold and window when called with the extra forward kwargs the context gives."""
+        raise FamilyError(f"{self.name}: diffusers has no built-in NABLA for this family")
+
+    def has_builtin_nabla(self) -> bool:
+        return type(self).builtin_nabla is not ModelFamily.builtin_nabla
 
     # --- shapes -----------------------------------------------------------------------------------
     def token_grid(

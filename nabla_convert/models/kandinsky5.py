@@ -18,15 +18,17 @@ that diffusers' built-in K5 NABLA computes, so the same blocks are chosen.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
-from diffusers import Kandinsky5T2VPipeline, Kandinsky5Transformer3DModel
+from diffusers import Kandinsky5T2VPipeline, Kandinsky5Transformer3DModel, attention_backend
 from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnProcessor
 
 from nabla_convert.config import NablaConfig
 from nabla_convert.models import register
-from nabla_convert.models.family import ModelFamily
+from nabla_convert.models.family import FamilyError, ModelFamily
 from nabla_convert.models.nabla import NablaModelMixin, StateHook
 
 __all__ = ["Kandinsky5Family", "NablaKandinsky5Transformer3DModel"]
@@ -151,6 +153,26 @@ class Kandinsky5Family(ModelFamily):
             selection_precision="bfloat16",
             provenance={"settings": "the checkpoint's own attention_type nabla config"},
         )
+
+    @contextmanager
+    def builtin_nabla(self, transformer, grid, config) -> Iterator[dict[str, Any]]:
+        """diffusers' K5 NABLA as its pipeline runs it: the pipeline's sparse_params (STA mask from its
+        fast_sta_nabla, P, fractal order) and every attention on the flex backend, as the K5 docs ask."""
+        T, H, W = grid
+        if H % 8 or W % 8:
+            raise FamilyError(f"diffusers' built-in K5 NABLA needs a token grid of whole 8x8 tiles, got {grid}")
+        if config.sta is None or not isinstance(config.threshold, float) or config.threshold <= 0.0:
+            raise FamilyError("diffusers' built-in K5 NABLA takes one threshold > 0 and always an STA window")
+        device = next(transformer.parameters()).device
+        sta_mask = Kandinsky5T2VPipeline.fast_sta_nabla(T, H // 8, W // 8, *config.sta, device=device)
+        # set_attention_backend also makes flex diffusers' process-wide default, which reset_attention_backend keeps:
+        # the attention_backend context puts the default back
+        with attention_backend("flex"):
+            transformer.set_attention_backend("flex")
+            try:
+                yield {"sparse_params": {"sta_mask": sta_mask[None, None], "P": config.threshold, "to_fractal": True}}
+            finally:
+                transformer.reset_attention_backend()
 
     def load_text_encoder(self, root, device):
         return Kandinsky5T2VPipeline.from_pretrained(root, transformer=None, vae=None).to(device)

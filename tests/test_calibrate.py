@@ -237,6 +237,20 @@ def test_prompt_embeds_on_a_bare_transformer_folder(tmp_path):
         embedding_samples(tmp_path / "no_negative.safetensors", (0,), guidance=5.0)
 
 
+def sample_two_steps(pipe, prompt: str, seed: int, **kwargs) -> None:
+    """Two denoising steps of `prompt` at the test size, to latents."""
+    pipe(
+        prompt,
+        num_inference_steps=2,
+        num_frames=SIZE["frames"],
+        height=SIZE["height"],
+        width=SIZE["width"],
+        output_type="latent",
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    )
+
+
 def measure(pipe, prompts, seeds, **plan_overrides) -> Stats:
     plan, base = make_plan(None, steps=2, sample_steps=2, seeds=seeds, thresholds=THRESHOLDS, **SIZE, **plan_overrides)
     return collect(pipe, prompt_samples(prompts, plan.seeds), plan, base, progress=False)
@@ -272,15 +286,7 @@ def test_choice_holds_on_held_out_prompts_and_seeds(train_and_held_out, per_head
     transformer = pipe.transformer
     apply_nabla(transformer, chosen.config)
     try:
-        pipe(
-            prompts[4],
-            num_inference_steps=2,
-            num_frames=SIZE["frames"],
-            height=SIZE["height"],
-            width=SIZE["width"],
-            output_type="latent",
-            generator=torch.Generator().manual_seed(3),
-        )
+        sample_two_steps(pipe, prompts[4], seed=3)
         reported = np.mean(list(layer_densities(transformer).values()))
     finally:
         remove_nabla(transformer)
@@ -707,16 +713,7 @@ def test_dense_steps_and_dense_layers_run_dense_attention():
             seen.append(tensors["latents"].clone())
             return {}
 
-        pipe(
-            "a red ball",
-            num_inference_steps=2,
-            num_frames=SIZE["frames"],
-            height=SIZE["height"],
-            width=SIZE["width"],
-            output_type="latent",
-            generator=torch.Generator().manual_seed(0),
-            callback_on_step_end=keep,
-        )
+        sample_two_steps(pipe, "a red ball", seed=0, callback_on_step_end=keep)
         return seen
 
     dense = latents_per_step()

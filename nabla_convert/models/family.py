@@ -68,9 +68,33 @@ class ModelFamily(ABC):
         """The module's output from the attention output (B, H, S, D)."""
         ...
 
+    # --- context parallelism (diffusers enable_parallelism, Ulysses) ------------------------------------
     def context_parallel_plan(self, transformer: torch.nn.Module) -> dict[str, Any] | None:
-        """The `_cp_plan` apply_nabla gives the transformer for diffusers' context parallelism (None: the class's)."""
+        """The `_cp_plan` apply_nabla gives the transformer for diffusers' context parallelism (None: the class's).
+
+        A plan for NABLA splits the token stream *after* the tile-order hooks (diffusers' split hooks,
+        registered later by enable_parallelism, wrap ours: a `split_output` split sees our hook's
+        output), splits everything indexed by visual token that the blocks get (RoPE, per-token
+        modulation), and gathers before the hook that returns tokens to raster order. The stream's
+        length divides by the Ulysses degree (`NablaState.set_grid` pads it when needed), so the
+        splits are even. Tensors every rank holds whole (text) are not split.
+        """
         return None
+
+    def local_attention(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
+        """Attention modules that run on each rank's own tokens under context parallelism, with no all-to-all.
+
+        enable_parallelism gives every attention processor the parallel config; the NABLA transformer
+        clears it in these at each forward. Default: every attention module other than `self_attention`
+        (text self-attention and cross-attention, whose keys every rank holds whole: an all-to-all
+        would give each rank the same keys N times, the same result at N times the cost).
+        """
+        from diffusers.models.attention import AttentionModuleMixin
+        from diffusers.models.attention_processor import Attention, MochiAttention
+
+        attention_classes = (Attention, MochiAttention, AttentionModuleMixin)  # the classes enable_parallelism visits
+        sparse = {id(module) for module in self.self_attention(transformer)}
+        return [m for m in transformer.modules() if isinstance(m, attention_classes) and id(m) not in sparse]
 
     def num_heads(self, transformer: torch.nn.Module) -> int:
         return self.attention_shape(transformer.config)[0]

@@ -24,8 +24,10 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import Kandinsky5T2VPipeline, Kandinsky5Transformer3DModel, attention_backend
+from diffusers.models._modeling_parallel import ContextParallelInput
 from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnProcessor
 
+from nabla_convert.attention.parallel import gather_sequence
 from nabla_convert.config import NablaConfig
 from nabla_convert.models import register
 from nabla_convert.models.family import FamilyError, ModelFamily
@@ -75,11 +77,17 @@ class _RopeHook(StateHook):
 
 
 class _OutLayerHook(StateHook):
-    """Tokens go back from compact tile order to raster order (B, T, H, W, C) before the output layer."""
+    """Tokens go back from compact tile order to raster order (B, T, H, W, C) before the output layer.
+
+    Under context parallelism each rank's share of the stream is gathered here first.
+    """
 
     def pre_forward(self, module, visual_embed, *args, **kwargs):
-        layout = self.state.layout
-        raster = layout.to_raster(visual_embed.flatten(1, 3)).unflatten(1, layout.token_grid)
+        layout, parallel = self.state.layout, self.state.parallel
+        tokens = visual_embed.flatten(1, 3)
+        if parallel is not None:
+            tokens = gather_sequence(tokens, parallel)
+        raster = layout.to_raster(tokens).unflatten(1, layout.token_grid)
         return (raster, *args), kwargs
 
 
@@ -123,6 +131,21 @@ class Kandinsky5Family(ModelFamily):
 
     def dense_processor(self):
         return Kandinsky5AttnProcessor()
+
+    def context_parallel_plan(self, transformer):
+        """Split the visual stream and its RoPE where they are made, after the tile-order hooks.
+
+        diffusers 0.42.1 gives Kandinsky5Transformer3DModel no plan. The model reshapes the blocks'
+        output to the shape it read from visual_embeddings (fractal_unflatten), which is then each
+        rank's share, so the gather is in the out-layer hook, which puts the whole stream back in raster
+        order. Text (and its blocks) stays whole on every rank; text self-attention and cross-attention
+        run locally (`local_attention`). No hook sits on a block: compile_repeated_blocks keeps one graph.
+        """
+        return {
+            # (B, S, 1, 1, C) and (B, S, 1, 1, 1, D/2, 2, 2) out of the tile-order hooks
+            "visual_embeddings": {0: ContextParallelInput(split_dim=1, expected_dims=5, split_output=True)},
+            "visual_rope_embeddings": {0: ContextParallelInput(split_dim=1, expected_dims=8, split_output=True)},
+        }
 
     def attention_qkv(self, attn, hidden_states, rotary_emb):
         shape = hidden_states.shape[:-1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -49,6 +49,7 @@ class NablaState:
     dense_phase: bool = False
     parallel: ParallelConfig | None = None
     padded_stream: bool = False  # the token stream holds the padding tokens (context parallel, uneven split)
+    local_attention: list[torch.nn.Module] = field(default_factory=list)  # the family's local_attention
 
     @torch.compiler.disable
     def begin_forward(self, transformer: torch.nn.Module, timestep: torch.Tensor, device: torch.device) -> None:
@@ -57,11 +58,16 @@ class NablaState:
         The step count and timestep are Python numbers that change every step: read here, they never
         become guards of a compiled graph. Processors only see `dense_phase` (a bool, so at most a
         dense and a sparse graph) and their own tensors, which are moved to `device` here. The
-        transformer's context-parallel config (diffusers `enable_parallelism`) is read here too.
+        transformer's context-parallel config (diffusers `enable_parallelism`) is read here too, and
+        cleared from the family's local attention modules (enable_parallelism gave it to every processor).
         """
         self.observe_timestep(timestep)
         self.dense_phase = self.step < self.config.dense_steps
         self.parallel = context_parallel_config(transformer)
+        if self.parallel is not None:
+            for attn in self.local_attention:
+                if getattr(attn.processor, "_parallel_config", None) is not None:
+                    attn.processor._parallel_config = None
         for processor in nabla_processors(transformer):
             processor.place(device)
 
@@ -229,7 +235,9 @@ def apply_nabla(transformer: torch.nn.Module, config: NablaConfig | None = None)
     config.check_num_heads(family.num_heads(transformer))
     _check_not_parallel(transformer, "apply NABLA to")
     remove_nabla(transformer)
-    state = NablaState(config, family, family.num_heads(transformer))
+    state = NablaState(
+        config, family, family.num_heads(transformer), local_attention=family.local_attention(transformer)
+    )
     for name, (module, hook_cls) in family.hook_points(transformer).items():
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook_cls(state), name)
     for index, attn in enumerate(attention):

@@ -22,7 +22,7 @@ def block_partials(
     block_max = block_max.masked_fill(block_max.isinf(), 0.0)
     weights = torch.exp(blocked - block_max[..., None])
     weighted = torch.einsum("bhrnk,bhnkd->bhrnd", weights, values.unflatten(-2, (-1, kv_block)))
-    return block_max, weights.sum(-1), weighted
+    return block_max, weights.sum(-1), weighted.contiguous()  # einsum may return a permuted view
 
 
 def combine_blocks(
@@ -31,4 +31,5 @@ def combine_blocks(
     """Exact attention output (B, H, R, D) over the kept key blocks (B, H, R, nk) from their softmax partials."""
     top = block_max.masked_fill(~keep, float("-inf")).amax(-1, keepdim=True)
     scale = torch.where(keep, torch.exp(block_max - top), 0.0)
-    return torch.einsum("bhrn,bhrnd->bhrd", scale, weighted) / (scale * norm).sum(-1, keepdim=True)
+    # a batched (1, nk) @ (nk, D) product reads `weighted` in place (einsum would copy it for every candidate)
+    return (scale.unsqueeze(-2) @ weighted).squeeze(-2) / (scale * norm).sum(-1, keepdim=True)

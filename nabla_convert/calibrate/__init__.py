@@ -13,9 +13,12 @@ merges their measurements into the stats one process would write (distributed.py
 
 Recipe `calibrate:` section (all keys optional; CLI options override them):
   thresholds:     candidate thresholds in (0, 1]            default [0.2, 0.3, ..., 0.9, 0.95, 0.99]
-  sta:            candidate STA windows, null = none         default [the recipe's nabla.sta]
-  target_density: mean block density over layers (dense layers count 1.0) at the NABLA steps
-  error_budget:   per-layer relative L2 attention-output error (give one of the two targets)
+  sta:            candidate STA windows, null = none, "scaled" = the public windows (11-3-3, 11-5-5 at Wan 720p's
+                  21x5x10 tiles) scaled to this tile grid     default [the recipe's nabla.sta]
+  target_density: mean block density over layers and steps (dense layers and dense steps count 1.0)
+  error_budget:   per-layer relative L2 attention-output error at the NABLA steps
+  target_speedup: the whole run this many times faster than dense, through cost_model (give one of the three)
+  cost_model:     a step-time model of calibration/costs.yaml (from measured bench timings; calibrate/costs.py)
   error_quantile: quantile over calibration samples an error budget is checked on   default 0.9
   steps:          denoising steps of each run                default 50
   sample_steps:   how many steps to measure, spread over [dense_steps, steps), or a list of steps   default 5
@@ -23,8 +26,9 @@ Recipe `calibrate:` section (all keys optional; CLI options override them):
   height, width, frames, guidance:                           default 480, 832, 81, 5.0
   query_blocks:   query blocks per attention call whose output error is computed exactly   default 16
   dense_layers:   layers kept dense                          default the recipe's nabla.dense_layers
-  dense_steps:    first K steps run dense (not searched)     default the recipe's nabla.dense_steps
-  per_head:       one threshold per attention head (one STA window or none)   default false (one per layer)
+  dense_steps:    first K steps run dense                    default the recipe's nabla.dense_steps
+  dense_step_options: dense step counts the search chooses among (>= dense_steps)   default [] (dense_steps fixed)
+  per_head:       one threshold per attention head (a layer's heads share one STA window)   default false (per layer)
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from nabla_convert.attention import TileLayout
 from nabla_convert.calibrate.collect import collect, pipeline_transformers
 from nabla_convert.calibrate.distributed import Processes
 from nabla_convert.calibrate.plan import CalibrationError, CalibrationPlan, Candidate, Sample
@@ -158,8 +163,10 @@ def calibrate(
     else:
         name, pipe = type(model).__name__, model
     for transformer in pipeline_transformers(pipe).values():
-        layers = len(family_of(transformer).self_attention(transformer))
-        replace(base, dense_layers=plan.dense_layers).check_num_layers(layers)
+        family = family_of(transformer)
+        replace(base, dense_layers=plan.dense_layers).check_num_layers(len(family.self_attention(transformer)))
+        grid = family.token_grid((plan.width, plan.height), plan.frames, family.patch_size(transformer.config))
+        plan = plan.with_tile_grid(TileLayout.for_blocks(grid, base.tile).grid)
     if processes.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_marker(out, "calibrate")
@@ -176,7 +183,9 @@ def calibrate(
     )
     if not processes.is_main:
         return None
-    choices = search(stats, target, plan.dense_layers, plan.dense_steps, plan.per_head)
+    choices = search(
+        stats, target, plan.dense_layers, plan.dense_steps, plan.per_head, dense_step_options=plan.dense_step_options
+    )
     return Calibration(stats, choices, write_outputs(out, stats, choices))
 
 
@@ -192,10 +201,17 @@ def recalibrate(
         raise CalibrationError(f"{stats_file} holds no measurements yet")
     given = {key: value for key, value in overrides.items() if value is not None}
     measured = dict(stats.meta["plan"])
-    if given.keys() & {"target_density", "error_budget"}:
-        measured.update(target_density=None, error_budget=None)
+    if given.keys() & {"target_density", "error_budget", "target_speedup"}:
+        measured.update(target_density=None, error_budget=None, target_speedup=None)
     plan = CalibrationPlan(**{**measured, **given})
-    choices = search(stats, Target.from_plan(plan), plan.dense_layers, plan.dense_steps, plan.per_head)
+    choices = search(
+        stats,
+        Target.from_plan(plan),
+        plan.dense_layers,
+        plan.dense_steps,
+        plan.per_head,
+        dense_step_options=plan.dense_step_options,
+    )
     out = Path(out)
     in_place = (out / STATS_FILE).exists() and (out / STATS_FILE).samefile(stats_file)
     check_output(out, {} if in_place else {"--from-stats file": stats_file}, overwrite=overwrite, reuse="calibrate")

@@ -41,8 +41,19 @@ DEFAULT_PROMPTS = shipped_folder("calibration") / "prompts.txt"
 @click.option(
     "--error-budget", type=click.FloatRange(min=0.0), help="Per-layer relative L2 attention-output error budget."
 )
+@click.option(
+    "--target-speedup",
+    type=click.FloatRange(1.0, min_open=True),
+    help="Whole run this many times faster than dense, predicted by --cost-model.",
+)
+@click.option("--cost-model", help="Step-time model for --target-speedup: a name in calibration/costs.yaml.")
 @click.option("--dense-layers", type=CommaList(int, allow_empty=True), help="Comma-separated layers kept dense.")
-@click.option("--dense-steps", type=click.IntRange(min=0), help="Run the first K steps dense (not searched).")
+@click.option("--dense-steps", type=click.IntRange(min=0), help="Run the first K steps dense.")
+@click.option(
+    "--dense-step-options",
+    type=CommaList(int, allow_empty=True),
+    help="Comma-separated dense step counts the search chooses among (e.g. 0,1,2).",
+)
 @click.option(
     "--per-head/--per-layer",
     default=None,
@@ -85,7 +96,16 @@ def calibrate_command(model, out, prompts, prompt_embeds, recipe, from_stats, ov
             raise click.UsageError(
                 "--from-stats re-runs the search only: drop MODEL, --prompts, --prompt-embeds, --recipe"
             )
-        search_only = ("target_density", "error_budget", "dense_layers", "dense_steps", "per_head")
+        search_only = (
+            "target_density",
+            "error_budget",
+            "target_speedup",
+            "cost_model",
+            "dense_layers",
+            "dense_steps",
+            "dense_step_options",
+            "per_head",
+        )
         ignored = sorted(key for key, value in plan.items() if value is not None and key not in search_only)
         if ignored:
             raise click.UsageError(f"--from-stats takes only the search options; drop {', '.join(ignored)}")
@@ -116,8 +136,10 @@ def calibrate_command(model, out, prompts, prompt_embeds, recipe, from_stats, ov
             return
     for name, choice in result.choices.items():
         s = choice.summary
+        speed = f", predicted speedup {s['predicted_speedup']:.2f}x" if "predicted_speedup" in s else ""
         click.echo(
-            f"{name}: mean density {s['mean_density']:.4f}, mean error {s['mean_error']:.4f}, "
-            f"max error {s['max_error']:.4f}, {s['dense_layers']} dense layer(s)"
+            f"{name}: mean density {s['mean_density']:.4f} at NABLA steps ({s['run_density']:.4f} over the run), "
+            f"mean error {s['mean_error']:.4f}, max error {s['max_error']:.4f}, {s['dense_layers']} dense layer(s), "
+            f"{s['dense_steps']} dense step(s){speed}"
         )
     click.echo(f"wrote {out / 'nabla_config.json'} and {result.report}")

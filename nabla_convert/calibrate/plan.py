@@ -4,7 +4,8 @@ samples (a prompt or its embeddings, and a seed).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -29,8 +30,31 @@ from nabla_convert.errors import NablaError
 DEFAULT_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
+# The public STA windows (wT, wH, wW) and the tile grid they were tuned for: Wan2.1 at 720p, 81 frames, as the
+# official code crops it (1280x640: 21 latent frames x 5 x 10 tiles). `sta: [scaled]` measures them scaled to the
+# calibration's own tile grid.
+PUBLIC_WINDOWS = ((11, 3, 3), (11, 5, 5))
+
+
+PUBLIC_TILE_GRID = (21, 5, 10)
+
+
+SCALED = "scaled"
+
+
 class CalibrationError(NablaError, ValueError):
     """Bad calibration input or stats, with a one-line message."""
+
+
+def scaled_window(window: Window, tile_grid: tuple[int, int, int], reference: tuple[int, int, int]) -> Window:
+    """`window`, tuned for the tile grid `reference`, scaled to `tile_grid`: each side the nearest odd size >= 1."""
+    sides = (w * grid / ref for w, grid, ref in zip(window, tile_grid, reference, strict=True))
+    return tuple(max(1, 2 * math.floor(side / 2) + 1) for side in sides)  # type: ignore[return-value]
+
+
+def scaled_windows(tile_grid: tuple[int, int, int]) -> tuple[Window, ...]:
+    """The public STA windows scaled to `tile_grid`, without repeats."""
+    return tuple(dict.fromkeys(scaled_window(w, tile_grid, PUBLIC_TILE_GRID) for w in PUBLIC_WINDOWS))
 
 
 @dataclass(frozen=True)
@@ -61,12 +85,13 @@ class CalibrationPlan:
 
     Recipe keys (all optional): thresholds, sta (list of windows, null = none), steps,
     sample_steps (a count spread evenly over the NABLA steps, or a list of step indices), seeds,
-    height, width, frames, guidance, query_blocks, target_density | error_budget, error_quantile,
-    dense_layers, dense_steps, per_head (search one threshold per attention head).
+    height, width, frames, guidance, query_blocks, target_density | error_budget | target_speedup (with
+    cost_model, a name in calibration/costs.yaml), error_quantile, dense_layers, dense_steps,
+    dense_step_options (dense step counts the search chooses from), per_head (one threshold per attention head).
     """
 
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
-    sta: tuple[Window | None, ...] = (None,)
+    sta: tuple[Window | str | None, ...] = (None,)  # "scaled": the public windows scaled to the tile grid
     steps: int = 50
     sample_steps: int | tuple[int, ...] = 5
     seeds: tuple[int, ...] = (0,)
@@ -77,9 +102,12 @@ class CalibrationPlan:
     query_blocks: int = 16
     target_density: float | None = None
     error_budget: float | None = None
+    target_speedup: float | None = None
+    cost_model: str | None = None
     error_quantile: float = 0.9
     dense_layers: tuple[int, ...] = ()
     dense_steps: int = 0
+    dense_step_options: tuple[int, ...] = ()
     per_head: bool = False
 
     def __post_init__(self) -> None:
@@ -89,7 +117,7 @@ class CalibrationPlan:
         if not thresholds:
             raise ConfigError("calibrate.thresholds needs at least one threshold")
         object.__setattr__(self, "thresholds", thresholds)
-        windows = tuple(dict.fromkeys(parse_window(w) for w in self.sta))
+        windows = tuple(dict.fromkeys(w if w == SCALED else parse_window(w) for w in self.sta))
         object.__setattr__(self, "sta", windows or (None,))
         for name in ("steps", "height", "width", "frames", "query_blocks"):
             check_int(getattr(self, name), f"calibrate.{name}", minimum=1)
@@ -111,12 +139,26 @@ class CalibrationPlan:
         dense_layers = check_int_list(self.dense_layers, "dense_layers", minimum=0)
         object.__setattr__(self, "dense_layers", tuple(sorted(set(dense_layers))))
         check_number(self.guidance, "calibrate.guidance")
-        for name in ("target_density", "error_budget"):
+        for name in ("target_density", "error_budget", "target_speedup"):
             if getattr(self, name) is not None:
                 check_number(getattr(self, name), f"calibrate.{name}")
         check_number(self.error_quantile, "calibrate.error_quantile")
-        if self.target_density is not None and self.error_budget is not None:
-            raise ConfigError("give a target density or an error budget, not both")
+        targets = [self.target_density, self.error_budget, self.target_speedup]
+        if sum(value is not None for value in targets) > 1:
+            raise ConfigError("give one target: a target density, an error budget or a target speedup, not two")
+        if self.target_speedup is not None and not self.target_speedup > 1.0:
+            raise ConfigError(f"target speedup must be above 1, got {self.target_speedup}")
+        if self.cost_model is not None and not isinstance(self.cost_model, str):
+            raise ConfigError(f"calibrate.cost_model must be a name, got {self.cost_model!r}")
+        options = check_int_list(self.dense_step_options, "calibrate.dense_step_options", minimum=0)
+        if any(k >= self.steps for k in options):
+            raise ConfigError(f"calibrate.dense_step_options must be in [0, steps={self.steps}), got {list(options)}")
+        if options and min(options) < self.dense_steps:
+            raise ConfigError(
+                f"calibrate.dense_step_options {list(options)} go below dense_steps {self.dense_steps}: "
+                "the steps before it are not measured"
+            )
+        object.__setattr__(self, "dense_step_options", tuple(sorted(set(options))))
         if self.target_density is not None and not 0.0 < self.target_density <= 1.0:
             raise ConfigError(f"target density must be in (0, 1], got {self.target_density}")
         if self.error_budget is not None and not self.error_budget >= 0.0:
@@ -125,8 +167,6 @@ class CalibrationPlan:
             raise ConfigError(f"error_quantile must be in [0, 1], got {self.error_quantile}")
         if not isinstance(self.per_head, bool):
             raise ConfigError(f"calibrate.per_head must be true or false, got {self.per_head!r}")
-        if self.per_head and len(self.sta) > 1:
-            raise ConfigError("calibrate.per_head needs one STA window (or none): a layer has one window for all heads")
 
     @classmethod
     def from_recipe(cls, section: dict[str, Any], nabla: NablaConfig, where: str = "recipe") -> CalibrationPlan:
@@ -138,7 +178,7 @@ class CalibrationPlan:
             )
         defaults = {"sta": (nabla.sta,), "dense_steps": nabla.dense_steps, "dense_layers": nabla.dense_layers}
         values = {**defaults, **section}
-        for key in ("thresholds", "sta", "seeds", "dense_layers"):
+        for key in ("thresholds", "sta", "seeds", "dense_layers", "dense_step_options"):
             if not isinstance(values.get(key, ()), (list, tuple)):
                 raise ConfigError(f"{where}: calibrate.{key} must be a list")
         try:
@@ -146,7 +186,16 @@ class CalibrationPlan:
         except (TypeError, ConfigError) as err:
             raise ConfigError(f"{where}: {err}") from None
 
+    def with_tile_grid(self, tile_grid: tuple[int, int, int]) -> CalibrationPlan:
+        """The plan with `sta: scaled` replaced by the public windows scaled to `tile_grid`."""
+        if SCALED not in self.sta:
+            return self
+        windows = [w for entry in self.sta for w in (scaled_windows(tile_grid) if entry == SCALED else (entry,))]
+        return replace(self, sta=tuple(windows))
+
     def candidates(self) -> list[Candidate]:
+        if SCALED in self.sta:
+            raise CalibrationError("STA windows 'scaled' need the tile grid first (CalibrationPlan.with_tile_grid)")
         return [Candidate(t, w) for w in self.sta for t in self.thresholds]
 
     def measured_steps(self) -> tuple[int, ...]:
@@ -157,7 +206,7 @@ class CalibrationPlan:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["sta"] = [list(w) if w else None for w in self.sta]
+        data["sta"] = [list(w) if isinstance(w, tuple) else w for w in self.sta]
         return data
 
 

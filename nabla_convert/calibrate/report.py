@@ -205,12 +205,18 @@ def render_report(stats: Stats, choices: dict[str, ComponentChoice], images: dic
     ]
     for name, choice in choices.items():
         s = choice.summary
+        speed = (
+            f" Predicted speedup over dense {s['predicted_speedup']:.2f}x ({s['cost_model']} cost model)."
+            if "predicted_speedup" in s
+            else ""
+        )
         lines += [
             "",
             f"## {name}",
             "",
-            f"Mean density {s['mean_density']:.4f}, mean error {s['mean_error']:.4f}, max error {s['max_error']:.4f}, "
-            f"{s['dense_layers']} dense layer(s); {s['samples']} samples, {s['records']} measured steps.",
+            f"Mean density {s['mean_density']:.4f} at the NABLA steps, {s['run_density']:.4f} over the run "
+            f"({s['dense_steps']} dense step(s)); mean error {s['mean_error']:.4f}, max error {s['max_error']:.4f}, "
+            f"{s['dense_layers']} dense layer(s); {s['samples']} samples, {s['records']} measured steps.{speed}",
             "",
             markdown_table(
                 [

@@ -36,9 +36,9 @@ def compact_indices(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def key_mask(valid: torch.Tensor) -> torch.Tensor:
-    """Key validity as an attention mask over (B, H, S_q, S_k): (S,) shared by the batch stays as is, (B, S) (per
+    """Key validity as an attention mask over (B, H, S_q, S_k): (S,) shared by the batch becomes (1, S), (B, S) (per
     batch item: a text padding mask) becomes (B, 1, 1, S)."""
-    return valid if valid.dim() == 1 else valid[:, None, None, :]
+    return valid[None, :] if valid.dim() == 1 else valid[:, None, None, :]
 
 
 def _valid_key(valid: torch.Tensor):

@@ -8,6 +8,8 @@ stats.safetensors; `recalibrate(stats, out, ...)` re-runs the search on saved st
 --out must not touch MODEL or the prompt files (folders.check_output) and is marked as a calibrate folder; rerun
 into the same folder with the same settings, calibrate resumes from the stats it saved (a killed run loses at
 most the sample in progress); other settings are refused unless overwrite=True (--overwrite).
+Launched as N processes (`accelerate launch` / `torchrun`, one per GPU), calibrate shares the samples over them and
+merges their measurements into the stats one process would write (distributed.py); only process 0 writes --out.
 
 Recipe `calibrate:` section (all keys optional; CLI options override them):
   thresholds:     candidate thresholds in (0, 1]            default [0.2, 0.3, ..., 0.9, 0.95, 0.99]
@@ -43,6 +45,7 @@ from nabla_convert.calibrate.collect import (
     collect,
     pipeline_transformers,
 )
+from nabla_convert.calibrate.distributed import Processes
 from nabla_convert.calibrate.report import write_outputs
 from nabla_convert.calibrate.search import ComponentChoice, Target, evaluate, search
 from nabla_convert.config import NablaConfig
@@ -156,11 +159,13 @@ def calibrate(
     progress: bool = True,
     overwrite: bool = False,
     **overrides: Any,
-) -> Calibration:
+) -> Calibration | None:
     """Measure `model` (pipeline folder, transformer folder, Hub id, or a loaded pipeline) and write the outputs.
 
     `overrides` are CalibrationPlan fields (steps, seeds, height, width, frames, target_density,
-    error_budget, dense_layers, dense_steps, ...) that replace the recipe's values.
+    error_budget, dense_layers, dense_steps, ...) that replace the recipe's values. Under `accelerate launch` or
+    `torchrun` every process measures its share of the samples on its own GPU (a loaded pipeline must be on it
+    already); process 0 writes the outputs and returns the calibration, the others return None.
     """
     if (prompts is None) == (prompt_embeds is None):
         raise CalibrationError("give prompts or prompt embeddings (one of the two)")
@@ -170,9 +175,11 @@ def calibrate(
         samples = prompt_samples(prompts, plan.seeds)
     else:
         samples = embedding_samples(prompt_embeds, plan.seeds, plan.guidance)
+    processes, device = Processes.launched(device)
     out = Path(out)
     local = model if isinstance(model, (str, os.PathLike)) else None
     check_output(out, {"MODEL": local, "--prompt-embeds file": prompt_embeds}, overwrite=overwrite, reuse="calibrate")
+    processes.wait()  # every process checked --out before process 0 writes into it
     if local is not None:
         name, pipe = (
             public_name(local),
@@ -183,12 +190,22 @@ def calibrate(
     for transformer in pipeline_transformers(pipe).values():
         layers = len(family_of(transformer).self_attention(transformer))
         replace(base, dense_layers=plan.dense_layers).check_num_layers(layers)
-    out.mkdir(parents=True, exist_ok=True)
-    write_marker(out, "calibrate")
-    stats_path = out / STATS_FILE
+    if processes.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, "calibrate")
     stats = collect(
-        pipe, samples, plan, base, stats_path=stats_path, model=name, progress=progress, overwrite=overwrite
+        pipe,
+        samples,
+        plan,
+        base,
+        stats_path=out / STATS_FILE,
+        model=name,
+        progress=progress,
+        overwrite=overwrite,
+        processes=processes,
     )
+    if not processes.is_main:
+        return None
     choices = search(stats, target, plan.dense_layers, plan.dense_steps, plan.per_head)
     return Calibration(stats, choices, write_outputs(out, stats, choices))
 

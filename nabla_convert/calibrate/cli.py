@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from nabla_convert.calibrate import calibrate, recalibrate
+from nabla_convert.calibrate.distributed import launched_processes
 from nabla_convert.cli import model_argument
 from nabla_convert.eval import load_prompts
 from nabla_convert.io import DTYPES
@@ -76,9 +77,13 @@ def calibrate_command(model, out, prompts, prompt_embeds, recipe, from_stats, ov
     id; omitted, the embedded reference model at its native size (256x256, 33 frames, 12 steps) on
     calibration/prompts_reference.txt (captions in its vocabulary). Writes nabla_config.json (for `convert --config`),
     calibration.json, report.md, PNG plots and stats.safetensors to --out. Rerun with the same
-    settings into the same --out, a killed calibration resumes from its saved stats.
+    settings into the same --out, a killed calibration resumes from its saved stats. Several GPUs:
+    `accelerate launch --num_processes N -m nabla_convert.cli calibrate ...` (or `torchrun --nproc-per-node N`)
+    shares the prompts and seeds over N processes; the outputs are those of one process.
     """
     if from_stats:
+        if launched_processes() > 1:
+            raise click.UsageError("--from-stats re-runs the search only: run it as one process")
         if model or prompts or prompt_embeds or recipe:
             raise click.UsageError(
                 "--from-stats re-runs the search only: drop MODEL, --prompts, --prompt-embeds, --recipe"
@@ -111,6 +116,8 @@ def calibrate_command(model, out, prompts, prompt_embeds, recipe, from_stats, ov
             overwrite=overwrite,
             **plan,
         )
+        if result is None:  # not the main process: process 0 wrote the outputs and reports them
+            return
     for name, choice in result.choices.items():
         s = choice.summary
         click.echo(

@@ -23,6 +23,7 @@ overwritten unless asked to (`overwrite`).
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -46,6 +47,7 @@ from nabla_convert.attention import (
 )
 from nabla_convert.attention.flex import dense_suffix_keep, joint_validity, key_mask
 from nabla_convert.attention.mask import block_scores
+from nabla_convert.calibrate.distributed import ONE_PROCESS, RECORD_NUMBERS, RECORD_TENSORS, Processes
 from nabla_convert.config import (
     ConfigError,
     LayerSettings,
@@ -225,9 +227,21 @@ class ComponentStats:
     def keep_samples(self, kept: set[int]) -> None:
         """Drop the records of samples not in `kept` (measured only part way)."""
         rows = [i for i, sample in enumerate(self.sample) if sample in kept]
-        for key in ("sample", "step", "local_step", "density", "err_num", "err_den"):
+        for key in RECORD_NUMBERS + RECORD_TENSORS:
             values = getattr(self, key)
             setattr(self, key, [values[i] for i in rows])
+
+    def record_shapes(self, candidates: int) -> dict[str, tuple[int, ...]]:
+        """The shape of each tensor of one (sample, step) record."""
+        per_candidate = (self.num_layers, candidates, self.num_heads)
+        return {"density": per_candidate, "err_num": per_candidate, "err_den": (self.num_layers, self.num_heads)}
+
+    def insert(self, record: dict[str, Any]) -> None:
+        """Add one (sample, step) record after every record of its sample and the samples before it: records stay
+        in sample order (as one process measures them) whichever process measured them, in whatever order."""
+        row = bisect.bisect_right(self.sample, record["sample"])
+        for key in RECORD_NUMBERS + RECORD_TENSORS:
+            getattr(self, key).insert(row, record[key])
 
 
 @dataclass
@@ -516,13 +530,11 @@ def resumed_stats(fresh: Stats, path: Path, overwrite: bool) -> tuple[Stats, set
         raise CalibrationError(
             f"{path} holds measurements of other settings ({', '.join(changed)}); pass --overwrite to start over"
         )
-    steps = set(fresh.meta["measured_steps"])
-    finished = set(range(len(fresh.meta["samples"])))
+    done: dict[int, set[int]] = {}  # the steps measured per sample, by any transformer (two-expert models: by one)
     for comp in earlier.components.values():
-        done: dict[int, set[int]] = {}
         for sample, step in zip(comp.sample, comp.step, strict=True):
             done.setdefault(sample, set()).add(step)
-        finished &= {sample for sample, found in done.items() if found == steps}
+    finished = {sample for sample, found in done.items() if found == set(fresh.meta["measured_steps"])}
     for comp in earlier.components.values():
         comp.keep_samples(finished)
     return earlier, finished
@@ -538,11 +550,14 @@ def collect(
     model: str = "",
     progress: bool = True,
     overwrite: bool = False,
+    processes: Processes = ONE_PROCESS,
 ) -> Stats:
     """Run every sample through the dense pipeline and measure the plan's candidates at its sampled steps.
 
     With `stats_path`, an earlier run's file there is resumed (same settings) or refused (other settings) unless
     `overwrite`. The pipeline's transformers are restored afterwards (their previous NABLA settings, or dense).
+    With several `processes` (calibrate/distributed.py), each runs its share of the samples, every process ends with
+    the records of all, and only the main process writes `stats_path`.
     """
     if not samples:
         raise CalibrationError("no samples to calibrate on")
@@ -556,6 +571,20 @@ def collect(
     transformers = pipeline_transformers(pipe)
     previous = {name: getattr(t, "_nabla_state", None) for name, t in transformers.items()}
     probes: dict[str, Probe] = {}
+    shapes = {name: comp.record_shapes(len(stats.candidates)) for name, comp in stats.components.items()}
+
+    def keep_step() -> None:
+        """Take this step's records (of every process) into the stats and save them."""
+        mine = {name: [record] for name, probe in probes.items() if (record := probe.take()) is not None}
+        for name in mine:
+            stats.components[name].maps.update(probes[name].maps)
+            stats.meta["layout"] = asdict(nabla_state(transformers[name]).layout)
+        for name, records in processes.exchange(mine, shapes).items():
+            for record in records:
+                stats.components[name].insert(record)
+        if stats_path is not None and processes.is_main:
+            stats.save(stats_path)
+
     try:
         for name, transformer in transformers.items():
             apply_nabla(transformer, base)
@@ -568,12 +597,18 @@ def collect(
                 lambda index, _, state=state, probe=probe: MeasuringProcessor(index, base.layer(index), state, probe),
             )
         bar = tqdm(
-            total=len(samples) * (last + 1), desc="calibrate (samples x steps)", unit="step", disable=not progress
+            total=len(samples) * (last + 1),
+            desc="calibrate (samples x steps)",
+            unit="step",
+            disable=not (progress and processes.is_main),
         )
 
         bar.update(len(finished) * (last + 1))
-        for index, sample in enumerate(samples):
-            if index in finished:
+        for round_ in processes.rounds([index for index in range(len(samples)) if index not in finished]):
+            index = processes.pick(round_)
+            if index is None:  # no sample left for this process: take the others' records
+                for _ in measured:
+                    keep_step()
                 continue
 
             def start_step(step: int, sample_index: int = index) -> None:
@@ -582,19 +617,10 @@ def collect(
                         sample_index, step, step in measured, capture_maps=sample_index == 0 and step == maps_at
                     )
 
-            def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict, width: int = len(round_)) -> dict:
                 if step in measured:
-                    for name, probe in probes.items():
-                        record = probe.take()
-                        if record is not None:
-                            comp = stats.components[name]
-                            for key in ("sample", "step", "local_step", "density", "err_num", "err_den"):
-                                getattr(comp, key).append(record[key])
-                            comp.maps.update(probe.maps)
-                            stats.meta["layout"] = asdict(nabla_state(transformers[name]).layout)
-                    if stats_path is not None:
-                        stats.save(stats_path)
-                bar.update()
+                    keep_step()
+                bar.update(width)
                 if step >= last:
                     pipeline._interrupt = True
                 else:
@@ -602,6 +628,7 @@ def collect(
                 return {}
 
             start_step(0)
+            sample = samples[index]
             pipe(
                 **{
                     key: value.to(pipe.device) if torch.is_tensor(value) else value

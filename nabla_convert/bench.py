@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from nabla_convert.attention import BlockSelection, TileLayout, nabla_block_mask, nabla_selection, to_block_mask
 from nabla_convert.attention.flex import compiled_flex_attention, enable_compile_cache, kernel_options_for
-from nabla_convert.config import NablaConfig
+from nabla_convert.config import NablaConfig, threshold_text
 from nabla_convert.io import atomic_write_text
 from nabla_convert.models.family import ModelFamily
 from nabla_convert.models.nabla import NablaAttnProcessor, apply_nabla, layer_densities, remove_nabla, set_processors
@@ -443,6 +443,8 @@ class StepRow:
     compile_s: float
     compiled: bool = False
     graph_breaks: int | None = None
+    implementation: str = "nabla-convert"  # or "diffusers built-in": the family's own NABLA (builtin_nabla)
+    error: str | None = None  # the run failed (NaN times): its one-line error
 
     @property
     def speedup(self) -> float:
@@ -525,7 +527,18 @@ def random_transformer(family: ModelFamily, model_config: dict[str, Any], layers
     if layers is not None:
         model_config = family.with_layers(model_config, layers)
     with torch.device("cuda"):
-        return family.transformer_classes[0](**model_config).to(torch.bfloat16).eval()
+        return bf16_model(family.transformer_classes[0](**model_config)).eval()
+
+
+def bf16_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model in bf16 as from_pretrained(torch_dtype=bf16) gives it: its `_keep_in_fp32_modules` stay float32
+    (e.g. time embeddings and modulations that take float32 inputs)."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+    model.to(torch.bfloat16)
+    for name, module in model.named_modules():
+        if any(part in keep for part in name.split(".")):
+            module.to(torch.float32)
+    return model
 
 
 def transformer_step_rows(
@@ -544,6 +557,7 @@ def transformer_step_rows(
     reps: int = 3,
     compiled: Sequence[bool] = (False,),
     model: torch.nn.Module | None = None,
+    builtin: Sequence[bool] = (),
 ) -> list[StepRow]:
     """Transformer forward time, dense (best SDPA) vs NABLA, eager and/or compiled, in one process.
 
@@ -552,6 +566,8 @@ def transformer_step_rows(
     densities run eager only). Compiled = diffusers' `compile_repeated_blocks()`, dense and NABLA
     alike. Builds the family's transformer of `model_config` with random bf16 weights (truncated to
     `layers` blocks when given) unless `model` is passed; inputs are the family's random inputs.
+    `builtin` (modes: True = compiled) adds a row of the family's own NABLA in diffusers (`ModelFamily.builtin_nabla`)
+    at the config's threshold and window, compiled the same way (eager, its flex attention is unfused: small shapes).
     """
     from torch._dynamo.utils import counters
 
@@ -563,9 +579,25 @@ def transformer_step_rows(
     if not settings:
         settings = [(None, nabla.threshold)]
 
-    def forward():
+    def forward(**extra):
         with torch.no_grad():
-            return model(**inputs, return_dict=False)[0]
+            return model(**inputs, **extra, return_dict=False)[0]
+
+    def row(first_s, ms, peak, is_compiled, breaks_before, **fields):
+        return StepRow(
+            arch,
+            family.num_layers(model.config),
+            layout.num_tokens,
+            layout.padded_len,
+            dense_ms=dense_ms,
+            nabla_ms=ms,
+            dense_peak_gib=dense_peak,
+            nabla_peak_gib=peak,
+            compile_s=max(0.0, first_s - ms / 1e3),
+            compiled=is_compiled,
+            graph_breaks=sum(counters["graph_break"].values()) - breaks_before if is_compiled else None,
+            **fields,
+        )
 
     rows = []
     for is_compiled in compiled:
@@ -573,6 +605,26 @@ def transformer_step_rows(
         with context, sdpa_kernel([DENSE_BACKENDS[dense_backend], *DENSE_BACKENDS.values()], set_priority=True):
             remove_nabla(model)
             _, dense_ms, dense_peak = timed_call(forward, reps)
+            if is_compiled in builtin:
+                breaks_before = sum(counters["graph_break"].values())
+                failed = None
+                try:
+                    with family.builtin_nabla(model, grid, nabla) as extra:
+                        timed = timed_call(lambda extra=extra: forward(**extra), reps)
+                except Exception as err:  # diffusers' own code failing on this card or shape is a result
+                    failed, timed = error_line(err), (0.0, float("nan"), float("nan"))
+                rows.append(
+                    row(
+                        *timed,
+                        is_compiled,
+                        breaks_before,
+                        density=None,
+                        threshold=nabla.threshold,
+                        measured_density=None,
+                        implementation="diffusers built-in",
+                        error=failed,
+                    )
+                )
             for density, threshold in tqdm(settings, desc=f"{arch} step", leave=False):
                 if density is not None and is_compiled:
                     continue
@@ -581,24 +633,16 @@ def transformer_step_rows(
                     forced = ForcedSelections()
                     set_processors(model, lambda _, base, d=density, f=forced: ForcedDensityProcessor(base, d, f))
                 breaks_before = sum(counters["graph_break"].values())
-                first_s, nabla_ms, nabla_peak = timed_call(forward, reps)
+                timed = timed_call(forward, reps)
                 measured = statistics.fmean(layer_densities(model).values())
                 rows.append(
-                    StepRow(
-                        arch,
-                        family.num_layers(model.config),
-                        layout.num_tokens,
-                        layout.padded_len,
-                        density,
-                        threshold,
-                        measured if density is None else None,
-                        dense_ms,
-                        nabla_ms,
-                        dense_peak,
-                        nabla_peak,
-                        max(0.0, first_s - nabla_ms / 1e3),
+                    row(
+                        *timed,
                         is_compiled,
-                        sum(counters["graph_break"].values()) - breaks_before if is_compiled else None,
+                        breaks_before,
+                        density=density,
+                        threshold=threshold,
+                        measured_density=measured if density is None else None,
                     )
                 )
             remove_nabla(model)
@@ -724,8 +768,11 @@ class BenchReport:
             out["attention_dense_ms"] = round(self.attention[0].dense_ms, 3)
             out["mask_ms"] = round(self.attention[0].mask_fast_ms, 3)
         for row in self.steps:
-            key = f"d{row.density:g}" if row.density is not None else f"thr{row.threshold:g}"
-            out[f"step_speedup_{key}{'_compiled' if row.compiled else ''}"] = round(row.speedup, 3)
+            if row.error is not None:
+                continue
+            key = f"d{row.density:g}" if row.density is not None else f"thr{threshold_text(row.threshold)}"
+            builtin = "_builtin" if row.implementation != StepRow.implementation else ""
+            out[f"step_speedup_{key}{builtin}{'_compiled' if row.compiled else ''}"] = round(row.speedup, 3)
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -773,10 +820,21 @@ class BenchReport:
                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             ]
             for r in self.steps:
-                density = (
-                    f"{r.density:g}" if r.density is not None else f"thr {r.threshold:g} -> {r.measured_density:.3f}"
-                )
+                if r.density is not None:
+                    density = f"{r.density:g}"
+                elif r.measured_density is None:
+                    density = f"thr {threshold_text(r.threshold)}"
+                else:
+                    density = f"thr {threshold_text(r.threshold)} -> {r.measured_density:.3f}"
                 mode = "eager" if not r.compiled else f"compiled ({r.graph_breaks} graph breaks)"
+                if r.implementation != StepRow.implementation:
+                    mode = f"{r.implementation}, {mode}"
+                if r.error is not None:
+                    lines.append(
+                        f"| {r.arch} ({r.layers}) | {r.tokens:,} ({r.padded_tokens:,}) | {mode} | {density} | "
+                        f"{r.dense_ms:.1f} | fails: {r.error} | - | - | - |"
+                    )
+                    continue
                 lines.append(
                     f"| {r.arch} ({r.layers}) | {r.tokens:,} ({r.padded_tokens:,}) | {mode} | {density} | "
                     f"{r.dense_ms:.1f} | {r.nabla_ms:.1f} | {r.speedup:.2f}x | "
@@ -835,10 +893,12 @@ def run_bench(
     attention: bool = True,
     step: bool = True,
     compiled: bool = False,
+    builtin: bool = False,
 ) -> BenchReport:
     """Per attention call and per transformer step: forced densities if given, else the config's threshold.
 
     `compiled` adds step rows with diffusers' `compile_repeated_blocks()` (dense and NABLA; real thresholds only).
+    `builtin` adds step rows of the family's own NABLA in diffusers, compiled only (eager, its flex is unfused).
     """
     require_cuda()
     enable_compile_cache()
@@ -871,6 +931,8 @@ def run_bench(
             sta=nabla.sta,
             head_dim=head_dim,
         )
+    if builtin and not family.has_builtin_nabla():
+        raise ValueError(f"{arch}: diffusers has no built-in NABLA for the {family.name} family")
     if step:
         dense_backend = report.attention[0].dense_backend if report.attention else "cudnn"
         report.steps = transformer_step_rows(
@@ -884,6 +946,7 @@ def run_bench(
             layers=layers,
             batch=batch,
             dense_backend=dense_backend,
-            compiled=(False, True) if compiled else (False,),
+            compiled=(False, True) if compiled or builtin else (False,),
+            builtin=(True,) if builtin else (),
         )
     return report

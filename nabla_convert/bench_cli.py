@@ -70,6 +70,11 @@ def _densities(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--skip-step", is_flag=True, help="Only the per-attention-call table.")
 @click.option("--compiled", is_flag=True, help="Also time the step under diffusers' compile_repeated_blocks().")
 @click.option(
+    "--builtin",
+    is_flag=True,
+    help="Also time the family's own NABLA in diffusers, where it has one, compiled as ours.",
+)
+@click.option(
     "--out",
     "-o",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -92,6 +97,7 @@ def bench(
     batch,
     skip_step,
     compiled,
+    builtin,
     out,
 ) -> None:
     """Time NABLA against the best dense SDPA on this GPU, per attention call and per transformer step.
@@ -141,6 +147,7 @@ def bench(
             batch=batch,
             step=not skip_step,
             compiled=compiled,
+            builtin=builtin,
         )
     except GPUUnavailableError as err:
         raise click.ClickException(str(err)) from None

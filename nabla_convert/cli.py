@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 from pathlib import Path
 
 import click
 
 from nabla_convert.config import ConfigError, NablaConfig, NablaError, load_config_file, parse_window
-from nabla_convert.convert import convert
+from nabla_convert.convert import SharedWeightsWarning, convert
 from nabla_convert.folders import check_output
 from nabla_convert.recipes import load_recipe
 
@@ -143,8 +144,9 @@ def main() -> None:
 @click.option(
     "--copy",
     is_flag=True,
-    help="Copy weight files instead of hard-linking them (a hard link shares the file with MODEL: anything that later "
-    "writes into an output weight file in place, rather than replacing it, changes MODEL too).",
+    help="Never hard-link weight files: clone them where the filesystem can (reflink), else copy them. By default "
+    "a weight file is cloned, else hard-linked (the same file as MODEL's: anything that later writes into it in "
+    "place, rather than replacing it, changes MODEL too; convert warns), else copied.",
 )
 def convert_command(
     model, out, config, recipe, threshold, sta, dense_steps, revision, token, overwrite, base, copy
@@ -165,17 +167,24 @@ def convert_command(
     check_output(out, inputs, overwrite=overwrite)
     calibration = config.parent / "calibration.json" if config else None
     reports = {"calibration": calibration} if calibration and calibration.is_file() else None
-    written = convert(
-        model,
-        out,
-        settings,
-        revision=revision,
-        token=token,
-        overwrite=overwrite,
-        reports=reports,
-        base=base,
-        link=not copy,
-    )
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always", SharedWeightsWarning)
+        written = convert(
+            model,
+            out,
+            settings,
+            revision=revision,
+            token=token,
+            overwrite=overwrite,
+            reports=reports,
+            base=base,
+            link=not copy,
+        )
+    for warning in warned:
+        if issubclass(warning.category, SharedWeightsWarning):
+            click.echo(f"Warning: {warning.message}", err=True)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     click.echo(f"wrote NABLA checkpoint to {written}")
 
 

@@ -1,16 +1,20 @@
 """convert: a dense diffusers checkpoint of a registered family -> a self-describing NABLA checkpoint.
 
-Weights are never re-serialised, so they stay bit-exact with their dtype and sharding: on the same
-filesystem they are hard-linked (no second copy), elsewhere or with link=False copied. Only the
-transformers' config.json (class name + `_nabla` settings) and model_index.json change, and they are
-written as new files (atomic replace), never in place, so the source behind a hard link is never
-touched; removing or overwriting the output only drops links. Before anything is written, --out is
-checked against the input (folders.check_output), links leaving MODEL are refused, and every
-safetensors header is read (no tensor is loaded): a truncated file or a transformer tensor whose
-name, shape or dtype does not fit the model config stops the conversion. The result is built in a
-temporary sibling folder (removed on error and on SIGTERM) and renamed into place at the end, so an
-interrupted or failed conversion leaves nothing partial at --out. The output's marker
-(.nabla-convert.json) records the sha256 of every weight file; push checks the weights against it.
+Weights are never re-serialised, so they stay bit-exact with their dtype and sharding, and are not
+copied where the filesystem allows: a reflink (copy-on-write clone, e.g. btrfs or XFS: an independent
+file, no space used) first, else a hard link on the same filesystem (the same file as the source's:
+nabla-convert warns, since a later in-place write into it would change the source), else, or with
+link=False where no reflink exists, a copy. Only the transformers' config.json (class name +
+`_nabla` settings) and model_index.json change, and they are written as new files (atomic replace),
+never in place, so the source behind a hard link is never touched; removing or overwriting the output
+only drops links. Before anything is written, --out is checked against the input
+(folders.check_output), links leaving MODEL are refused, and every safetensors header is read (no
+tensor is loaded): a truncated file or a transformer tensor whose name, shape or dtype does not fit
+the model config stops the conversion. The result is built in a temporary sibling folder (removed on
+error and on SIGTERM) and renamed into place at the end, so an interrupted or failed conversion leaves
+nothing partial at --out. The output's marker (.nabla-convert.json) records the sha256 of every weight
+file convert wrote or copied and the identity (inode, size, mtime) of every one it linked or cloned,
+which it never reads: converting a 14B pipeline takes seconds. push checks the weights against both.
 
 A checkpoint in a family's own layout (the original layout the published NABLA fine-tunes ship in)
 is imported with `base`: the dense diffusers pipeline of the same architecture gives every other
@@ -22,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -33,11 +38,14 @@ from nabla_convert.folders import (
     MARKER,
     check_links,
     check_output,
+    file_identity,
+    is_weight_file,
     name_matcher,
     public_name,
     replace_folder,
     staging,
     weight_digests,
+    weight_files,
     write_marker,
 )
 from nabla_convert.io import atomic_write_text, read_json
@@ -57,6 +65,10 @@ FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 class ConvertError(NablaError, ValueError):
     """A model that cannot be converted, or an output that cannot be written."""
+
+
+class SharedWeightsWarning(UserWarning):
+    """The output's weight files are hard links to the source's: an in-place write into them changes the source."""
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -155,17 +167,52 @@ def configs_for(
     return chosen
 
 
-def link_or_copy(src: str, dst: str) -> None:
-    """Hard-link src to dst when both are on one filesystem, else copy its bytes (a Hub cache symlink is followed)."""
+FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int): clone a whole file (btrfs, XFS with reflink, bcachefs, ...)
+LINK_WARNING = (
+    "{count} weight file(s) of {out} are hard links to MODEL's ({example}): the same files, so whatever writes into "
+    "them in place (e.g. save_pretrained over {out}) changes MODEL too; nabla-convert itself only replaces files. "
+    "Convert with --copy (link=False) to edit the output in place."
+)
+
+
+def reflink(src: str, dst: str) -> bool:
+    """A copy-on-write clone of src at dst (no bytes copied; later writes to either stay apart), where the
+    filesystem has one; False (and no dst) where it has not."""
+    import fcntl
+
     try:
-        os.link(os.path.realpath(src), dst)
+        with open(src, "rb") as source, open(dst, "xb") as target:
+            try:
+                fcntl.ioctl(target.fileno(), FICLONE, source.fileno())
+                return True
+            except OSError:
+                pass
+        os.unlink(dst)
     except OSError:
-        shutil.copyfile(src, dst)
+        pass
+    return False
 
 
-def _copy_tree(src: Path, dst: Path, *, link: bool = True, skip: Path | None = None) -> None:
-    """Everything but COPY_IGNORE and the weights under `skip` (replaced by an import); files hard-linked
-    when `link` allows it."""
+def place_file(src: str, dst: str, *, share: bool) -> str:
+    """src's bytes at dst without a second copy where possible: a reflink (an independent file), else with `share`
+    a hard link (the same file as src), else a copy. Returns "reflink", "hardlink" or "copy"."""
+    source = os.path.realpath(src)  # a Hub cache snapshot links to its blobs
+    if reflink(source, dst):
+        return "reflink"
+    if share:
+        try:
+            os.link(source, dst)
+            return "hardlink"
+        except OSError:
+            pass
+    shutil.copyfile(source, dst)
+    return "copy"
+
+
+def _copy_tree(src: Path, dst: Path, *, link: bool = True, skip: Path | None = None) -> dict[str, str]:
+    """Everything but COPY_IGNORE and the weights under `skip` (replaced by an import), each file placed by
+    `place_file` (`link`: hard links allowed). Returns relative path -> how it was placed."""
+    placed: dict[str, str] = {}
 
     def ignore(folder: str, names: list[str]) -> set[str]:
         ignored = shutil.ignore_patterns(*COPY_IGNORE)(folder, names)
@@ -173,7 +220,19 @@ def _copy_tree(src: Path, dst: Path, *, link: bool = True, skip: Path | None = N
             ignored |= shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json")(folder, names)
         return ignored
 
-    shutil.copytree(src, dst, ignore=ignore, copy_function=link_or_copy if link else shutil.copyfile)
+    def copy(source: str, target: str) -> None:
+        placed[Path(target).relative_to(dst).as_posix()] = place_file(source, target, share=link)
+
+    shutil.copytree(src, dst, ignore=ignore, copy_function=copy)
+    return placed
+
+
+def record_weights(staged: Path, placed: dict[str, str]) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+    """The marker's manifest: sha256 of each weight file convert wrote or copied (it reads those anyway), the
+    identity of each linked or cloned one (not read: a 14B conversion takes seconds). Push checks both."""
+    unread = {relative for relative in weight_files(staged) if placed.get(relative) in ("hardlink", "reflink")}
+    identities = {relative: file_identity(staged / relative) for relative in sorted(unread)}
+    return weight_digests(staged, frozenset(unread)), identities
 
 
 def native_import(root: Path, base: str | os.PathLike | None, **hub: Any) -> tuple[Path, ModelFamily, dict] | None:
@@ -317,7 +376,7 @@ def convert(
     the settings the checkpoint carries itself (ModelFamily.native_settings).
     `reports` ({"calibration": path to calibration.json, ...}) are copied to nabla_reports/, where
     the model card reads them. `base` is the dense diffusers pipeline a checkpoint in a family's own
-    layout is completed with. `link=False` copies weight files instead of hard-linking them.
+    layout is completed with. `link=False` never hard-links (a reflink or a copy: the output's files are its own).
     """
     out = Path(out)
     reads = {f"{name} report": path for name, path in (reports or {}).items()}
@@ -349,7 +408,7 @@ def convert(
         provenance["base_license"] = license_name
     with staging(out) as work:
         staged = work / "out"
-        _copy_tree(tree, staged, link=link, skip=None if imported is None else tree / "transformer")
+        placed = _copy_tree(tree, staged, link=link, skip=None if imported is None else tree / "transformer")
         if imported is not None:
             imported[1].import_native(root, tree / "transformer", staged / "transformer")
             check_transformer_weights(staged / "transformer", staged, imported[1])
@@ -363,8 +422,11 @@ def convert(
             for name, (_, family) in components.items():
                 model_index[name] = nabla_class_entry(family)
             atomic_write_text(staged / "model_index.json", json.dumps(model_index, indent=2) + "\n")
-        write_marker(staged, "convert", weight_digests(staged))
+        write_marker(staged, "convert", *record_weights(staged, placed))
         replace_folder(staged, out)
+    linked = sorted(relative for relative, how in placed.items() if how == "hardlink" and is_weight_file(relative))
+    if linked:
+        warnings.warn(LINK_WARNING.format(count=len(linked), out=out, example=linked[0]), SharedWeightsWarning, 2)
     return out
 
 

@@ -2,7 +2,8 @@
 
 - An output never is, contains or lies inside an input (paths compared after resolving links).
 - Every folder a command writes holds a marker, `.nabla-convert.json`, naming the command and, for checkpoints, the
-  sha256 of each weight file. `--overwrite` replaces only a folder with a marker; push checks the weights against it.
+  sha256 of each weight file it wrote, and the identity (inode, size, mtime) of each it linked without reading it.
+  `--overwrite` replaces only a folder with a marker; push checks the weights against it.
 - A link whose target leaves its folder (or is missing, or loops back) is refused, never followed: copying it would
   turn an outside file into part of the output, uploading it would publish it.
 - Outputs are built in a temporary sibling folder that is removed on error and on SIGTERM; one left by a killed
@@ -66,14 +67,31 @@ def read_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("tool") == "nabla-convert" else None
 
 
-def write_marker(folder: str | os.PathLike, command: str, weights: Mapping[str, str] | None = None) -> Path:
-    """Mark `folder` as written by `command`; `weights` (relative path -> sha256) is the checkpoint's manifest."""
+def write_marker(
+    folder: str | os.PathLike,
+    command: str,
+    weights: Mapping[str, str] | None = None,
+    identities: Mapping[str, dict[str, int]] | None = None,
+) -> Path:
+    """Mark `folder` as written by `command`; `weights` (relative path -> sha256) is the checkpoint's manifest, and
+    `identities` (relative path -> file_identity) records the weight files placed without reading them (linked)."""
     from nabla_convert.io import atomic_write_text
 
     data: dict[str, Any] = {"tool": "nabla-convert", "version": version("nabla-convert"), "command": command}
     if weights is not None:
         data["weights"] = dict(sorted(weights.items()))
+    if identities:
+        data["weight_identities"] = dict(sorted(identities.items()))
     return atomic_write_text(Path(folder) / MARKER, json.dumps(data, indent=2) + "\n")
+
+
+def file_identity(path: Path) -> dict[str, int]:
+    """What changes when a file's bytes change, read without reading them: inode, size and modification time (ns).
+
+    Writing into a file (even in place, through a hard link) moves its mtime; replacing it changes the inode.
+    """
+    stat = path.stat()
+    return {"inode": stat.st_ino, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def sha256_file(path: Path) -> str:
@@ -88,14 +106,20 @@ def is_weight_file(relative: str) -> bool:
     return relative.endswith(WEIGHT_SUFFIXES)
 
 
-def weight_digests(folder: str | os.PathLike) -> dict[str, str]:
-    """Relative path -> sha256 of every weight file under `folder`: the manifest convert and adapt record."""
+def weight_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """Relative path -> path of every weight file under `folder`."""
     folder = Path(folder)
     return {
-        path.relative_to(folder).as_posix(): sha256_file(path)
+        path.relative_to(folder).as_posix(): path
         for path in sorted(folder.rglob("*"))
         if path.is_file() and is_weight_file(path.name)
     }
+
+
+def weight_digests(folder: str | os.PathLike, skip: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Relative path -> sha256 of every weight file under `folder` (but those in `skip`): the manifest convert and
+    adapt record."""
+    return {relative: sha256_file(path) for relative, path in weight_files(folder).items() if relative not in skip}
 
 
 def check_output(

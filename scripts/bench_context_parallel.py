@@ -6,10 +6,11 @@ rank enables `ContextParallelConfig(ulysses_degree=N)` on the same model and run
     torchrun --nproc-per-node 2 scripts/bench_context_parallel.py --arch wan2.1-t2v-14b \\
         --resolution 1280x720 --frames 81 --threshold 0.1 --q-block 128 --out cp.json
 
-Random bf16 weights (the same on every rank), batch 1, a 512-token text. Reported: the median step
+Any family's preset (`--arch`, looked up in the registry: Wan, Kandinsky 5, ...), random bf16
+weights and the family's random inputs (the same on every rank), batch 1. Reported: the median step
 of each, the speedup, and how far the N-GPU output is from the one-GPU output, for NABLA and, as
 the yardstick of bf16 rounding alone, for the same model with dense attention
-(`nabla_disabled`). Without CUDA it runs on CPU with gloo (`--arch tiny`), the way it is tested.
+(`nabla_disabled`). Without CUDA it runs on CPU with gloo (`--arch tiny-wan` or `tiny-kandinsky5`).
 """
 
 from __future__ import annotations
@@ -24,19 +25,25 @@ from typing import Any
 import diffusers
 import torch
 import torch.distributed as dist
-from diffusers import ContextParallelConfig, WanTransformer3DModel
+from diffusers import ContextParallelConfig
 
 from nabla_convert import NablaConfig, apply_nabla, layer_densities, nabla_disabled, reset_densities
 from nabla_convert.attention.parallel import cpu_counts_as_device
 from nabla_convert.bench import cuda_ms, environment, parse_resolution
 from nabla_convert.io import atomic_write_text
-from nabla_convert.models.tiny import tiny_transformer
-from nabla_convert.models.wan import WAN
+from nabla_convert.models import families, family_for_arch, family_of
+from nabla_convert.models.tiny import tiny_kandinsky5_transformer, tiny_transformer
+
+TINY = {  # CPU (gloo) checks of the script: tiny transformer of a family, built in code
+    "tiny-wan": lambda layers: tiny_transformer(num_layers=layers or 2, heads=4, head_dim=16),
+    "tiny-kandinsky5": lambda layers: tiny_kandinsky5_transformer(num_visual_blocks=layers or 2, heads=4),
+}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="wan2.1-t2v-14b", choices=[*WAN.archs, "tiny"])
+    presets = [arch for family in families() for arch in family.archs]
+    parser.add_argument("--arch", default="wan2.1-t2v-14b", choices=[*presets, *TINY])
     parser.add_argument("--layers", type=int, help="transformer blocks (default: the architecture's)")
     parser.add_argument("--resolution", default="1280x720", help="WIDTHxHEIGHT")
     parser.add_argument("--frames", type=int, default=81)
@@ -48,15 +55,24 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def build_model(arch: str, layers: int | None, device: torch.device) -> WanTransformer3DModel:
+def compute_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def build_model(arch: str, layers: int | None, device: torch.device) -> torch.nn.Module:
     """The same random weights on every rank: seeded init, then rank 0's weights broadcast."""
     torch.manual_seed(0)
     with device:
-        if arch == "tiny":
-            model = tiny_transformer(num_layers=layers or 2, heads=4, head_dim=16)
+        if arch in TINY:
+            model = TINY[arch](layers)
         else:
-            model = WanTransformer3DModel(**{**WAN.archs[arch], "num_layers": layers or WAN.archs[arch]["num_layers"]})
-    model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+            family = family_for_arch(arch)
+            config = {**family.archs[arch], **({family.layers_key: layers} if layers else {})}
+            model = family.transformer_classes[0](**config)
+    model = model.to(compute_dtype(device)).eval()
+    for name, module in model.named_modules():  # as from_pretrained loads them (Kandinsky 5 needs it)
+        if set(name.split(".")) & set(model._keep_in_fp32_modules or ()):
+            module.float()
     for tensor in [*model.parameters(), *model.buffers()]:
         dist.broadcast(tensor.data, src=0)
     return model
@@ -83,20 +99,19 @@ def main() -> None:
     if cuda:
         torch.cuda.set_device(device)
     model = build_model(args.arch, args.layers, device)
-    patch = model.config.patch_size
-    grid = WAN.token_grid(parse_resolution(args.resolution), args.frames, patch)
-    generator = torch.Generator().manual_seed(1)
-    dtype = next(model.parameters()).dtype
-    latent = (1, model.config.in_channels, *(g * p for g, p in zip(grid, patch, strict=True)))
-    hidden = torch.randn(latent, generator=generator).to(device, dtype)
-    text = torch.randn(1, WAN.text_tokens, model.config.text_dim, generator=generator).to(device, dtype)
-    timestep = torch.full((1,), 500, device=device)
+    family = family_of(model)
+    grid = family.token_grid(parse_resolution(args.resolution), args.frames, family.patch_size(model.config))
+    torch.manual_seed(1)
+    inputs = family.random_inputs(model, grid, 1, device, compute_dtype(device))
+    for tensor in inputs.values():  # rank 0's inputs everywhere
+        for t in tensor if isinstance(tensor, list) else [tensor]:
+            dist.broadcast(t, src=0)
     nabla = NablaConfig(threshold=args.threshold, q_block=args.q_block, kv_block=args.kv_block)
     apply_nabla(model, nabla)
 
     def forward() -> torch.Tensor:
         with torch.no_grad():
-            return model(hidden, timestep, text, return_dict=False)[0]
+            return model(**inputs).sample
 
     def dense_forward() -> torch.Tensor:
         with nabla_disabled(model):
@@ -131,7 +146,8 @@ def main() -> None:
                 "token_grid": list(grid),
                 "tokens": layout.num_tokens,
                 "padded_tokens": layout.padded_len,
-                "layers": len(model.blocks),
+                "family": family.name,
+                "layers": family.num_layers(model.config),
                 "nabla": nabla.to_dict(),
             },
             "one_gpu_ms": single["ms"],

@@ -8,6 +8,7 @@ checks the real filesystem afterwards: every byte of the input is compared with 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -95,7 +96,8 @@ def test_convert_out_holding_the_config_file_is_refused(model, tmp_path):
     assert snapshot(tmp_path) == before
 
 
-def test_overwrite_replaces_only_a_folder_nabla_convert_wrote(model, tmp_path):
+def test_overwrite_replaces_only_a_folder_nabla_convert_wrote(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("nabla_convert.convert"), "reflink", lambda src, dst: False)  # as ext4
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("not a checkpoint")
@@ -103,10 +105,14 @@ def test_overwrite_replaces_only_a_folder_nabla_convert_wrote(model, tmp_path):
     assert (mine / "notes.txt").read_text() == "not a checkpoint"
 
     out = tmp_path / "out"
-    assert run_convert(model, out).exit_code == 0
+    result = run_convert(model, out)
+    assert result.exit_code == 0 and "Warning: " in result.stderr and "hard links to MODEL's" in result.stderr
+    assert "Warning" not in run_convert(model, tmp_path / "copied", "--copy").stderr
     marker = read_marker(out)
-    assert marker["command"] == "convert" and marker["weights"] == weight_digests(out)
-    assert "transformer/diffusion_pytorch_model-00001-of-00004.safetensors" in marker["weights"]
+    digests, identities = marker["weights"], marker.get("weight_identities", {})
+    assert marker["command"] == "convert" and sorted(digests.keys() | identities.keys()) == sorted(weight_digests(out))
+    assert all(digests[path] == sha for path, sha in weight_digests(out).items() if path in digests)
+    assert "transformer/diffusion_pytorch_model-00001-of-00004.safetensors" in digests.keys() | identities.keys()
     assert "not empty" in one_line_error(run_convert(model, out))
     result = CliRunner().invoke(main, ["convert", str(model), "--out", str(out), "--threshold", "0.7", "--overwrite"])
     assert result.exit_code == 0, result.output

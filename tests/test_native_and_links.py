@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -171,3 +173,75 @@ def test_conversion_hard_links_weights_and_never_touches_the_source(tiny_pipelin
     load(out)
     shutil.rmtree(out)
     assert digests(source) == before
+
+
+def write_in_place(path: Path) -> None:
+    """What an in-place writer does (save_pretrained over a file, an editor): the same inode, new bytes."""
+    with path.open("r+b") as stream:
+        stream.seek(-8, os.SEEK_END)
+        stream.write(b"\x00" * 8)
+
+
+@pytest.mark.parametrize("reflinks", [False, True])
+def test_linked_weights_are_recorded_unread_and_push_still_catches_any_change(
+    tiny_pipeline_dir, tmp_path, monkeypatch, reflinks
+):
+    """convert does not read the weights it links or clones (their identity goes in the marker, not their sha256),
+    warns when they are hard links, and push's check still refuses a weight written in place afterwards.
+    (This machine's ext4 has no reflink: a clone is stood in for by a copy the way FICLONE would make it.)"""
+    from nabla_convert.convert import SharedWeightsWarning
+    from nabla_convert.folders import read_marker
+    from nabla_convert.hub.errors import InvalidCheckpointError
+    from nabla_convert.hub.push import prepare_push
+
+    converting = importlib.import_module("nabla_convert.convert")  # the package's `convert` is the function
+    monkeypatch.setattr(converting, "reflink", lambda src, dst: reflinks and bool(shutil.copyfile(src, dst)))
+    source = tmp_path / "source"
+    shutil.copytree(tiny_pipeline_dir, source)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        out = convert(source, tmp_path / "out", NablaConfig(threshold=0.5))
+    shared = [w for w in warned if issubclass(w.category, SharedWeightsWarning)]
+    assert len(shared) == (0 if reflinks else 1) and all("hard links to MODEL's" in str(w.message) for w in shared)
+    assert all((source / p.relative_to(out)).stat().st_ino != p.stat().st_ino for p in weight_files(out)) == reflinks
+    marker = read_marker(out)
+    weights = {path.relative_to(out).as_posix() for path in weight_files(out)}
+    assert sorted(marker["weight_identities"]) == sorted(weights) and marker["weights"] == {}
+    prepare_push(out, "you/model")  # unchanged: accepted
+    shard = weight_files(out)[-1]
+    stat = shard.stat()
+    write_in_place(shard)
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # even a clock that barely moved
+    with pytest.raises(InvalidCheckpointError, match=r"\(changed\)"):
+        prepare_push(out, "you/model")
+    monkeypatch.setattr(converting, "reflink", lambda src, dst: False)
+    fresh = convert(source, tmp_path / "again", NablaConfig(threshold=0.5), link=False)
+    replaced = weight_files(fresh)[0]
+    os.replace(shutil.copyfile(replaced, tmp_path / "copy"), replaced)  # same bytes, another file
+    prepare_push(fresh, "you/model")  # a copied weight is recorded by sha256: replacing it with equal bytes is fine
+    assert read_marker(fresh).get("weight_identities") is None
+
+
+def test_copy_mode_shares_nothing_and_the_toolkit_never_writes_into_the_source(tiny_pipeline_dir, tmp_path):
+    """--copy: no file of the output is the source's; nabla-convert's own writes into a linked output (convert
+    --overwrite, push's card and restamp, removal) leave every byte of the source as it was."""
+    from nabla_convert.folders import write_marker
+    from nabla_convert.hub.push import prepare_push
+    from nabla_convert.io import atomic_write_text
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_pipeline_dir, source)
+    before = {path: path.read_bytes() for path in sorted(source.rglob("*")) if path.is_file()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no shared-weights warning
+        copied = convert(source, tmp_path / "copied", NablaConfig(threshold=0.5), link=False)
+    source_inodes = {path.stat().st_ino for path in before}
+    assert not {path.stat().st_ino for path in copied.rglob("*") if path.is_file()} & source_inodes
+    write_in_place(weight_files(copied)[0])
+    out = convert(source, tmp_path / "out", NablaConfig(threshold=0.5))
+    convert(source, out, NablaConfig(threshold=0.3), overwrite=True)
+    plan = prepare_push(out, "you/model", restamp=True)
+    atomic_write_text(out / "README.md", plan.card)  # what push writes after a verified upload
+    write_marker(out, "convert", plan.weights())
+    shutil.rmtree(out)
+    assert {path: path.read_bytes() for path in sorted(source.rglob("*")) if path.is_file()} == before

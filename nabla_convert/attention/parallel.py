@@ -8,10 +8,16 @@ unchanged inside that exchange: `ulysses_attention` hands diffusers' own Ulysses
 (`TemplatedUlyssesAttention`, or `TemplatedUlyssesAnythingAttention` for uneven splits) a forward
 op that runs NABLA. No communication is written here.
 
-The sequence a family adapter splits is already in padded tile order, padded so that it divides by
-the Ulysses degree (`sequence_multiple`): every rank gets an equal share, and after the all-to-all
-each rank sees exactly the single-GPU tile-order sequence (plus at most degree-1 padding tiles).
-With `ulysses_anything=True` the head count need not divide by the degree (diffusers pads heads).
+The sequence a family adapter splits is already in tile order, padded when needed so that it
+divides by the Ulysses degree (`sequence_multiple`): every rank gets an equal share, and after the
+all-to-all each rank sees exactly the single-GPU tile-order sequence (plus at most degree-1 padding
+tiles). With `ulysses_anything=True` the head count need not divide by the degree (diffusers pads heads).
+
+What a family gives (models/family.py), with no code here: `context_parallel_plan`, the `_cp_plan`
+whose split hooks wrap its tile-order hooks (split_output on the modules that emit the stream and
+everything indexed by its tokens, e.g. RoPE); a gather (`gather_sequence`) in the hook that returns
+tokens to raster order, or a `ContextParallelOutput` in the plan before it; and, if the default is
+wrong, `local_attention`, the attention modules that run on each rank's own tokens (text, cross-attention).
 
 Ring attention is not supported. It splits the key axis: each rank attends its queries to one key
 chunk at a time and merges partial results by their log-sum-exp. A NABLA row keeps the smallest set
@@ -68,6 +74,14 @@ def shard_sequence(x: torch.Tensor, config: ParallelConfig, dim: int = 1) -> tor
     if cp.ulysses_anything:
         return PartitionAnythingSharder.shard_anything(x, dim, cp._flattened_mesh)
     return EquipartitionSharder.shard(x, dim, cp._flattened_mesh)
+
+
+def gather_sequence(x: torch.Tensor, config: ParallelConfig, dim: int = 1) -> torch.Tensor:
+    """The full sequence along `dim` from every rank's share, gathered as diffusers' gather hooks gather it."""
+    cp = config.context_parallel_config
+    if cp.ulysses_anything:
+        return PartitionAnythingSharder.unshard_anything(x, dim, cp._flattened_mesh)
+    return EquipartitionSharder.unshard(x, dim, cp._flattened_mesh)
 
 
 def ulysses_attention(

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from nabla_convert.config import CONFIG_KEY, ConfigError, NablaConfig
 from nabla_convert.convert import REPORTS_DIR, tensor_header
-from nabla_convert.folders import MARKER, check_links, is_weight_file
+from nabla_convert.folders import MARKER, check_links, file_identity, is_weight_file
 from nabla_convert.hub.errors import InvalidCheckpointError
 
 NABLA_LIBRARY = "nabla_convert"
@@ -244,14 +244,29 @@ def upload_paths(folder: Path) -> list[str]:
     )
 
 
-def weights_changed(manifest: tuple[ManifestEntry, ...], recorded: dict[str, str]) -> list[str]:
-    """Weight files that differ from the sha256 manifest convert/adapt recorded: changed, missing or new."""
+def weights_changed(
+    manifest: tuple[ManifestEntry, ...],
+    recorded: dict[str, str],
+    identities: dict[str, Any] | None = None,
+    folder: Path | None = None,
+) -> list[str]:
+    """Weight files that differ from what convert/adapt recorded: changed, missing or new.
+
+    A file is recorded by its sha256, or (convert's linked files, which it did not read) by its identity under
+    `folder`: inode, size and mtime, which any write into the file, or its replacement, changes.
+    """
     current = {entry.path: entry.sha256 for entry in manifest if is_weight_file(entry.path)}
-    changed = [
-        f"{path} (changed)" for path in sorted(current.keys() & recorded.keys()) if current[path] != recorded[path]
-    ]
-    missing = [f"{path} (missing)" for path in sorted(recorded.keys() - current.keys())]
-    new = [f"{path} (not recorded)" for path in sorted(current.keys() - recorded.keys())]
+    identities = identities if folder is not None and isinstance(identities, dict) else {}
+    expected = {path: ("sha256", sha) for path, sha in recorded.items()}
+    expected |= {path: ("identity", identity) for path, identity in identities.items() if path not in recorded}
+
+    def same(path: str) -> bool:
+        kind, value = expected[path]
+        return current[path] == value if kind == "sha256" else file_identity(folder / path) == value
+
+    changed = [f"{path} (changed)" for path in sorted(current.keys() & expected.keys()) if not same(path)]
+    missing = [f"{path} (missing)" for path in sorted(expected.keys() - current.keys())]
+    new = [f"{path} (not recorded)" for path in sorted(current.keys() - expected.keys())]
     return changed + missing + new
 
 

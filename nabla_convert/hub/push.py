@@ -189,13 +189,14 @@ def prepare_push(
     else:
         card, card_is_new = generate_card(checkpoint, repo_id), True
     manifest = build_manifest(folder, {CARD_NAME: card.encode("utf-8")} if card_is_new else None)
-    recorded = (read_marker(folder) or {}).get("weights")
+    marker = read_marker(folder) or {}
+    recorded = marker.get("weights")
     if not restamp and not isinstance(recorded, dict):
         raise InvalidCheckpointError(
             f"{folder} has no weights manifest ({MARKER}, written by convert and adapt); pass --restamp to record "
             "the current weights"
         )
-    changed = [] if restamp else weights_changed(manifest, recorded)
+    changed = [] if restamp else weights_changed(manifest, recorded, marker.get("weight_identities"), folder)
     if changed:
         listed = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
         raise InvalidCheckpointError(

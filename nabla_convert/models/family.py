@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -84,9 +85,33 @@ class ModelFamily(ABC):
         """(B, L) bool, False at text padding, from the attention mask the model gives its joint attention."""
         raise FamilyError(f"{self.name}: its self-attention takes no text (no joint text-video attention)")
 
+    # --- context parallelism (diffusers enable_parallelism, Ulysses) ------------------------------------
     def context_parallel_plan(self, transformer: torch.nn.Module) -> dict[str, Any] | None:
-        """The `_cp_plan` apply_nabla gives the transformer for diffusers' context parallelism (None: the class's)."""
+        """The `_cp_plan` apply_nabla gives the transformer for diffusers' context parallelism (None: the class's).
+
+        A plan for NABLA splits the token stream *after* the tile-order hooks (diffusers' split hooks,
+        registered later by enable_parallelism, wrap ours: a `split_output` split sees our hook's
+        output), splits everything indexed by visual token that the blocks get (RoPE, per-token
+        modulation), and gathers before the hook that returns tokens to raster order. The stream's
+        length divides by the Ulysses degree (`NablaState.set_grid` pads it when needed), so the
+        splits are even. Tensors every rank holds whole (text) are not split.
+        """
         return None
+
+    def local_attention(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
+        """Attention modules that run on each rank's own tokens under context parallelism, with no all-to-all.
+
+        enable_parallelism gives every attention processor the parallel config; the NABLA transformer
+        clears it in these at each forward. Default: every attention module other than `self_attention`
+        (text self-attention and cross-attention, whose keys every rank holds whole: an all-to-all
+        would give each rank the same keys N times, the same result at N times the cost).
+        """
+        from diffusers.models.attention import AttentionModuleMixin
+        from diffusers.models.attention_processor import Attention, MochiAttention
+
+        attention_classes = (Attention, MochiAttention, AttentionModuleMixin)  # the classes enable_parallelism visits
+        sparse = {id(module) for module in self.self_attention(transformer)}
+        return [m for m in transformer.modules() if isinstance(m, attention_classes) and id(m) not in sparse]
 
     def num_heads(self, transformer: torch.nn.Module) -> int:
         return self.attention_shape(transformer.config)[0]
@@ -110,6 +135,16 @@ class ModelFamily(ABC):
     def native_settings(self, config: Mapping[str, Any]) -> NablaConfig | None:
         """NABLA settings a checkpoint's own config carries (None: it has none)."""
         return None
+
+    def builtin_nabla(
+        self, transformer: torch.nn.Module, grid: tuple[int, int, int], config: NablaConfig
+    ) -> AbstractContextManager[dict[str, Any]]:
+        """The family's own NABLA in diffusers (bench compares against it): inside the context, the dense transformer
+        runs it at `config`'s threshold and window when called with the extra forward kwargs the context gives."""
+        raise FamilyError(f"{self.name}: diffusers has no built-in NABLA for this family")
+
+    def has_builtin_nabla(self) -> bool:
+        return type(self).builtin_nabla is not ModelFamily.builtin_nabla
 
     # --- shapes -----------------------------------------------------------------------------------
     def token_grid(

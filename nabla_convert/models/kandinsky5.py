@@ -18,15 +18,19 @@ that diffusers' built-in K5 NABLA computes, so the same blocks are chosen.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
-from diffusers import Kandinsky5T2VPipeline, Kandinsky5Transformer3DModel
+from diffusers import Kandinsky5T2VPipeline, Kandinsky5Transformer3DModel, attention_backend
+from diffusers.models._modeling_parallel import ContextParallelInput
 from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnProcessor
 
+from nabla_convert.attention.parallel import gather_sequence
 from nabla_convert.config import NablaConfig
 from nabla_convert.models import register
-from nabla_convert.models.family import ModelFamily
+from nabla_convert.models.family import FamilyError, ModelFamily
 from nabla_convert.models.nabla import NablaModelMixin, StateHook
 
 __all__ = ["Kandinsky5Family", "NablaKandinsky5Transformer3DModel"]
@@ -73,11 +77,17 @@ class _RopeHook(StateHook):
 
 
 class _OutLayerHook(StateHook):
-    """Tokens go back from compact tile order to raster order (B, T, H, W, C) before the output layer."""
+    """Tokens go back from compact tile order to raster order (B, T, H, W, C) before the output layer.
+
+    Under context parallelism each rank's share of the stream is gathered here first.
+    """
 
     def pre_forward(self, module, visual_embed, *args, **kwargs):
-        layout = self.state.layout
-        raster = layout.to_raster(visual_embed.flatten(1, 3)).unflatten(1, layout.token_grid)
+        layout, parallel = self.state.layout, self.state.parallel
+        tokens = visual_embed.flatten(1, 3)
+        if parallel is not None:
+            tokens = gather_sequence(tokens, parallel)
+        raster = layout.to_raster(tokens).unflatten(1, layout.token_grid)
         return (raster, *args), kwargs
 
 
@@ -122,6 +132,21 @@ class Kandinsky5Family(ModelFamily):
     def dense_processor(self):
         return Kandinsky5AttnProcessor()
 
+    def context_parallel_plan(self, transformer):
+        """Split the visual stream and its RoPE where they are made, after the tile-order hooks.
+
+        diffusers 0.42.1 gives Kandinsky5Transformer3DModel no plan. The model reshapes the blocks'
+        output to the shape it read from visual_embeddings (fractal_unflatten), which is then each
+        rank's share, so the gather is in the out-layer hook, which puts the whole stream back in raster
+        order. Text (and its blocks) stays whole on every rank; text self-attention and cross-attention
+        run locally (`local_attention`). No hook sits on a block: compile_repeated_blocks keeps one graph.
+        """
+        return {
+            # (B, S, 1, 1, C) and (B, S, 1, 1, 1, D/2, 2, 2) out of the tile-order hooks
+            "visual_embeddings": {0: ContextParallelInput(split_dim=1, expected_dims=5, split_output=True)},
+            "visual_rope_embeddings": {0: ContextParallelInput(split_dim=1, expected_dims=8, split_output=True)},
+        }
+
     def attention_qkv(self, attn, hidden_states, rotary_emb):
         shape = hidden_states.shape[:-1]
         query, key, value = (
@@ -151,6 +176,26 @@ class Kandinsky5Family(ModelFamily):
             selection_precision="bfloat16",
             provenance={"settings": "the checkpoint's own attention_type nabla config"},
         )
+
+    @contextmanager
+    def builtin_nabla(self, transformer, grid, config) -> Iterator[dict[str, Any]]:
+        """diffusers' K5 NABLA as its pipeline runs it: the pipeline's sparse_params (STA mask from its
+        fast_sta_nabla, P, fractal order) and every attention on the flex backend, as the K5 docs ask."""
+        T, H, W = grid
+        if H % 8 or W % 8:
+            raise FamilyError(f"diffusers' built-in K5 NABLA needs a token grid of whole 8x8 tiles, got {grid}")
+        if config.sta is None or not isinstance(config.threshold, float) or config.threshold <= 0.0:
+            raise FamilyError("diffusers' built-in K5 NABLA takes one threshold > 0 and always an STA window")
+        device = next(transformer.parameters()).device
+        sta_mask = Kandinsky5T2VPipeline.fast_sta_nabla(T, H // 8, W // 8, *config.sta, device=device)
+        # set_attention_backend also makes flex diffusers' process-wide default, which reset_attention_backend keeps:
+        # the attention_backend context puts the default back
+        with attention_backend("flex"):
+            transformer.set_attention_backend("flex")
+            try:
+                yield {"sparse_params": {"sta_mask": sta_mask[None, None], "P": config.threshold, "to_fractal": True}}
+            finally:
+                transformer.reset_attention_backend()
 
     def load_text_encoder(self, root, device):
         return Kandinsky5T2VPipeline.from_pretrained(root, transformer=None, vae=None).to(device)

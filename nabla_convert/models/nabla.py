@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,7 +28,12 @@ from nabla_convert.attention import (
     sta_selection,
 )
 from nabla_convert.attention.flex import joint_validity
-from nabla_convert.attention.parallel import context_parallel_config, sequence_multiple, ulysses_attention
+from nabla_convert.attention.parallel import (
+    context_parallel_config,
+    gather_sequence,
+    sequence_multiple,
+    ulysses_attention,
+)
 from nabla_convert.config import CONFIG_KEY, ConfigError, LayerSettings, NablaConfig
 
 if TYPE_CHECKING:
@@ -51,6 +56,7 @@ class NablaState:
     dense_phase: bool = False
     parallel: ParallelConfig | None = None
     padded_stream: bool = False  # the token stream holds the padding tokens (context parallel, uneven split)
+    local_attention: list[torch.nn.Module] = field(default_factory=list)  # the family's local_attention
 
     @torch.compiler.disable
     def begin_forward(self, transformer: torch.nn.Module, timestep: torch.Tensor, device: torch.device) -> None:
@@ -59,11 +65,16 @@ class NablaState:
         The step count and timestep are Python numbers that change every step: read here, they never
         become guards of a compiled graph. Processors only see `dense_phase` (a bool, so at most a
         dense and a sparse graph) and their own tensors, which are moved to `device` here. The
-        transformer's context-parallel config (diffusers `enable_parallelism`) is read here too.
+        transformer's context-parallel config (diffusers `enable_parallelism`) is read here too, and
+        cleared from the family's local attention modules (enable_parallelism gave it to every processor).
         """
         self.observe_timestep(timestep)
         self.dense_phase = self.step < self.config.dense_steps
         self.parallel = context_parallel_config(transformer)
+        if self.parallel is not None:
+            for attn in self.local_attention:
+                if getattr(attn.processor, "_parallel_config", None) is not None:
+                    attn.processor._parallel_config = None
         for processor in nabla_processors(transformer):
             processor.place(device)
 
@@ -259,9 +270,15 @@ class StepHook(StateHook):
 
 
 class RasterOutputHook(StateHook):
-    """A module's (B, S, C) output goes back from compact tile order to raster order (the model then unpatchifies)."""
+    """A module's (B, S, C) output goes back from compact tile order to raster order (the model then unpatchifies).
+
+    Under context parallelism each rank's share is gathered here first (put it on the narrowest tensor per token,
+    e.g. proj_out's output: patch volume x output channels).
+    """
 
     def post_forward(self, module, output):
+        if self.state.parallel is not None:
+            output = gather_sequence(output, self.state.parallel)
         return self.state.layout.to_raster(output)
 
 
@@ -286,7 +303,9 @@ def apply_nabla(transformer: torch.nn.Module, config: NablaConfig | None = None)
     config.check_num_heads(family.num_heads(transformer))
     _check_not_parallel(transformer, "apply NABLA to")
     remove_nabla(transformer)
-    state = NablaState(config, family, family.num_heads(transformer))
+    state = NablaState(
+        config, family, family.num_heads(transformer), local_attention=family.local_attention(transformer)
+    )
     for name, (module, hook_cls) in family.hook_points(transformer).items():
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook_cls(state), name)
     for index, attn in enumerate(attention):

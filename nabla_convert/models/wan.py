@@ -10,9 +10,9 @@ multiples of the tile get padding tokens only inside self-attention (the shared 
 q, k, v), where they are never attended to as keys and their query rows are dropped.
 
 Context parallelism (diffusers `enable_parallelism`, Ulysses): apply_nabla gives the transformer
-its own `_cp_plan`, which splits the tile-order stream (rope output, the first block's input) and
-gathers it after the last block, so `proj_out` sees the whole stream and the tile-order hooks stay
-exact. When the token count does not divide by the Ulysses degree, the stream carries the padding
+its own `_cp_plan`, which splits the tile-order stream where the hooks emit it (rope and
+patch_embedding outputs); the `proj_out` hook gathers it before putting it back in raster order, so
+the tile-order hooks stay exact. When the token count does not divide by the Ulysses degree, the stream carries the padding
 tokens, padded to a multiple of the degree. Per-token timestep embeddings (TI2V) are split in tile
 order by the condition hook. See attention/parallel.py.
 
@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import WanPipeline, WanTransformer3DModel
-from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+from diffusers.models._modeling_parallel import ContextParallelInput
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
 from nabla_convert.attention.parallel import shard_sequence
@@ -100,8 +100,8 @@ class _PatchHook(StateHook):
 class _ConditionHook(StateHook):
     """Per-token timestep embeddings (Wan2.2 TI2V) follow the tokens into tile order.
 
-    Under context parallelism the blocks' per-token modulation (`timestep_proj`) is split like the
-    tokens; `temb` stays whole for the output norm, which runs after the gather.
+    Under context parallelism both are split like the tokens: the blocks' modulation
+    (`timestep_proj`) and the output norm's (`temb`), which runs before the gather.
     """
 
     def pre_forward(self, module, *args, **kwargs):
@@ -113,10 +113,10 @@ class _ConditionHook(StateHook):
             return output
         temb, timestep_proj, *rest = output
         layout, padded, parallel = self.state.layout, self.state.padded_stream, self.state.parallel
-        timestep_proj = layout.to_tiles(timestep_proj, padded=padded)
+        temb, timestep_proj = (layout.to_tiles(t, padded=padded) for t in (temb, timestep_proj))
         if parallel is not None:
-            timestep_proj = shard_sequence(timestep_proj, parallel)
-        return (layout.to_tiles(temb, padded=padded), timestep_proj, *rest)
+            temb, timestep_proj = (shard_sequence(t, parallel) for t in (temb, timestep_proj))
+        return (temb, timestep_proj, *rest)
 
 
 class NablaWanTransformer3DModel(NablaModelMixin, WanTransformer3DModel):
@@ -160,19 +160,18 @@ class WanFamily(ModelFamily):
         return WanAttnProcessor()
 
     def context_parallel_plan(self, transformer):
-        """Wan's `_cp_plan` for NABLA: the same split points, but the gather moves from proj_out to the last block.
+        """Wan's `_cp_plan` for NABLA: split where the tile-order hooks emit the stream; proj_out's hook gathers.
 
-        rope's cos/sin are split after the rope hook put them in tile order (apply_nabla runs before
-        enable_parallelism, so the split hook wraps ours); the first block's input is tile order
-        already. Gathering the last block's output instead of proj_out's lets proj_out's hook see the
-        whole sequence to put it back in raster order. The timestep is not split at the model input
-        (raster order there): the condition hook splits per-token embeddings in tile order.
+        rope's cos/sin and patch_embedding's tokens are split after our hooks put them in tile order
+        (apply_nabla runs before enable_parallelism, so diffusers' split hooks wrap ours). No hook sits
+        on a block, so compile_repeated_blocks keeps one graph. The timestep is not split at the model
+        input (raster order there): the condition hook splits per-token embeddings in tile order.
         """
         rope_split = ContextParallelInput(split_dim=1, expected_dims=4, split_output=True)
         return {
             "rope": {0: rope_split, 1: rope_split},
-            "blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3)},
-            f"blocks.{len(transformer.blocks) - 1}": ContextParallelOutput(gather_dim=1, expected_dims=3),
+            # (B, C, S, 1, 1) out of the patch hook
+            "patch_embedding": {0: ContextParallelInput(split_dim=2, expected_dims=5, split_output=True)},
         }
 
     def attention_qkv(self, attn, hidden_states, rotary_emb):

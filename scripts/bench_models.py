@@ -5,7 +5,10 @@ Sections (run in this order; pick with --only):
 - kernels: flex forward kernel options at 80,640 padded tokens, head dim 128 and 64; the fastest is used for the
   rest of the run (nabla_convert.attention.flex.TUNED_KERNEL_OPTIONS);
 - attention: mask build, sparse flex and dense cuDNN per call (14B 720p, 1.3B 480p);
-- models: full Wan2.1-1.3B 480p, Wan2.1-14B 480p, 640p and 720p: dense vs NABLA, eager and compile_repeated_blocks(),
+- joint: one joint text-video attention call (HunyuanVideo 720p, HunyuanVideo 1.5 480p): dense unmasked, dense
+  with the stock key-padding mask, NABLA with the dense text suffix;
+- models: full Wan2.1-1.3B 480p, Wan2.1-14B 480p, 640p and 720p (--models; also HunyuanVideo 720p x 129 and
+  HunyuanVideo 1.5 480p x 121, --layers truncates): dense vs NABLA, eager and compile_repeated_blocks(),
   at thresholds 0.1 and 0.05 (random weights: density ~ threshold); --profile adds kernel time by category;
   after the 14B 720p rows, a stock WanPipeline run on that model (a few steps with CFG plus VAE decode), NABLA and
   dense, compiled blocks.
@@ -24,9 +27,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from nabla_convert.attention import flex
+from nabla_convert.attention import block_sparse_attention, flex
 from nabla_convert.bench.experiments import (
     best_kernel_options,
     kernel_option_rows,
@@ -36,26 +40,31 @@ from nabla_convert.bench.experiments import (
 from nabla_convert.bench.measure import (
     attention_rows,
     compiled_blocks,
+    cuda_ms,
     environment,
+    random_qkv,
     random_transformer,
     require_cuda,
     transformer_step_rows,
 )
 from nabla_convert.bench.report import BenchReport
 from nabla_convert.config import NablaConfig
+from nabla_convert.models import family_for_arch
 from nabla_convert.models.nabla import apply_nabla, remove_nabla
 from nabla_convert.models.tiny import tiny_transformer
 from nabla_convert.models.wan import WAN
 
-SECTIONS = ("smoke", "kernels", "attention", "models")
+SECTIONS = ("smoke", "kernels", "attention", "joint", "models")
 NABLA = NablaConfig(threshold=0.1, q_block=128, kv_block=64)
 THRESHOLDS = (0.1, 0.05)
-MODELS = (  # (arch, resolution, reps)
-    ("wan2.1-t2v-1.3b", (832, 480), 3),
-    ("wan2.1-t2v-14b", (832, 480), 2),
-    ("wan2.1-t2v-14b", (1280, 640), 2),  # no padding: what the padded 720p grid costs
-    ("wan2.1-t2v-14b", (1280, 720), 2),
-)
+MODELS = {  # --models key: (arch, resolution, frames, reps)
+    "1.3b-480": ("wan2.1-t2v-1.3b", (832, 480), 81, 3),
+    "14b-480": ("wan2.1-t2v-14b", (832, 480), 81, 2),
+    "14b-640": ("wan2.1-t2v-14b", (1280, 640), 81, 2),  # no padding: what the padded 720p grid costs
+    "14b-720": ("wan2.1-t2v-14b", (1280, 720), 81, 2),
+    "hv-720": ("hunyuan-video-t2v", (1280, 720), 129, 2),  # HunyuanVideo's 720p 129-frame shape
+    "hv15-480": ("hunyuan-video-1.5-t2v", (848, 480), 121, 2),  # HunyuanVideo 1.5's default (480p) shape
+}
 # cuDNN first for bf16 attention; the others stay allowed (the pipeline's float32 VAE attention needs them)
 SDPA_PRIORITY = [
     SDPBackend.CUDNN_ATTENTION,
@@ -106,34 +115,90 @@ def attention(report: BenchReport) -> None:
     report.attention += attention_rows(WAN.token_grid((832, 480), 81), 12, (0.05, 0.1), reference_mask=False)
 
 
+def joint(report: BenchReport) -> None:
+    """One joint text-video attention call at HunyuanVideo 720p x 129 and HunyuanVideo 1.5 480p x 121 (the text
+    lengths and padding of the families' random inputs): dense SDPA without a mask (cuDNN), dense SDPA with the
+    stock models' boolean key-padding mask (what diffusers runs), NABLA (selection + dense text suffix + flex)."""
+    torch._dynamo.reset()
+    for key in ("hv-720", "hv15-480"):
+        report.compiles[f"joint_{key}"] = joint_call_row(key)
+        write(report)
+        torch.cuda.empty_cache()
+
+
+def joint_call_row(key: str) -> dict[str, float]:
+    from nabla_convert.attention import TileLayout, nabla_selection
+
+    arch, resolution, frames, _ = MODELS[key]
+    family = family_for_arch(arch)
+    config = family.archs[arch]
+    heads, head_dim = family.attention_shape(config)
+    grid = family.token_grid(resolution, frames, family.patch_size(config))
+    text = family.text_tokens if key == "hv-720" else sum(family.text_lengths)
+    real_text = text // 2 if key == "hv-720" else sum(n // 4 for n in family.text_lengths[:2])
+    layout = TileLayout.for_blocks(grid, NABLA.tile, NABLA.q_block, NABLA.kv_block)
+    tokens = layout.num_tokens + text
+    q, k, v = random_qkv(1, heads, tokens, head_dim)
+    key_valid = torch.arange(tokens, device="cuda") < layout.num_tokens + real_text
+    mask = key_valid[None, None, None, :]
+    row = {"tokens": tokens, "padded_video": layout.padded_len, "text": text, "real_text": real_text}
+    with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
+        row["dense_cudnn_no_mask_ms"] = cuda_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+        row["dense_stock_masked_ms"] = cuda_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    pad = -text % 128
+    n = layout.padded_len
+    video = slice(0, layout.num_tokens)
+    jq, jk, jv = (
+        torch.cat([layout.pad(t[:, :, video], dim=2), F.pad(t[:, :, layout.num_tokens :], (0, 0, 0, pad))], 2)
+        for t in (q, k, v)
+    )
+    suffix = F.pad(key_valid[None, layout.num_tokens :], (0, pad))
+    for threshold in (0.1, 0.2):
+        limit = torch.full((heads,), threshold, device="cuda")
+
+        def select(limit: torch.Tensor = limit):
+            selection = nabla_selection(
+                jq[:, :, :n], jk[:, :, :n], threshold=limit, grid=layout, q_block=128, kv_block=64
+            )
+            return selection, selection.with_dense_suffix(suffix)
+
+        alone, selection = select()
+        row[f"thr{threshold:g}_video_density"] = float(alone.density(layout.real_blocks(128), layout.real_blocks(64)))
+        row[f"thr{threshold:g}_mask_ms"] = cuda_ms(select)
+        row[f"thr{threshold:g}_sparse_ms"] = cuda_ms(
+            lambda selection=selection: block_sparse_attention(jq, jk, jv, selection, backend="flex")
+        )
+    return row
+
+
 def models(report: BenchReport, deadline: float, args: argparse.Namespace) -> None:
     """Step rows of each selected model, then (--profile) kernel time by category and (14B 720p) the pipeline."""
     modes = [mode == "compiled" for mode in args.modes.split(",") if mode in ("eager", "compiled")]
-    for arch, resolution, reps in MODELS:
-        key = model_key(arch, resolution)
-        if key not in args.models.split(","):
-            continue
+    thresholds = tuple(float(t) for t in args.thresholds.split(","))
+    for key in args.models.split(","):
+        arch, resolution, frames, reps = MODELS[key]
         if time.monotonic() > deadline:
             report.compiles[f"skipped_{key}"] = "time budget"
             continue
-        model = random_transformer(WAN, WAN.archs[arch])
+        family = family_for_arch(arch)
+        model = random_transformer(family, family.archs[arch], args.layers)
         if modes:
             report.steps += transformer_step_rows(
-                WAN,
+                family,
                 arch,
-                WAN.archs[arch],
+                family.archs[arch],
                 resolution,
-                81,
+                frames,
                 NABLA,
                 (),
-                thresholds=THRESHOLDS,
+                thresholds=thresholds,
                 reps=reps,
                 compiled=modes,
                 model=model,
             )
             write(report)
         if args.profile:
-            profiles(report, model, resolution, key)
+            profiles(report, model, key)
             write(report)
         if args.pipeline_steps and key == "14b-720":
             pipeline(report, model, resolution, args.pipeline_steps)
@@ -141,22 +206,23 @@ def models(report: BenchReport, deadline: float, args: argparse.Namespace) -> No
         torch.cuda.empty_cache()
 
 
-def one_step(model: torch.nn.Module, resolution: tuple[int, int]):
-    """A function running one no-grad forward of `model` on random inputs of `resolution` x 81 frames."""
-    grid = WAN.token_grid(resolution, 81)
-    hidden = torch.randn(1, 16, grid[0], grid[1] * 2, grid[2] * 2, device="cuda", dtype=torch.bfloat16)
-    text = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
+def one_step(model: torch.nn.Module, key: str):
+    """A function running one no-grad forward of `model` on its family's random inputs at model `key`'s shape."""
+    arch, resolution, frames, _ = MODELS[key]
+    family = family_for_arch(arch)
+    grid = family.token_grid(resolution, frames, family.patch_size(model.config))
+    inputs = family.random_inputs(model, grid, 1, "cuda", torch.bfloat16)
 
     def forward():
         with torch.no_grad():
-            model(hidden, torch.tensor([500], device="cuda"), text, return_dict=False)
+            model(**inputs, return_dict=False)
 
     return forward
 
 
-def profiles(report: BenchReport, model: torch.nn.Module, resolution: tuple[int, int], key: str) -> None:
+def profiles(report: BenchReport, model: torch.nn.Module, key: str) -> None:
     """Kernel time by category of one compiled step, dense and NABLA at each threshold (reuses compiled graphs)."""
-    forward = one_step(model, resolution)
+    forward = one_step(model, key)
     with compiled_blocks(model, reset=False), sdpa_kernel(SDPA_PRIORITY, set_priority=True):
         remove_nabla(model)
         forward()
@@ -168,14 +234,10 @@ def profiles(report: BenchReport, model: torch.nn.Module, resolution: tuple[int,
         remove_nabla(model)
 
 
-def model_key(arch: str, resolution: tuple[int, int]) -> str:
-    return f"{arch.rsplit('-', 1)[-1]}-{resolution[1]}"
-
-
 def pipeline(report: BenchReport, model: torch.nn.Module, resolution: tuple[int, int], steps: int) -> None:
     """Stock WanPipeline with compiled blocks (graphs warmed by one forward each): NABLA first, so it also pays
     the VAE's first call, then dense; each timed as a whole."""
-    forward = one_step(model, resolution)
+    forward = one_step(model, "14b-720")
     name = f"Wan2.1-14B {resolution[0]}x{resolution[1]}x81, {steps} steps CFG 5 + VAE decode, compiled blocks"
     with compiled_blocks(model, reset=False), sdpa_kernel(SDPA_PRIORITY, set_priority=True):
         remove_nabla(model)
@@ -205,7 +267,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--budget-s", type=float, default=560.0, help="start no model after this many seconds")
-    parser.add_argument("--models", default="1.3b-480,14b-480,14b-720", help="of 1.3b-480,14b-480,14b-640,14b-720")
+    parser.add_argument("--models", default="1.3b-480,14b-480,14b-720", help=f"comma-separated of {','.join(MODELS)}")
+    parser.add_argument("--layers", type=int, help="blocks of each model (default: all; HunyuanVideo keeps 1:2)")
+    parser.add_argument("--thresholds", default=",".join(map(str, THRESHOLDS)), help="NABLA thresholds of step rows")
     parser.add_argument("--modes", default="eager,compiled", help="step rows: eager,compiled, one of them, or none")
     parser.add_argument("--profile", action="store_true", help="kernel time by category of each compiled step")
     parser.add_argument("--pipeline-steps", type=int, default=2, help="pipeline run on the 14b-720 model; 0: none")
@@ -222,7 +286,7 @@ def main() -> None:
             if name == "models":
                 models(report, deadline, args)
             else:
-                {"smoke": smoke, "kernels": kernels, "attention": attention}[name](report)
+                {"smoke": smoke, "kernels": kernels, "attention": attention, "joint": joint}[name](report)
         except Exception:  # one failed section must not lose the others
             report.compiles[f"error_{name}"] = traceback.format_exc(limit=4)[-1500:]
             traceback.print_exc()

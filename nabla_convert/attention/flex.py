@@ -36,35 +36,96 @@ def compact_indices(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return count, indices[..., :n].to(torch.int32).contiguous()
 
 
+def key_mask(valid: torch.Tensor) -> torch.Tensor:
+    """Key validity as an attention mask over (B, H, S_q, S_k): (S,) shared by the batch becomes (1, S), (B, S) (per
+    batch item: a text padding mask) becomes (B, 1, 1, S)."""
+    return valid[None, :] if valid.dim() == 1 else valid[:, None, None, :]
+
+
+def _valid_key(valid: torch.Tensor):
+    """valid_key(b, kv_idx) for a key validity of shape (S,) or (B, S)."""
+    if valid.dim() == 1:
+        return lambda b, kv_idx: valid[kv_idx]
+    return lambda b, kv_idx: valid[b, kv_idx]
+
+
 def keep_mask_mod(keep: torch.Tensor, q_block: int, kv_block: int, valid: torch.Tensor | None = None):
-    """mask_mod that looks the block up in `keep` (B, H, nq, nk) and drops padding keys."""
+    """mask_mod that looks the block up in `keep` (B, H, nq, nk) and drops padding keys (valid: (S,) or (B, S))."""
     if valid is None:
 
         def mask_mod(b, h, q_idx, kv_idx):
             return keep[b, h, q_idx // q_block, kv_idx // kv_block]
 
     else:
+        valid_key = _valid_key(valid)
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return keep[b, h, q_idx // q_block, kv_idx // kv_block] & valid[kv_idx]
+            return keep[b, h, q_idx // q_block, kv_idx // kv_block] & valid_key(b, kv_idx)
 
     return mask_mod
 
 
 def padding_mask_mod(valid: torch.Tensor):
     """mask_mod that only drops padding keys: enough for compiled kernels, which visit listed blocks alone."""
+    valid_key = _valid_key(valid)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return valid[kv_idx]
+        return valid_key(b, kv_idx)
 
     return mask_mod
 
 
 def kv_whole_blocks(valid: torch.Tensor | None, kv_block: int, n_kv: int, device: torch.device) -> torch.Tensor:
-    """Which key blocks hold no padding token (all of them for an unpadded layout)."""
+    """Which key blocks hold no padding token (all of them for an unpadded layout): (nk,), or (B, 1, 1, nk) for a
+    per-batch validity (B, S)."""
     if valid is None:
         return torch.ones(n_kv, dtype=torch.bool, device=device)
+    if valid.dim() == 2:
+        return valid.view(valid.shape[0], 1, 1, -1, kv_block).all(-1)
     return valid.view(-1, kv_block).all(-1)
+
+
+def joint_validity(
+    prefix_valid: torch.Tensor | None, prefix_len: int, suffix_valid: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Token validity of a tile-order sequence (padding tokens: prefix_valid (S,), None without padding) followed by
+    a dense suffix (text tokens, suffix_valid (B, L), None without one): None, (S,) or (B, S + L)."""
+    if suffix_valid is None:
+        return prefix_valid
+    if prefix_valid is None:
+        prefix_valid = suffix_valid.new_ones(prefix_len)
+    return torch.cat([prefix_valid.expand(suffix_valid.shape[0], -1), suffix_valid], dim=-1)
+
+
+def dense_suffix_keep(keep: torch.Tensor, valid: torch.Tensor, q_block: int, kv_block: int) -> torch.Tensor:
+    """A block selection (B, H, nq, nk) of a tile-order sequence extended by a dense suffix whose token validity
+    is the tail of `valid` (B, S + L): the prefix rows keep every suffix key block holding a real token, the suffix
+    rows holding a real token keep every key block holding one, all-padding suffix rows keep nothing."""
+    B, H, nq, nk = keep.shape
+    real_keys = valid.view(valid.shape[0], -1, kv_block).any(-1)[:, None, None, :]  # (B, 1, 1, nk + nk_s)
+    real_rows = valid[:, nq * q_block :].reshape(valid.shape[0], -1, q_block).any(-1)[:, None, :, None]
+    prefix = torch.cat([keep, real_keys[..., nk:].expand(B, H, nq, -1)], dim=-1)
+    return torch.cat([prefix, (real_keys & real_rows).expand(B, H, -1, -1)], dim=-2)
+
+
+def _append_suffix(
+    count: torch.Tensor, indices: torch.Tensor, columns: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BlockMask index tensors (count (B, H, nq), indices (B, H, nq, nk)) of prefix rows extended by a dense suffix:
+    each prefix row also lists the suffix key blocks of `columns` (B, nk + nk_s) bool, and suffix rows (`rows`
+    (B, nq_s) bool: rows that compute) list every column. No sort: the suffix ids go after each row's count."""
+    B, H, nq, nk = indices.shape
+    width = columns.shape[-1]
+    extra_count, extra = compact_indices(columns[:, nk:])  # (B,), (B, nk_s), ids local to the suffix
+    all_count, every = compact_indices(columns)
+    slots = torch.arange(width - nk, device=indices.device)
+    extra = torch.where(slots < extra_count[:, None], extra + nk, 0).to(indices.dtype)  # zeros past the count
+    out = indices.new_zeros(B, H, nq + rows.shape[-1], width)
+    out[..., :nq, :nk] = indices
+    out[..., :nq, :].scatter_(-1, (count[..., None] + slots).long(), extra[:, None, None, :].expand(B, H, nq, -1))
+    out[..., nq:, :] = (every[:, None, :] * rows[..., None])[:, None]  # rows that compute nothing list nothing
+    suffix_count = torch.where(rows, all_count[:, None], 0)[:, None, :].expand(B, H, -1)
+    return torch.cat([count + extra_count[:, None, None], suffix_count.to(count.dtype)], dim=-1), out
 
 
 @dataclass(frozen=True)
@@ -93,6 +154,29 @@ class BlockSelection:
         full_count, full_indices = compact_indices(keep & whole)
         partial_count, partial_indices = compact_indices(keep & ~whole)
         return cls(keep, full_count, full_indices, partial_count, partial_indices, q_block, kv_block, valid)
+
+    def with_dense_suffix(self, suffix_valid: torch.Tensor) -> BlockSelection:
+        """This selection of a tile-order sequence followed by a dense suffix of text tokens (joint attention).
+
+        suffix_valid (B, L) marks real text tokens (False: text padding, never attended to); L must divide
+        by the query and key blocks. Video rows keep their blocks plus every text key block, text rows keep
+        every key block (rows of text padding alone keep none: their output is never read). The BlockMask
+        index tensors are extended without recomputing the prefix's (its fused-kernel output is kept).
+        """
+        q_block, kv_block = self.q_block, self.kv_block
+        B, nk = self.keep.shape[0], self.keep.shape[-1]
+        length = suffix_valid.shape[-1]
+        if length % q_block or length % kv_block:
+            raise ValueError(f"a dense suffix of {length} tokens does not divide into {q_block}/{kv_block} blocks")
+        suffix_valid = suffix_valid.to(device=self.keep.device, dtype=torch.bool)
+        valid = joint_validity(self.valid, nk * kv_block, suffix_valid)
+        blocks = valid.view(B, -1, kv_block)
+        real, whole = blocks.any(-1), blocks.all(-1)
+        rows = suffix_valid.view(B, -1, q_block).any(-1)
+        full = _append_suffix(self.full_count, self.full_indices, real & whole, rows)
+        partial = _append_suffix(self.partial_count, self.partial_indices, real & ~whole, rows)
+        keep = dense_suffix_keep(self.keep, valid, q_block, kv_block)
+        return BlockSelection(keep, *full, *partial, q_block, kv_block, valid)
 
     def density(self, real_q_blocks: int, real_kv_blocks: int) -> torch.Tensor:
         """Mean fraction of computed block pairs over the blocks that hold real tokens (0-dim, no sync).
@@ -148,7 +232,7 @@ def dense_token_mask(
 ) -> torch.Tensor:
     """Expand a (B, H, nq, nk) block selection to a (B, H, S, S) token mask."""
     mask = keep.repeat_interleave(q_block, dim=-2).repeat_interleave(kv_block, dim=-1)
-    return mask if valid is None else mask & valid
+    return mask if valid is None else mask & key_mask(valid)
 
 
 class RecompileLimitError(RuntimeError):
@@ -285,5 +369,5 @@ def block_sparse_attention(
 def padded_dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None, scale: float | None = None
 ) -> torch.Tensor:
-    """Dense attention in tile order; padding keys masked out when there are any."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if valid is None else valid[None, :], scale=scale)
+    """Dense attention in tile order; padding keys (valid (S,) or (B, S)) masked out when there are any."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if valid is None else key_mask(valid), scale=scale)

@@ -347,8 +347,8 @@ def timed_call(fn: Callable[[], Any], reps: int) -> tuple[float, float, float]:
 def random_transformer(family: ModelFamily, model_config: dict[str, Any], layers: int | None = None):
     """The family's transformer of `model_config` with random bf16 weights on CUDA (`layers` blocks at real width
     if given: a 14B model at 720p needs ~10 s a dense step)."""
-    key = family.layers_key
-    model_config = {**model_config, key: layers or model_config.get(key, 40)}
+    if layers is not None:
+        model_config = family.with_layers(model_config, layers)
     with torch.device("cuda"):
         return bf16_model(family.transformer_classes[0](**model_config)).eval()
 

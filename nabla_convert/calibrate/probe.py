@@ -19,6 +19,7 @@ from nabla_convert.attention import (
     sta_block_mask,
 )
 from nabla_convert.attention.blockwise import block_partials, combine_blocks
+from nabla_convert.attention.flex import dense_suffix_keep, joint_validity, key_mask
 from nabla_convert.attention.mask import block_scores, compose_mask, real_blocks
 from nabla_convert.calibrate.plan import CalibrationError, Candidate, spread
 from nabla_convert.config import (
@@ -70,13 +71,25 @@ class Probe:
 
     @torch.no_grad()
     def measure(
-        self, layer: int, local_step: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileLayout
+        self,
+        layer: int,
+        local_step: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layout: TileLayout,
+        text_valid: torch.Tensor | None = None,
     ) -> None:
-        """Density and sampled-row output error of every candidate for one attention call."""
+        """Density and sampled-row output error of every candidate for one attention call.
+
+        With `text_valid` (B, L) the last L tokens are text (joint attention, as NablaAttnProcessor.attend): the
+        candidates select among the video blocks, text keys always count, and the error is over video rows.
+        """
         q_block, kv_block = self.config.q_block, self.config.kv_block
         B, H, S, D = q.shape
         valid = layout.indices(q.device).valid if layout.is_padded else None
-        probs, kv_real = block_scores(q, k, q_block, kv_block, valid)
+        n = layout.padded_len
+        probs, kv_real = block_scores(q[:, :, :n], k[:, :, :n], q_block, kv_block, valid)
         if self.capture_maps and layer in self.map_layers and layer not in self.maps:
             self.maps[layer] = probs[0, self.map_heads].float().cpu()
         selected = {t: select_by_mass(probs, t) for t in self.thresholds}
@@ -86,6 +99,10 @@ class Probe:
             [torch.stack([block_density(keep[:, h], layout, q_block, kv_block) for h in range(H)]) for keep in keeps]
         )
 
+        key_valid = joint_validity(valid, n, text_valid)
+        if text_valid is not None:
+            keeps = [dense_suffix_keep(keep, key_valid, q_block, kv_block) for keep in keeps]
+            kv_real = key_valid.view(B, -1, kv_block).any(-1)[:, None, None, :]
         blocks = self._query_blocks(layer, layout, q.device)
         rows = (blocks[:, None] * q_block + torch.arange(q_block, device=q.device)).flatten()
         row_valid = (valid[rows] if valid is not None else torch.ones_like(rows, dtype=torch.bool)).float()
@@ -95,8 +112,8 @@ class Probe:
         for h0 in range(0, H, chunk):
             heads = slice(h0, h0 + chunk)
             scores = (q[:, heads, rows].float() @ k[:, heads].float().transpose(-1, -2)) / math.sqrt(D)
-            if valid is not None:
-                scores = scores.masked_fill(~valid, float("-inf"))
+            if key_valid is not None:
+                scores = scores.masked_fill(~key_mask(key_valid), float("-inf"))
             partials = block_partials(scores, v[:, heads].float(), kv_block)
             del scores
             dense = combine_blocks(*partials, kv_real.expand(B, partials[0].shape[1], rows.numel(), -1))
@@ -137,10 +154,13 @@ class MeasuringProcessor(NablaAttnProcessor):
         super().__init__(layer, settings, state)
         self.probe = probe
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         layout = self.state.layout
         if layout is None:
             raise RuntimeError("measuring processor called outside a NABLA transformer forward (no token layout)")
         if self.probe.active:
-            self.probe.measure(self.layer, self.state.step, q, k, v, layout)
-        return padded_dense_attention(q, k, v, layout.indices(q.device).valid if layout.is_padded else None)
+            self.probe.measure(self.layer, self.state.step, q, k, v, layout, text_valid)
+        valid = layout.indices(q.device).valid if layout.is_padded else None
+        return padded_dense_attention(q, k, v, joint_validity(valid, layout.padded_len, text_valid))

@@ -119,8 +119,8 @@ def transformer_tables(transformer: TransformerInfo) -> str:
         ("backend", nabla.backend),
         ("parameters", f"{transformer.num_parameters:,}"),
     ]
-    num_layers = transformer.config.get("num_layers")
-    indices = range(int(num_layers)) if num_layers is not None else sorted(set(nabla.layers) | set(nabla.dense_layers))
+    num_layers = transformer.num_layers
+    indices = range(num_layers) if num_layers is not None else sorted(set(nabla.layers) | set(nabla.dense_layers))
     rows = []
     for index in indices:
         layer = nabla.layer(index)

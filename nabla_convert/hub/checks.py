@@ -45,6 +45,7 @@ class TransformerInfo:
     config: dict[str, Any]
     nabla: NablaConfig
     num_parameters: int
+    num_layers: int | None = None  # NABLA layers as the family counts them (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -125,10 +126,11 @@ def check_transformer(folder: Path, subfolder: str, expected_class: str | None) 
         )
     try:
         nabla = NablaConfig.from_dict(config[CONFIG_KEY])
-        if "num_layers" in config:
-            nabla.check_num_layers(int(config["num_layers"]))
-        if "num_attention_heads" in config:
-            nabla.check_num_heads(int(config["num_attention_heads"]))
+        num_layers, num_heads = model_shape(config)
+        if num_layers is not None:
+            nabla.check_num_layers(num_layers)
+        if num_heads is not None:
+            nabla.check_num_heads(num_heads)
     except ConfigError as err:
         raise InvalidCheckpointError(f"{where}: {err}") from None
     weights_dir = folder / subfolder
@@ -142,7 +144,22 @@ def check_transformer(folder: Path, subfolder: str, expected_class: str | None) 
     num_parameters = sum(
         math.prod(shape) for shard in shards for shape in tensor_shapes(weights_dir / shard, folder).values()
     )
-    return TransformerInfo(subfolder, config, nabla, num_parameters)
+    return TransformerInfo(subfolder, config, nabla, num_parameters, num_layers)
+
+
+def model_shape(config: dict[str, Any]) -> tuple[int | None, int | None]:
+    """NABLA layers and attention heads of a transformer config, as its family counts them (None, None: a class no
+    family knows, or its family's keys missing)."""
+    from nabla_convert.models import family_for_class_name
+
+    family = family_for_class_name(config.get("_class_name"))
+    if family is None:
+        return None, None
+    try:
+        layers = family.num_layers(config)
+    except ConfigError:
+        layers = None
+    return layers, family.attention_shape(config)[0]
 
 
 def tensor_shapes(path: Path, folder: Path) -> dict[str, list[int]]:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from nabla_convert.models.family import ModelFamily
 
 TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")  # pipeline components a family's transformers may be
-FAMILY_MODULES = ("nabla_convert.models.wan", "nabla_convert.models.kandinsky5")
+FAMILY_MODULES = ("nabla_convert.models.wan", "nabla_convert.models.kandinsky5", "nabla_convert.models.hunyuan_video")
 _REGISTRY: dict[type, ModelFamily] = {}
 _loaded = False
 

@@ -68,6 +68,23 @@ class ModelFamily(ABC):
         """The module's output from the attention output (B, H, S, D)."""
         ...
 
+    # --- joint text-video attention (MM-DiT families: text and video in one attention) ------------------
+    def joint_attention_qkv(
+        self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, rotary_emb: Any
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Video q, k, v (B, H, S, D), post-RoPE, and text q, k, v (B, H, L, D) of a joint attention module's input."""
+        raise FamilyError(f"{self.name}: its self-attention takes no text (no joint text-video attention)")
+
+    def joint_attention_out(
+        self, attn: Any, video: torch.Tensor, text: torch.Tensor, hidden_states: torch.Tensor
+    ) -> Any:
+        """The joint attention module's output from the video (B, H, S, D) and text (B, H, L, D) attention outputs."""
+        raise FamilyError(f"{self.name}: its self-attention takes no text (no joint text-video attention)")
+
+    def text_validity(self, attention_mask: torch.Tensor | None, length: int) -> torch.Tensor:
+        """(B, L) bool, False at text padding, from the attention mask the model gives its joint attention."""
+        raise FamilyError(f"{self.name}: its self-attention takes no text (no joint text-video attention)")
+
     # --- context parallelism (diffusers enable_parallelism, Ulysses) ------------------------------------
     def context_parallel_plan(self, transformer: torch.nn.Module) -> dict[str, Any] | None:
         """The `_cp_plan` apply_nabla gives the transformer for diffusers' context parallelism (None: the class's).
@@ -110,6 +127,10 @@ class ModelFamily(ABC):
         if not isinstance(value, int):
             raise ConfigError(f"the transformer config has no integer {self.layers_key}")
         return value
+
+    def with_layers(self, config: Mapping[str, Any], layers: int) -> dict[str, Any]:
+        """A transformer config like `config` with `layers` NABLA layers (a shorter model for benchmarks)."""
+        return {**config, self.layers_key: layers}
 
     def native_settings(self, config: Mapping[str, Any]) -> NablaConfig | None:
         """NABLA settings a checkpoint's own config carries (None: it has none)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from diffusers.configuration_utils import FrozenDict
 from diffusers.hooks import HookRegistry, ModelHook
 
@@ -26,7 +27,13 @@ from nabla_convert.attention import (
     padded_dense_attention,
     sta_selection,
 )
-from nabla_convert.attention.parallel import context_parallel_config, sequence_multiple, ulysses_attention
+from nabla_convert.attention.flex import joint_validity
+from nabla_convert.attention.parallel import (
+    context_parallel_config,
+    gather_sequence,
+    sequence_multiple,
+    ulysses_attention,
+)
 from nabla_convert.config import CONFIG_KEY, ConfigError, LayerSettings, NablaConfig
 
 if TYPE_CHECKING:
@@ -140,11 +147,20 @@ class NablaAttnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         rotary_emb: Any = None,
+        image_rotary_emb: Any = None,
         **kwargs: Any,
-    ) -> torch.Tensor:
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError("NablaAttnProcessor is for self-attention without an attention mask")
+    ) -> Any:
+        """Self-attention of the video tokens, or joint attention of video and text tokens (`encoder_hidden_states`
+        given: MM-DiT blocks such as HunyuanVideo's, the text padding in `attention_mask`)."""
         family = self.state.family
+        rotary_emb = rotary_emb if rotary_emb is not None else image_rotary_emb
+        if encoder_hidden_states is not None:
+            video, text = family.joint_attention_qkv(attn, hidden_states, encoder_hidden_states, rotary_emb)
+            text_valid = family.text_validity(attention_mask, encoder_hidden_states.shape[1])
+            video_out, text_out = self.attend_joint(video, text, text_valid)
+            return family.joint_attention_out(attn, video_out, text_out, hidden_states)
+        if attention_mask is not None:
+            raise ValueError("NablaAttnProcessor takes an attention mask only for the text of joint attention")
         q, k, v = family.attention_qkv(attn, hidden_states, rotary_emb)
         out = ulysses_attention(self.attend_stream, q, k, v, self.state.parallel)
         return family.attention_out(attn, out, hidden_states)
@@ -157,6 +173,24 @@ class NablaAttnProcessor:
         q, k, v = (layout.pad(t, dim=2) for t in (q, k, v))
         return layout.unpad(self.attend(q, k, v), dim=2)
 
+    def attend_joint(
+        self, video: tuple[torch.Tensor, ...], text: tuple[torch.Tensor, ...], text_valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint attention of video q, k, v (B, H, S, D) in compact tile order and text q, k, v (B, H, L, D) with
+        the text padding mask text_valid (B, L): one sequence [padded video; text padded to whole blocks] where
+        NABLA selects the video->video blocks and the rest stays dense. Returns the video and the text outputs."""
+        if self.state.parallel is not None:
+            raise ConfigError("joint text-video attention does not run under context parallelism yet")
+        layout, config = self.layout(), self.state.config
+        length = text_valid.shape[1]
+        pad = -length % math.lcm(config.q_block, config.kv_block)
+        q, k, v = (
+            torch.cat([layout.pad(v_part, dim=2), F.pad(t_part, (0, 0, 0, pad))], dim=2)
+            for v_part, t_part in zip(video, text, strict=True)
+        )
+        out = self.attend(q, k, v, text_valid=F.pad(text_valid.bool(), (0, pad)))
+        return layout.unpad(out[:, :, : layout.padded_len], dim=2), out[:, :, layout.padded_len :][:, :, :length]
+
     def layout(self) -> TileLayout:
         if self.state.layout is None:
             raise RuntimeError("NABLA processor called outside a NABLA transformer forward (no token layout)")
@@ -165,14 +199,24 @@ class NablaAttnProcessor:
     def is_dense_now(self) -> bool:
         return self.always_dense or self.state.force_dense or self.state.dense_phase
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v (B, H, S, D) in padded tile order -> attention output in padded tile order."""
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """q, k, v (B, H, S, D) in padded tile order -> attention output in padded tile order.
+
+        With `text_valid` (B, L) the last L tokens are text (joint attention): they attend and are attended to
+        densely, text padding keys never; NABLA selects among the video blocks only.
+        """
         layout, config = self.layout(), self.state.config
         if self.is_dense_now():
             self.record_density(q.new_ones((), dtype=torch.float32))
-            return padded_dense_attention(q, k, v, layout.indices(q.device).valid if layout.is_padded else None)
-        selection = self.select(q, k, layout)
+            video_valid = layout.indices(q.device).valid if layout.is_padded else None
+            return padded_dense_attention(q, k, v, joint_validity(video_valid, layout.padded_len, text_valid))
+        n = layout.padded_len
+        selection = self.select(q[:, :, :n], k[:, :, :n], layout)
         self.record_density(selection.density(layout.real_blocks(config.q_block), layout.real_blocks(config.kv_block)))
+        if text_valid is not None:
+            selection = selection.with_dense_suffix(text_valid)
         return block_sparse_attention(q, k, v, selection, backend=config.backend)
 
     def head_thresholds(self, heads: int) -> torch.Tensor:
@@ -212,6 +256,30 @@ class StateHook(ModelHook):
     def __init__(self, state: NablaState) -> None:
         super().__init__()
         self.state = state
+
+
+class StepHook(StateHook):
+    """Begins each transformer forward (step count, dense phase, device) on a model whose forward takes
+    hidden_states and timestep first (Wan, HunyuanVideo)."""
+
+    def pre_forward(self, module, *args, **kwargs):
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self.state.begin_forward(module, timestep, hidden_states.device)
+        return args, kwargs
+
+
+class RasterOutputHook(StateHook):
+    """A module's (B, S, C) output goes back from compact tile order to raster order (the model then unpatchifies).
+
+    Under context parallelism each rank's share is gathered here first (put it on the narrowest tensor per token,
+    e.g. proj_out's output: patch volume x output channels).
+    """
+
+    def post_forward(self, module, output):
+        if self.state.parallel is not None:
+            output = gather_sequence(output, self.state.parallel)
+        return self.state.layout.to_raster(output)
 
 
 def apply_nabla(transformer: torch.nn.Module, config: NablaConfig | None = None) -> torch.nn.Module:

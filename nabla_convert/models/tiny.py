@@ -48,6 +48,38 @@ def tiny_vae():
     )
 
 
+def tiny_clip_text_encoder(vocab_size: int):
+    """A CLIP text encoder of width 8 (its pooled output is the pooled prompt embedding of K5 and HunyuanVideo)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        hidden_size=8,
+        max_position_embeddings=77,
+        projection_dim=8,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def tiny_hunyuan_vae():
+    """A HunyuanVideo VAE with 4 latent channels, 8x spatial and 4x temporal compression (K5 and HunyuanVideo)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    return AutoencoderKLHunyuanVideo(
+        latent_channels=4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+    )
+
+
 def tiny_transformer(
     num_layers: int = 2,
     heads: int = 2,
@@ -130,8 +162,8 @@ def tiny_kandinsky5_transformer(
 def tiny_kandinsky5_pipeline(seed: int = 0):
     """A Kandinsky5T2VPipeline with random weights: tiny Qwen2.5-VL and CLIP text encoders on the WordLevel
     tokenizer, a tiny HunyuanVideo VAE (8x spatial, 4x temporal) and `tiny_kandinsky5_transformer` (visual_cond)."""
-    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, Kandinsky5T2VPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from diffusers import FlowMatchEulerDiscreteScheduler, Kandinsky5T2VPipeline
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
@@ -148,25 +180,86 @@ def tiny_kandinsky5_pipeline(seed: int = 0):
         ),
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16),
     )
-    clip = CLIPTextConfig(
-        **text, hidden_size=8, max_position_embeddings=77, projection_dim=8, bos_token_id=0, eos_token_id=1
-    )
-    vae = AutoencoderKLHunyuanVideo(
-        latent_channels=4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-        spatial_compression_ratio=8,
-        temporal_compression_ratio=4,
-    )
     pipe = Kandinsky5T2VPipeline(
         transformer=tiny_kandinsky5_transformer(visual_cond=True, seed=seed),
-        vae=vae,
+        vae=tiny_hunyuan_vae(),
         text_encoder=Qwen2_5_VLForConditionalGeneration(qwen).eval(),
         tokenizer=tokenizer,
-        text_encoder_2=CLIPTextModel(clip).eval(),
+        text_encoder_2=tiny_clip_text_encoder(len(tokenizer)),
         tokenizer_2=tokenizer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_hunyuan_video_transformer(
+    num_layers: int = 1, num_single_layers: int = 2, heads: int = 2, seed: int = 0, **overrides
+):
+    """A HunyuanVideoTransformer3DModel of a few thousand parameters: head dim 16 (RoPE axes 4/6/6), Llama-like
+    text of width 16, pooled CLIP-like text of width 8, one refiner block."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    config = dict(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=heads,
+        attention_head_dim=16,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(4, 6, 6),
+    )
+    return HunyuanVideoTransformer3DModel(**{**config, **overrides}).eval()
+
+
+def tiny_hunyuan_video15_transformer(num_layers: int = 2, heads: int = 2, seed: int = 0, **overrides):
+    """A HunyuanVideo15Transformer3DModel of a few thousand parameters (head dim 16, patch 1, T2V latents of 4
+    channels + 4 condition channels + 1 mask channel)."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    torch.manual_seed(seed)
+    config = dict(
+        in_channels=9,
+        out_channels=4,
+        num_attention_heads=heads,
+        attention_head_dim=16,
+        num_layers=num_layers,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        text_embed_dim=16,
+        text_embed_2_dim=8,
+        image_embed_dim=8,
+        rope_axes_dim=(4, 6, 6),
+        task_type="t2v",
+    )
+    return HunyuanVideo15Transformer3DModel(**{**config, **overrides}).eval()
+
+
+def tiny_hunyuan_video_pipeline(seed: int = 0):
+    """A HunyuanVideoPipeline with random weights: a tiny Llama and CLIP text encoder on the WordLevel tokenizer, a
+    tiny HunyuanVideo VAE (8x spatial, 4x temporal, 4 latent channels) and `tiny_hunyuan_video_transformer`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text = dict(vocab_size=len(tokenizer), intermediate_size=32, num_hidden_layers=3, num_attention_heads=2)
+    llama = LlamaConfig(
+        **text, hidden_size=16, num_key_value_heads=1, pad_token_id=0, bos_token_id=None, eos_token_id=1
+    )
+    pipe = HunyuanVideoPipeline(
+        text_encoder=LlamaModel(llama).eval(),
+        tokenizer=tokenizer,
+        transformer=tiny_hunyuan_video_transformer(seed=seed),
+        vae=tiny_hunyuan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=tiny_clip_text_encoder(len(tokenizer)),
+        tokenizer_2=tokenizer,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -31,11 +31,11 @@ from diffusers import WanPipeline, WanTransformer3DModel
 from diffusers.models._modeling_parallel import ContextParallelInput
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
-from nabla_convert.attention.parallel import gather_sequence, shard_sequence
+from nabla_convert.attention.parallel import shard_sequence
 from nabla_convert.io import atomic_write_text, read_json, rename_safetensors, safetensors_header
 from nabla_convert.models import register
 from nabla_convert.models.family import FamilyError, ModelFamily
-from nabla_convert.models.nabla import NablaAttnProcessor, NablaModelMixin, StateHook
+from nabla_convert.models.nabla import NablaAttnProcessor, NablaModelMixin, RasterOutputHook, StateHook, StepHook
 
 __all__ = ["NablaAttnProcessor", "NablaWanTransformer3DModel", "WanFamily"]
 
@@ -57,14 +57,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos[..., 0::2], sin[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
-
-
-class _StepHook(StateHook):
-    def pre_forward(self, module, *args, **kwargs):
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self.state.begin_forward(module, timestep, hidden_states.device)
-        return args, kwargs
 
 
 class _RopeHook(StateHook):
@@ -127,19 +119,6 @@ class _ConditionHook(StateHook):
         return (temb, timestep_proj, *rest)
 
 
-class _UnpatchHook(StateHook):
-    """proj_out's output goes back from compact tile order to raster order before the model unpatchifies.
-
-    Under context parallelism each rank's share is gathered here first (proj_out's output is the
-    narrowest tensor per token: patch volume x output channels).
-    """
-
-    def post_forward(self, module, output):
-        if self.state.parallel is not None:
-            output = gather_sequence(output, self.state.parallel)
-        return self.state.layout.to_raster(output)
-
-
 class NablaWanTransformer3DModel(NablaModelMixin, WanTransformer3DModel):
     """A WanTransformer3DModel that applies the NABLA config found in its own config.json on load.
 
@@ -170,11 +149,11 @@ class WanFamily(ModelFamily):
 
     def hook_points(self, transformer):
         return {
-            "nabla_step": (transformer, _StepHook),
+            "nabla_step": (transformer, StepHook),
             "nabla_rope": (transformer.rope, _RopeHook),
             "nabla_patch": (transformer.patch_embedding, _PatchHook),
             "nabla_condition": (transformer.condition_embedder, _ConditionHook),
-            "nabla_unpatch": (transformer.proj_out, _UnpatchHook),
+            "nabla_unpatch": (transformer.proj_out, RasterOutputHook),
         }
 
     def dense_processor(self):

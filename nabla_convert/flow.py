@@ -1,6 +1,6 @@
 """The flow-matching objective, defined once for the reference model's training, adapt and eval.
 
-Conventions follow diffusers' FlowMatchEulerDiscreteScheduler and its Wan/SD3 training scripts: the noisy sample at
+Conventions follow diffusers' FlowMatchEulerDiscreteScheduler and diffusers' flow-matching training scripts: the noisy sample at
 noise level sigma is x_t = (1 - sigma) x_0 + sigma * noise, and the transformer predicts the velocity noise - x_0.
 """
 

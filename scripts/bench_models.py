@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nabla_convert.attention import block_sparse_attention, flex
@@ -35,7 +36,6 @@ from nabla_convert.bench.experiments import (
     best_kernel_options,
     kernel_option_rows,
     kernel_time_breakdown,
-    pipeline_seconds,
 )
 from nabla_convert.bench.measure import (
     attention_rows,
@@ -72,6 +72,67 @@ SDPA_PRIORITY = [
     SDPBackend.EFFICIENT_ATTENTION,
     SDPBackend.MATH,
 ]
+
+
+def pipeline_seconds(
+    transformer: torch.nn.Module,
+    resolution: tuple[int, int],
+    frames: int,
+    steps: int,
+    *,
+    vae: torch.nn.Module | None = None,
+    guidance_scale: float = 5.0,
+) -> dict[str, float]:
+    """Wall seconds of one stock WanPipeline call (`total_s`) and of its VAE decode inside it (`decode_s`).
+
+    `steps` denoising steps with CFG, then VAE decode to numpy. Text encoding is left out (random
+    prompt embeddings, 512 x text_dim); the VAE is the given one or a float32 AutoencoderKLWan of the
+    Wan2.1 config with random weights.
+    """
+    device = next(transformer.parameters()).device
+    if vae is None:
+        vae = AutoencoderKLWan().to(device, torch.float32).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    pipe = WAN.bare_pipeline(transformer)
+    pipe.register_modules(vae=vae, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device).manual_seed(0)
+    shape = (1, WAN.text_tokens, transformer.config.text_dim)
+    embeds = [torch.randn(shape, device=device, generator=generator, dtype=transformer.dtype) for _ in range(2)]
+    width, height = resolution
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    decode, decode_s = vae.decode, [0.0]
+
+    def timed_decode(*args, **kwargs):
+        start = now()
+        out = decode(*args, **kwargs)
+        decode_s[0] += now() - start
+        return out
+
+    vae.decode = timed_decode
+    try:
+        start = now()
+        with torch.no_grad():
+            pipe(
+                prompt_embeds=embeds[0],
+                negative_prompt_embeds=embeds[1],
+                height=height,
+                width=width,
+                num_frames=frames,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                output_type="np",
+            )
+        total_s = now() - start
+    finally:
+        del vae.decode
+    return {"total_s": total_s, "decode_s": decode_s[0]}
 
 
 def smoke(report: BenchReport) -> None:

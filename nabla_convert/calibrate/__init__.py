@@ -13,8 +13,8 @@ merges their measurements into the stats one process would write (distributed.py
 
 Recipe `calibrate:` section (all keys optional; CLI options override them):
   thresholds:     candidate thresholds in (0, 1]            default [0.2, 0.3, ..., 0.9, 0.95, 0.99]
-  sta:            candidate STA windows, null = none, "scaled" = the public windows (11-3-3, 11-5-5 at Wan 720p's
-                  21x5x10 tiles) scaled to this tile grid     default [the recipe's nabla.sta]
+  sta:            candidate STA windows, null = none, "scaled" = the public windows (11-3-3, 11-5-5 at the published
+                  720p presets' 21x5x10 tiles) scaled to this tile grid     default [the recipe's nabla.sta]
   target_density: mean block density over layers and steps (dense layers and dense steps count 1.0)
   error_budget:   per-layer relative L2 attention-output error at the NABLA steps
   target_speedup: the whole run this many times faster than dense, through cost_model (give one of the three)

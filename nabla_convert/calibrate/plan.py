@@ -30,7 +30,7 @@ from nabla_convert.errors import NablaError
 DEFAULT_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
-# The public STA windows (wT, wH, wW) and the tile grid they were tuned for: Wan2.1 at 720p, 81 frames, as the
+# The public STA windows (wT, wH, wW) and the tile grid they were tuned for: the published 14B presets at 720p, 81 frames, as the
 # official code crops it (1280x640: 21 latent frames x 5 x 10 tiles). `sta: [scaled]` measures them scaled to the
 # calibration's own tile grid.
 PUBLIC_WINDOWS = ((11, 3, 3), (11, 5, 5))

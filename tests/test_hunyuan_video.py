@@ -246,6 +246,59 @@ def test_hunyuan_video_15_convert_and_stock_reload(tmp_path):
     torch.testing.assert_close(run(model, kwargs), run(raster_reference(dense, (2, 5, 11), config), kwargs))
 
 
+def hunyuan_video15_pipeline_folder(folder):
+    """A stock HunyuanVideo15Pipeline folder: tiny transformer and VAE; no text encoders, which the stages that
+    refuse the family never load."""
+    from diffusers import AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8,) * 5, layers_per_block=1)
+    components = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    HunyuanVideo15Pipeline(
+        transformer=tiny_hunyuan_video15_transformer(),
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        guider=ClassifierFreeGuidance(),
+        **components,
+    ).save_pretrained(folder)
+    return folder
+
+
+def test_hunyuan_video_15_pipeline_stages_are_refused_in_one_line(tmp_path):
+    """calibrate, adapt and eval refuse a HunyuanVideo 1.5 pipeline (transformer-level support only) before
+    loading it: one "Error:" line, exit code 1, nothing written; convert still works."""
+    from click.testing import CliRunner
+
+    from nabla_convert.cli import main
+
+    dense = hunyuan_video15_pipeline_folder(tmp_path / "dense")
+    converted = convert(dense, tmp_path / "nabla", NablaConfig(threshold=0.5))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball moves left\na blue cube\n")
+    commands = {
+        "calibrate": [
+            "calibrate",
+            str(dense),
+            "--prompts",
+            str(prompts),
+            "--target-density",
+            "0.5",
+            "-o",
+            str(tmp_path / "cal"),
+        ],
+        "adapt": ["adapt", str(converted), "--prompts", str(prompts), "--out", str(tmp_path / "adapted")],
+        "eval": ["eval", str(dense), str(converted), "--prompts", str(prompts), "--out", str(tmp_path / "eval")],
+    }
+    for stage, args in commands.items():
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1, result.output
+        assert result.output == (
+            f"Error: {stage} does not support hunyuan-video-1.5 checkpoints yet (supported at the transformer level"
+            " only: no prompt encoding or denoising call)\n"
+        )
+        assert not any((tmp_path / name).exists() for name in ("cal", "adapted", "eval"))
+
+
 def sample(pipe):
     return pipe(
         ["a red ball moves left", "a blue cube"],

@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from nabla_convert.convert import load_pipeline, resolve_model
+from nabla_convert.convert import load_pipeline, resolve_model, transformer_components
 from nabla_convert.eval.report import write_outputs
 from nabla_convert.eval.sampling import EvalError, EvalResult, EvalSettings, HeldOut, evaluate
 from nabla_convert.folders import check_output, public_name
@@ -69,6 +69,8 @@ def run_eval(
     prompts = load_prompts(prompts_file)
     held_out = load_held_out(latents_file) if latents_file is not None else None
     folder_a, folder_b = pipeline_folder(path_a), pipeline_folder(path_b)  # both checked before the slow loads
+    for _, family in (*transformer_components(folder_a).values(), *transformer_components(folder_b).values()):
+        family.check_stage("eval")
     pipe_a, pipe_b = (load_pipeline(folder, device=device, dtype=dtype) for folder in (folder_a, folder_b))
     result = evaluate(
         pipe_a,

@@ -209,12 +209,15 @@ class ModelFamily(ABC):
         """Whether `root` holds a transformer checkpoint in the family's own (non-diffusers) layout."""
         return False
 
-    def supports_training(self) -> bool:
-        """Whether the family gives the denoising call and prompt encoding that adapt trains with."""
-        return (
-            type(self).velocity is not ModelFamily.velocity
-            and type(self).encode_prompts is not ModelFamily.encode_prompts
-        )
+    def check_stage(self, stage: str) -> None:
+        """Refuse `stage` (calibrate, adapt, eval: they run the family's pipeline or train on its denoising call)
+        up front, with one line, for a family supported at the transformer level only: one that gives no prompt
+        encoding and denoising call (and whose pipeline nabla-convert therefore does not know how to drive)."""
+        if type(self).velocity is ModelFamily.velocity or type(self).encode_prompts is ModelFamily.encode_prompts:
+            raise FamilyError(
+                f"{stage} does not support {self.name} checkpoints yet (supported at the transformer level only: "
+                "no prompt encoding or denoising call)"
+            )
 
     def import_native(self, root: Path, base: Path, out: Path) -> None:
         """Write the weights of the native checkpoint at `root` into the diffusers transformer folder `out`,

@@ -21,6 +21,8 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
 from conftest import generate
+from test_hunyuan_video import inputs as hunyuan_inputs
+from test_hunyuan_video import inputs_15 as hunyuan15_inputs
 from test_kandinsky5 import inputs as k5_inputs
 from test_kandinsky5 import sample as k5_sample
 from test_kandinsky5 import tiny_pipeline as k5_pipeline
@@ -29,7 +31,13 @@ from nabla_convert import NablaConfig, apply_nabla, convert, load, nabla_disable
 from nabla_convert.attention import TileLayout
 from nabla_convert.config import ConfigError, LayerSettings
 from nabla_convert.models import family_of
-from nabla_convert.models.tiny import tiny_kandinsky5_transformer, tiny_transformer, tiny_wan_pipeline
+from nabla_convert.models.tiny import (
+    tiny_hunyuan_video15_transformer,
+    tiny_hunyuan_video_transformer,
+    tiny_kandinsky5_transformer,
+    tiny_transformer,
+    tiny_wan_pipeline,
+)
 
 
 def test_layout_pads_to_the_ulysses_degree():
@@ -61,13 +69,13 @@ def _k5(heads: int, config: NablaConfig, layers: int = 2):
     return apply_nabla(tiny_kandinsky5_transformer(num_visual_blocks=layers, heads=heads), config)
 
 
-def _parallel(model, **cp) -> None:
+def _parallel(model, cp_plan: dict | None = None, **cp) -> None:
     from diffusers import ContextParallelConfig
 
     from nabla_convert.attention.parallel import cpu_counts_as_device
 
     with cpu_counts_as_device():
-        model.enable_parallelism(config=ContextParallelConfig(**cp))
+        model.enable_parallelism(config=ContextParallelConfig(**cp), cp_plan=cp_plan)
 
 
 @contextmanager
@@ -109,7 +117,8 @@ def _worker(rank: int, world: int, port: int, job: str, checkpoints: dict[str, P
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        {"two": _two_ranks, "three": _three_ranks, "compiled": _compiled}[job](checkpoints)
+        jobs = {"two": _two_ranks, "three": _three_ranks, "compiled": _compiled, "joint": _joint_attention_refused}
+        jobs[job](checkpoints)
     finally:
         dist.destroy_process_group()
 
@@ -214,6 +223,21 @@ def _compiled(checkpoints: dict[str, Path]) -> None:
         assert not counters["graph_break"]
 
 
+def _joint_attention_refused(checkpoints: dict[str, Path]) -> None:
+    # HunyuanVideo and HunyuanVideo 1.5 have no context-parallel plan (diffusers' nor ours): under one given by hand
+    # (none: every rank holds all tokens) the forward reaches NABLA's joint text-video attention, which refuses
+    config = NablaConfig(threshold=0.5)
+    for model, kwargs in (
+        (tiny_hunyuan_video_transformer(), hunyuan_inputs((2, 4, 4))),
+        (tiny_hunyuan_video15_transformer(), hunyuan15_inputs((2, 4, 4))),
+    ):
+        model = apply_nabla(model, config)
+        _forward(model, kwargs)  # one process: runs
+        _parallel(model, ulysses_degree=2, cp_plan={})
+        with pytest.raises(ConfigError, match="joint text-video attention does not run under context parallelism"):
+            _forward(model, kwargs)
+
+
 def _spawn(job: str, world: int, checkpoints: dict[str, Path] | None = None) -> None:
     mp.spawn(_worker, args=(world, _free_port(), job, checkpoints or {}), nprocs=world)
 
@@ -235,3 +259,7 @@ def test_context_parallel_matches_one_process_on_three_ranks():
 @pytest.mark.slow
 def test_compiled_blocks_under_context_parallelism():
     _spawn("compiled", 2)
+
+
+def test_joint_text_video_attention_is_refused_under_context_parallelism():
+    _spawn("joint", 2)

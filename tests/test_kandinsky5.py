@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import copy
-import json
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_pipeline import SHAPE, calibrate_convert_adapt_push_and_eval
 from diffusers import Kandinsky5T2VPipeline, Kandinsky5Transformer3DModel
 from diffusers.models.transformers.transformer_kandinsky import nablaT_v2
 from test_wan import RasterNablaReference
 
 from nabla_convert import NablaConfig, apply_nabla, convert, load
-from nabla_convert.adapt import AdaptSettings, adapt
 from nabla_convert.config import LayerSettings
-from nabla_convert.eval.run import run_eval
-from nabla_convert.eval.sampling import EvalSettings
 from nabla_convert.models import family_for_arch, family_of
 from nabla_convert.models.kandinsky5 import NablaKandinsky5Transformer3DModel
 from nabla_convert.models.nabla import NablaAttnProcessor, set_processors
@@ -264,39 +260,23 @@ def test_bench_inputs_run_a_nabla_model():
 @pytest.mark.slow
 def test_pipeline_calibrate_convert_push_and_stock_generation(tmp_path):
     """A tiny Kandinsky5T2VPipeline (Qwen2.5-VL, CLIP, HunyuanVideo VAE) through calibrate -> convert -> adapt
-    (2 LoRA steps on teacher rollouts) -> push --dry-run; stock Kandinsky5T2VPipeline.from_pretrained generates
-    with NABLA at the calibrated density; eval compares it with the dense pipeline."""
-    from click.testing import CliRunner
-
-    from nabla_convert.calibrate import calibrate
-    from nabla_convert.cli import main
+    (2 LoRA steps on teacher rollouts) -> push --dry-run -> eval against the dense pipeline; stock
+    Kandinsky5T2VPipeline.from_pretrained generates with NABLA at the calibrated density."""
     from nabla_convert.eval.sampling import nabla_transformers
     from nabla_convert.models.nabla import layer_densities
     from nabla_convert.models.tiny import tiny_kandinsky5_pipeline
 
     tiny_kandinsky5_pipeline().save_pretrained(tmp_path / "dense")
-    shape = dict(height=128, width=176, frames=5)  # token grid 2 x 8 x 11: padded
-    calibration = calibrate(
-        tmp_path / "dense", tmp_path / "cal", prompts=["a red ball moves left", "a blue cube"], steps=2,
-        sample_steps=2, guidance=1.0, target_density=0.5, device="cpu", progress=False, **shape,
-    )  # fmt: skip
-    converted = convert(tmp_path / "dense", tmp_path / "nabla", calibration.config())
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red ball moves left\na blue cube\n")
-    plan = dict(latent_shape=(2, 16, 22), rollout_steps=2, text_length=16, validation_samples=1, lora_rank=4)
-    out = adapt(converted, tmp_path / "adapted", AdaptSettings(steps=2, prompts=str(prompts), **plan), progress=False)
-    report = json.loads((out / "nabla_reports" / "adapt.json").read_text())
-    assert report["summary"]["steps"] == 2 and (out / "lora").is_dir()
-    result = CliRunner().invoke(main, ["push", str(out), "--repo-id", "me/k5-nabla", "--dry-run"])
-    assert result.exit_code == 0, result.output
-    assert "pipeline_tag: text-to-video" in result.output
+    out = calibrate_convert_adapt_push_and_eval(
+        tmp_path / "dense", tmp_path, calibrate_guidance=1.0, eval_guidance=3.0, repo_id="me/k5-nabla"
+    )
     pipe = Kandinsky5T2VPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     video = pipe(
         "a red ball moves left",
-        height=shape["height"],
-        width=shape["width"],
-        num_frames=shape["frames"],
+        height=SHAPE["height"],
+        width=SHAPE["width"],
+        num_frames=SHAPE["frames"],
         num_inference_steps=2,
         guidance_scale=3.0,
         max_sequence_length=16,
@@ -306,20 +286,6 @@ def test_pipeline_calibrate_convert_push_and_stock_generation(tmp_path):
     assert video.shape == (1, 5, 3, 128, 176) and torch.isfinite(video).all()
     densities = layer_densities(nabla_transformers(pipe)["transformer"])
     assert set(densities) == {0, 1} and max(densities.values()) < 0.9
-    settings = EvalSettings(steps=2, guidance=3.0, preview_samples=1, **shape)
-    result = run_eval(
-        tmp_path / "dense",
-        out,
-        tmp_path / "eval",
-        prompts_file=prompts,
-        settings=settings,
-        device="cpu",
-        progress=False,
-    )
-    summary = result.summary()
-    assert summary["samples"] == 2 and math.isfinite(summary["latent_psnr_mean"])
-    assert summary["loss_a"] > 0 and summary["loss_b"] > 0 and 0 < summary["density_b"] < 0.9
-    assert (tmp_path / "eval" / "report.md").is_file()
 
 
 def test_denoising_call_matches_the_stock_pipeline_step():

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -8,6 +9,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def links_small_files(monkeypatch):
+    """convert hard-links weight files of any size, as it does a large model's shards (the tiny models' files are
+    below LINK_MIN_BYTES, so convert would copy them)."""
+    monkeypatch.setattr(importlib.import_module("nabla_convert.convert"), "LINK_MIN_BYTES", 0)
 
 
 @pytest.fixture(scope="session")

@@ -96,7 +96,7 @@ def test_convert_out_holding_the_config_file_is_refused(model, tmp_path):
     assert snapshot(tmp_path) == before
 
 
-def test_overwrite_replaces_only_a_folder_nabla_convert_wrote(model, tmp_path, monkeypatch):
+def test_overwrite_replaces_only_a_folder_nabla_convert_wrote(model, tmp_path, monkeypatch, links_small_files):
     monkeypatch.setattr(importlib.import_module("nabla_convert.convert"), "reflink", lambda src, dst: False)  # as ext4
     mine = tmp_path / "mine"
     mine.mkdir()

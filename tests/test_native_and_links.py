@@ -152,7 +152,7 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(folder.rglob("*.safetensors"))
 
 
-def test_conversion_hard_links_weights_and_never_touches_the_source(tiny_pipeline_dir, tmp_path):
+def test_conversion_hard_links_weights_and_never_touches_the_source(tiny_pipeline_dir, tmp_path, links_small_files):
     source = tmp_path / "source"
     shutil.copytree(tiny_pipeline_dir, source)
     before = digests(source)
@@ -184,7 +184,7 @@ def write_in_place(path: Path) -> None:
 
 @pytest.mark.parametrize("reflinks", [False, True])
 def test_linked_weights_are_recorded_unread_and_push_still_catches_any_change(
-    tiny_pipeline_dir, tmp_path, monkeypatch, reflinks
+    tiny_pipeline_dir, tmp_path, monkeypatch, reflinks, links_small_files
 ):
     """convert does not read the weights it links or clones (their identity goes in the marker, not their sha256),
     warns when they are hard links, and push's check still refuses a weight written in place afterwards.
@@ -222,7 +222,9 @@ def test_linked_weights_are_recorded_unread_and_push_still_catches_any_change(
     assert read_marker(fresh).get("weight_identities") is None
 
 
-def test_copy_mode_shares_nothing_and_the_toolkit_never_writes_into_the_source(tiny_pipeline_dir, tmp_path):
+def test_copy_mode_shares_nothing_and_the_toolkit_never_writes_into_the_source(
+    tiny_pipeline_dir, tmp_path, links_small_files
+):
     """--copy: no file of the output is the source's; nabla-convert's own writes into a linked output (convert
     --overwrite, push's card and restamp, removal) leave every byte of the source as it was."""
     from nabla_convert.folders import write_marker
@@ -245,3 +247,21 @@ def test_copy_mode_shares_nothing_and_the_toolkit_never_writes_into_the_source(t
     write_marker(out, "convert", plan.weights())
     shutil.rmtree(out)
     assert {path: path.read_bytes() for path in sorted(source.rglob("*")) if path.is_file()} == before
+
+
+def test_small_weight_files_are_copied_without_a_warning(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """Below LINK_MIN_BYTES a copy costs nothing, so convert takes no hard-link risk and says nothing (the README's
+    first job converts the small embedded model); the output shares no file with the source."""
+    from nabla_convert.convert import LINK_MIN_BYTES
+
+    converting = importlib.import_module("nabla_convert.convert")
+    monkeypatch.setattr(converting, "reflink", lambda src, dst: False)  # as ext4
+    source = tmp_path / "source"
+    shutil.copytree(tiny_pipeline_dir, source)
+    assert max(path.stat().st_size for path in weight_files(source)) < LINK_MIN_BYTES
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no shared-weights warning
+        out = convert(source, tmp_path / "out", NablaConfig(threshold=0.5))
+    source_inodes = {path.stat().st_ino for path in source.rglob("*") if path.is_file()}
+    assert not {path.stat().st_ino for path in out.rglob("*") if path.is_file()} & source_inodes
+    assert [p.read_bytes() for p in weight_files(out)] == [p.read_bytes() for p in weight_files(source)]

@@ -168,6 +168,9 @@ def configs_for(
     return chosen
 
 
+# A hard link is worth its risk (an in-place write into the output changes the source) only where a copy would cost
+# real time and space: a 14B model's shards, not a small model's files, which are copied.
+LINK_MIN_BYTES = 64 << 20
 FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int): clone a whole file (btrfs, XFS with reflink, bcachefs, ...)
 LINK_WARNING = (
     "{count} weight file(s) of {out} are hard links to MODEL's ({example}): the same files, so whatever writes into "
@@ -196,11 +199,12 @@ def reflink(src: str, dst: str) -> bool:
 
 def place_file(src: str, dst: str, *, share: bool) -> str:
     """src's bytes at dst without a second copy where possible: a reflink (an independent file), else with `share`
-    a hard link (the same file as src), else a copy. Returns "reflink", "hardlink" or "copy"."""
+    a hard link (the same file as src) for files of LINK_MIN_BYTES or more, else a copy. Returns "reflink",
+    "hardlink" or "copy"."""
     source = os.path.realpath(src)  # a Hub cache snapshot links to its blobs
     if reflink(source, dst):
         return "reflink"
-    if share:
+    if share and os.path.getsize(source) >= LINK_MIN_BYTES:
         try:
             os.link(source, dst)
             return "hardlink"

@@ -65,7 +65,7 @@ def nabla_settings(
     "--copy",
     is_flag=True,
     help="Never hard-link weight files: clone them where the filesystem can (reflink), else copy them. By default "
-    "a weight file is cloned, else hard-linked (the same file as MODEL's: anything that later writes into it in "
+    "a weight file is cloned, else hard-linked if 64 MiB or more (the same file as MODEL's: anything that later writes into it in "
     "place, rather than replacing it, changes MODEL too; convert warns), else copied.",
 )
 def convert_command(

@@ -13,6 +13,7 @@ from nabla_convert import convert
 from nabla_convert.adapt import AdaptSettings, adapt
 from nabla_convert.calibrate import calibrate
 from nabla_convert.cli import main
+from nabla_convert.convert import transformer_components
 from nabla_convert.eval.run import run_eval
 from nabla_convert.eval.sampling import EvalSettings
 
@@ -32,7 +33,9 @@ def calibrate_convert_adapt_push_and_eval(
     converted = convert(dense, tmp_path / "nabla", calibration.config())
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"{prompt}\n" for prompt in PROMPTS))
-    plan = dict(latent_shape=(2, 16, 22), rollout_steps=2, text_length=16, validation_samples=1, lora_rank=4)
+    family = next(iter(transformer_components(dense).values()))[1]
+    latent_shape = family.token_grid((SHAPE["width"], SHAPE["height"]), SHAPE["frames"], patch=(1, 1, 1))
+    plan = dict(latent_shape=latent_shape, rollout_steps=2, text_length=16, validation_samples=1, lora_rank=4)
     out = adapt(converted, tmp_path / "adapted", AdaptSettings(steps=2, prompts=str(prompts), **plan), progress=False)
     report = json.loads((out / "nabla_reports" / "adapt.json").read_text())
     assert report["summary"]["steps"] == 2 and (out / "lora").is_dir()

@@ -9,7 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cli_pipeline import SHAPE, calibrate_convert_adapt_push_and_eval
-from diffusers import HunyuanVideo15Transformer3DModel, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+from diffusers import (
+    HunyuanVideo15Pipeline,
+    HunyuanVideo15Transformer3DModel,
+    HunyuanVideoPipeline,
+    HunyuanVideoTransformer3DModel,
+)
 from test_wan import RasterNablaReference
 
 from nabla_convert import NablaConfig, apply_nabla, convert, load
@@ -17,9 +22,13 @@ from nabla_convert.attention import BlockSelection, block_sparse_attention
 from nabla_convert.attention.flex import dense_suffix_keep, joint_validity
 from nabla_convert.config import LayerSettings
 from nabla_convert.models import family_for_arch, family_of, family_of_pipeline
-from nabla_convert.models.hunyuan_video import NablaHunyuanVideoTransformer3DModel
+from nabla_convert.models.hunyuan_video import (
+    NablaHunyuanVideo15Transformer3DModel,
+    NablaHunyuanVideoTransformer3DModel,
+)
 from nabla_convert.models.nabla import layer_densities
 from nabla_convert.models.tiny import (
+    tiny_hunyuan_video15_pipeline,
     tiny_hunyuan_video15_transformer,
     tiny_hunyuan_video_pipeline,
     tiny_hunyuan_video_transformer,
@@ -245,59 +254,6 @@ def test_hunyuan_video_15_convert_and_stock_reload(tmp_path):
     torch.testing.assert_close(run(model, kwargs), run(raster_reference(dense, (2, 5, 11), config), kwargs))
 
 
-def hunyuan_video15_pipeline_folder(folder):
-    """A stock HunyuanVideo15Pipeline folder: tiny transformer and VAE; no text encoders, which the stages that
-    refuse the family never load."""
-    from diffusers import AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline
-    from diffusers.guiders import ClassifierFreeGuidance
-
-    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8,) * 5, layers_per_block=1)
-    components = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
-    HunyuanVideo15Pipeline(
-        transformer=tiny_hunyuan_video15_transformer(),
-        vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        guider=ClassifierFreeGuidance(),
-        **components,
-    ).save_pretrained(folder)
-    return folder
-
-
-def test_hunyuan_video_15_pipeline_stages_are_refused_in_one_line(tmp_path):
-    """calibrate, adapt and eval refuse a HunyuanVideo 1.5 pipeline (transformer-level support only) before
-    loading it: one "Error:" line, exit code 1, nothing written; convert still works."""
-    from click.testing import CliRunner
-
-    from nabla_convert.cli import main
-
-    dense = hunyuan_video15_pipeline_folder(tmp_path / "dense")
-    converted = convert(dense, tmp_path / "nabla", NablaConfig(threshold=0.5))
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red ball moves left\na blue cube\n")
-    commands = {
-        "calibrate": [
-            "calibrate",
-            str(dense),
-            "--prompts",
-            str(prompts),
-            "--target-density",
-            "0.5",
-            "-o",
-            str(tmp_path / "cal"),
-        ],
-        "adapt": ["adapt", str(converted), "--prompts", str(prompts), "--out", str(tmp_path / "adapted")],
-        "eval": ["eval", str(dense), str(converted), "--prompts", str(prompts), "--out", str(tmp_path / "eval")],
-    }
-    for stage, args in commands.items():
-        result = CliRunner().invoke(main, args)
-        assert result.exit_code == 1, result.output
-        assert result.output == (
-            f"Error: {stage} does not support hunyuan-video-1.5 checkpoints yet (supported at the transformer level"
-            " only: no prompt encoding or denoising call)\n"
-        )
-        assert not any((tmp_path / name).exists() for name in ("cal", "adapted", "eval"))
-
-
 def sample(pipe):
     return pipe(
         ["a red ball moves left", "a blue cube"],
@@ -365,3 +321,83 @@ def test_pipeline_calibrate_convert_adapt_push_and_eval(tmp_path):
     assert video.shape == (1, 5, 3, 128, 176) and torch.isfinite(video).all()
     densities = layer_densities(nabla_transformers(pipe)["transformer"])
     assert set(densities) == {0, 1, 2} and max(densities.values()) < 0.9
+
+
+GLYPH_PROMPT = 'a sign "hello" on a cube'  # quoted glyph text: ByT5 encodes it
+
+
+def test_hunyuan_video_15_denoising_call_matches_the_stock_pipeline_step():
+    """family.velocity on encode_prompts' conditioning (Qwen with its mask, ByT5 glyph text with its mask, zero image
+    tokens and condition channels) is what the stock HunyuanVideo15Pipeline applies: one Euler step from sigma 1 to 0
+    under CFG moves x by -(uncond + g (cond - uncond)). run_pipeline sets g for one call and reports each step's
+    latents."""
+    pipe = tiny_hunyuan_video15_pipeline()
+    family = family_of_pipeline(pipe)
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 2, 8, 11)
+    seen = []
+    stepped = family.run_pipeline(
+        pipe, guidance=3.0, on_step_end=lambda pipe, step, t, tensors: seen.append((step, tensors["latents"])) or {},
+        prompt=GLYPH_PROMPT, height=128, width=176, num_frames=5, num_inference_steps=1, sigmas=[1.0], latents=x,
+        output_type="latent",
+    ).frames  # fmt: skip
+    assert pipe.guider.guidance_scale == 6.0 and "step" not in vars(pipe.scheduler)  # put back after the call
+    assert [step for step, _ in seen] == [0] and torch.equal(seen[0][1], stepped)
+    with torch.no_grad():
+        cond, uncond = (family.encode_prompts(pipe, [prompt]) for prompt in (GLYPH_PROMPT, ""))
+        assert cond["prompt_embeds_mask_2"].sum() > 0 and uncond["prompt_embeds_mask_2"].sum() == 0
+        velocities = [family.velocity(pipe.transformer, x, torch.tensor([1000.0]), c) for c in (cond, uncond)]
+    guided = velocities[1] + 3.0 * (velocities[0] - velocities[1])
+    torch.testing.assert_close(x - stepped, guided, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(velocities[0], velocities[1], atol=1e-4)
+
+
+def test_converted_hunyuan_video_15_pipeline_reloads_in_the_stock_pipeline(tmp_path):
+    """Stock HunyuanVideo15Pipeline.from_pretrained of the converted folder loads the NABLA transformer and samples
+    as the dense pipeline with the brute-force joint mask does; the dense pipeline generates finite video."""
+    dense = tiny_hunyuan_video15_pipeline()
+    video = dense("a red ball moves left", height=128, width=176, num_frames=5, num_inference_steps=2, output_type="pt")
+    assert video.frames.shape == (1, 5, 3, 128, 176) and torch.isfinite(video.frames).all()
+    dense.save_pretrained(tmp_path / "dense")
+    config = NablaConfig(threshold=0.5, sta=(1, 3, 3))
+    stock = HunyuanVideo15Pipeline.from_pretrained(convert(tmp_path / "dense", tmp_path / "nabla", config))
+    assert isinstance(stock.transformer, NablaHunyuanVideo15Transformer3DModel)
+    assert family_of_pipeline(stock).name == "hunyuan-video-1.5"
+    stock.set_progress_bar_config(disable=True)
+    reference = HunyuanVideo15Pipeline.from_pretrained(tmp_path / "dense")
+    reference.set_progress_bar_config(disable=True)
+    reference.transformer = raster_reference(reference.transformer, (2, 8, 11), config)
+    expected = sample_15(reference)
+    torch.testing.assert_close(sample_15(stock), expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(sample_15(dense), expected, atol=1e-3)
+
+
+def sample_15(pipe):
+    return pipe(
+        ["a red ball moves left", GLYPH_PROMPT], height=128, width=176, num_frames=5, num_inference_steps=2,
+        output_type="latent", generator=torch.Generator().manual_seed(0),
+    ).frames  # fmt: skip
+
+
+@pytest.mark.slow
+def test_hunyuan_video_15_pipeline_calibrate_convert_adapt_push_and_eval(tmp_path):
+    """A tiny HunyuanVideo15Pipeline through calibrate -> convert -> adapt (2 LoRA steps on teacher rollouts, whose
+    latent dataset holds the Qwen and ByT5 embeddings and masks by name) -> push --dry-run -> eval against the dense
+    pipeline."""
+    from safetensors import safe_open
+
+    tiny_hunyuan_video15_pipeline().save_pretrained(tmp_path / "dense")
+    out = calibrate_convert_adapt_push_and_eval(
+        tmp_path / "dense", tmp_path, calibrate_guidance=6.0, eval_guidance=6.0, repo_id="me/hunyuan15-nabla"
+    )
+    with safe_open(next((tmp_path / "adapted.run").rglob("shard-*.safetensors")), framework="pt") as shard:
+        shapes = {name: tuple(shard.get_slice(name).get_shape()) for name in shard.keys()}  # noqa: SIM118
+    assert shapes == {
+        "latents": (2, 4, 2, 8, 11),
+        "prompt_embeds": (2, 16, 16),
+        "prompt_embeds_mask": (2, 16),
+        "prompt_embeds_2": (2, 256, 8),
+        "prompt_embeds_mask_2": (2, 256),
+    }
+    pipe = HunyuanVideo15Pipeline.from_pretrained(out)
+    assert isinstance(pipe.transformer, NablaHunyuanVideo15Transformer3DModel)

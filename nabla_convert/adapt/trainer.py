@@ -210,7 +210,6 @@ def adapt(
     check_output(paths.root, inputs, overwrite=None, reuse="adapt")
     check_links(root, "CONVERTED", name_matcher(NOT_COPIED))
     component, folder = _component_folder(root, settings.component)
-    folder_family(folder).check_stage("adapt")
     check_run_folder(paths, settings, resume)
     with sigterm_raises():
         return _train(root, out, component, folder, paths, settings, resume, stop_after, progress)

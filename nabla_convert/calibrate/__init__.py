@@ -155,19 +155,18 @@ def calibrate(
     if local is not None:
         folder, _ = resolve_model(local)
         components = transformer_components(folder)
-        for _, family in components.values():  # before the slow load
-            family.check_stage("calibrate")
         bare = "" in components
         if bare and prompts is not None:
             raise CalibrationError(f"{local} is a transformer folder without a text encoder: give --prompt-embeds")
-        skipped = ("vae",) if prompts is not None else ("vae", "text_encoder", "tokenizer")
+        required = {name for _, family in components.values() for name in family.required_components}
+        unused = ("vae",) if prompts is not None else ("vae", "text_encoder", "tokenizer")
+        skipped = tuple(name for name in unused if name not in required)
         pipe = load_pipeline(folder, device=device, dtype=dtype, without=skipped, transformer_folder=bare)
         name = public_name(local)
     else:
         name, pipe = type(model).__name__, model
     for transformer in pipeline_transformers(pipe).values():
         family = family_of(transformer)
-        family.check_stage("calibrate")
         replace(base, dense_layers=plan.dense_layers).check_num_layers(len(family.self_attention(transformer)))
         grid = family.token_grid((plan.width, plan.height), plan.frames, family.patch_size(transformer.config))
         plan = plan.with_tile_grid(TileLayout.for_blocks(grid, base.tile).grid)

@@ -192,7 +192,10 @@ def collect(
 
             start_step(0)
             sample = samples[index]
-            pipe(
+            family_of_pipeline(pipe).run_pipeline(
+                pipe,
+                guidance=plan.guidance,
+                on_step_end=on_step_end,
                 **{
                     key: value.to(pipe.device) if torch.is_tensor(value) else value
                     for key, value in sample.inputs.items()
@@ -201,10 +204,8 @@ def collect(
                 width=plan.width,
                 num_frames=plan.frames,
                 num_inference_steps=plan.steps,
-                guidance_scale=plan.guidance,
                 generator=torch.Generator("cpu").manual_seed(sample.seed),
                 output_type="latent",
-                callback_on_step_end=on_step_end,
             )
         bar.close()
     finally:

@@ -68,9 +68,9 @@ def run_eval(
     check_output(out_dir, inputs, overwrite=overwrite)
     prompts = load_prompts(prompts_file)
     held_out = load_held_out(latents_file) if latents_file is not None else None
-    folder_a, folder_b = pipeline_folder(path_a), pipeline_folder(path_b)  # both checked before the slow loads
-    for _, family in (*transformer_components(folder_a).values(), *transformer_components(folder_b).values()):
-        family.check_stage("eval")
+    folder_a, folder_b = pipeline_folder(path_a), pipeline_folder(path_b)
+    for folder in (folder_a, folder_b):  # a supported transformer in each, checked before the slow loads
+        transformer_components(folder)
     pipe_a, pipe_b = (load_pipeline(folder, device=device, dtype=dtype) for folder in (folder_a, folder_b))
     result = evaluate(
         pipe_a,

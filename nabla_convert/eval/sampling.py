@@ -145,19 +145,20 @@ def generate(pipe: Any, prompt: str, seed: int, settings: EvalSettings) -> tuple
         captured["latents"] = tensors["latents"]
         return {}
 
-    output = pipe(
+    family = family_of_pipeline(pipe)
+    output = family.run_pipeline(
+        pipe,
+        guidance=settings.guidance,
+        on_step_end=keep_latents,
         prompt=prompt,
         height=settings.height,
         width=settings.width,
         num_frames=settings.frames,
         num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance,
         generator=torch.Generator("cpu").manual_seed(seed),
         output_type="pt",
-        callback_on_step_end=keep_latents,
-        callback_on_step_end_tensor_inputs=["latents"],
     )
-    latents = family_of_pipeline(pipe).clean_latents(pipe, captured["latents"])
+    latents = family.clean_latents(pipe, captured["latents"])
     return latents[0].float().cpu(), output.frames[0].float().cpu()
 
 

@@ -7,7 +7,7 @@ instance with `nabla_convert.models.register`. Methods without a default must be
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,6 +38,8 @@ class ModelFamily(ABC):
     layers_key: ClassVar[str] = "num_layers"  # config key of the number of NABLA layers
     vae_stride: ClassVar[tuple[int, int, int]] = (4, 8, 8)  # latent frames, height, width per pixel
     text_tokens: ClassVar[int] = 512  # text length of a benchmark step
+    # pipeline components the pipeline class cannot be built without, loaded even by stages that do not use them
+    required_components: ClassVar[tuple[str, ...]] = ()
 
     def class_names(self) -> set[str]:
         return {cls.__name__ for cls in self.transformer_classes} | {self.nabla_class.__name__}
@@ -185,6 +187,17 @@ class ModelFamily(ABC):
         """The pipeline's latents during denoising (what its step callback sees) as `velocity` takes x_0."""
         return latents
 
+    def run_pipeline(self, pipe: Any, *, guidance: float, on_step_end: Callable[..., dict], **kwargs: Any) -> Any:
+        """Sample with the pipeline (`kwargs`: its own arguments: prompt, height, ...) at CFG scale `guidance`, calling
+        `on_step_end(pipe, step, timestep, {"latents": latents})` after every denoising step, as diffusers'
+        callback_on_step_end (it returns {}; setting `pipe._interrupt` skips the remaining steps)."""
+        return pipe(
+            **kwargs,
+            guidance_scale=guidance,
+            callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=["latents"],
+        )
+
     def bare_pipeline(self, transformer: torch.nn.Module) -> Any:
         """A pipeline around a bare transformer (no text encoder, no VAE) for calibration from embeddings."""
         raise FamilyError(f"{self.name}: bare_pipeline is not supported for this family yet")
@@ -208,16 +221,6 @@ class ModelFamily(ABC):
     def is_native(self, root: Path) -> bool:
         """Whether `root` holds a transformer checkpoint in the family's own (non-diffusers) layout."""
         return False
-
-    def check_stage(self, stage: str) -> None:
-        """Refuse `stage` (calibrate, adapt, eval: they run the family's pipeline or train on its denoising call)
-        up front, with one line, for a family supported at the transformer level only: one that gives no prompt
-        encoding and denoising call (and whose pipeline nabla-convert therefore does not know how to drive)."""
-        if type(self).velocity is ModelFamily.velocity or type(self).encode_prompts is ModelFamily.encode_prompts:
-            raise FamilyError(
-                f"{stage} does not support {self.name} checkpoints yet (supported at the transformer level only: "
-                "no prompt encoding or denoising call)"
-            )
 
     def import_native(self, root: Path, base: Path, out: Path) -> None:
         """Write the weights of the native checkpoint at `root` into the diffusers transformer folder `out`,

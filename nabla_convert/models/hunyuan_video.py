@@ -18,10 +18,14 @@ padding keys are masked in every layer and the output is the video tokens').
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
 from diffusers import (
+    HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
     HunyuanVideoPipeline,
     HunyuanVideoTransformer3DModel,
@@ -87,6 +91,7 @@ class HunyuanJointFamily(ModelFamily):
 
     default_heads: ClassVar[int]  # the transformer class's defaults, for configs that leave them out
     default_patch: ClassVar[int]
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
     def self_attention(self, transformer):
         blocks = [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", ())]
@@ -160,7 +165,6 @@ class HunyuanVideoFamily(HunyuanJointFamily):
         "HunyuanVideoTokenReplaceTransformerBlock",
         "HunyuanVideoTokenReplaceSingleTransformerBlock",
     )
-    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     # HunyuanVideoTransformer3DModel config of hunyuanvideo-community/HunyuanVideo (13B): 20 dual-stream and 40
     # single-stream blocks, 24 heads of 128.
     archs: ClassVar[dict[str, dict[str, Any]]] = {
@@ -251,6 +255,7 @@ class HunyuanVideo15Family(HunyuanJointFamily):
     }  # fmt: skip
     vae_stride = (4, 16, 16)
     default_heads, default_patch = 16, 1
+    required_components = ("vae",)  # HunyuanVideo15Pipeline.__init__ reads the VAE's config
     # the pipeline's text lengths: Qwen2.5-VL tokens, ByT5 tokens, image (SigLIP) tokens (all padding for T2V)
     text_lengths = (1000, 256, 729)
 
@@ -278,6 +283,85 @@ class HunyuanVideo15Family(HunyuanJointFamily):
             "encoder_attention_mask_2": real_first(byt5),
             "image_embeds": torch.zeros(batch, image, config.image_embed_dim, device=device, dtype=dtype),
         }
+
+    def run_pipeline(self, pipe, *, guidance, on_step_end, **kwargs):
+        """HunyuanVideo15Pipeline takes its CFG scale from its guider and calls back no step: for this call its guider
+        is one at `guidance` and its scheduler's step reports the new latents to `on_step_end`."""
+        with _guided(pipe, guidance), _step_callback(pipe, on_step_end):
+            return pipe(**kwargs)
+
+    def load_text_encoder(self, root, device):
+        """The pipeline without its transformer (its constructor reads the VAE's config, so the VAE stays)."""
+        return HunyuanVideo15Pipeline.from_pretrained(root, transformer=None).to(device)
+
+    def encode_prompts(self, pipe, prompts, max_length=1000):
+        """As the pipeline encodes prompts: Qwen2.5-VL hidden states (N, L, D) of `max_length` tokens (the pipeline's
+        1000) and their mask (N, L); ByT5 embeddings of the prompt's quoted glyph text (N, 256, D2) and their mask
+        (zeros, all masked, for a prompt without quoted text)."""
+        device = pipe._execution_device
+        qwen, qwen_mask = pipe._get_mllm_prompt_embeds(
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            prompt=prompts,
+            device=device,
+            tokenizer_max_length=max_length,
+            system_message=pipe.system_message,
+            crop_start=pipe.prompt_template_encode_start_idx,
+        )
+        names = ("prompt_embeds", "prompt_embeds_mask", "prompt_embeds_2", "prompt_embeds_mask_2")
+        encoded = pipe.encode_prompt(
+            prompts, device=device, batch_size=len(prompts), prompt_embeds=qwen, prompt_embeds_mask=qwen_mask
+        )
+        return dict(zip(names, encoded, strict=True))
+
+    def velocity(self, transformer, noisy, timesteps, prompt_embeds):
+        """noisy (B, C, T, H, W), the latents alone; as the text-to-video pipeline calls the transformer, the image
+        condition channels and their mask are zeros and so are the image (SigLIP) tokens."""
+        config = getattr(transformer, "module", transformer).config
+        batch, image_tokens = noisy.shape[0], self.text_lengths[2]
+        condition = noisy.new_zeros(batch, config.in_channels - noisy.shape[1], *noisy.shape[2:])
+        return transformer(
+            hidden_states=torch.cat([noisy, condition], dim=1),
+            timestep=timesteps.to(noisy.dtype),
+            encoder_hidden_states=prompt_embeds["prompt_embeds"].to(noisy.dtype),
+            encoder_attention_mask=prompt_embeds["prompt_embeds_mask"],
+            encoder_hidden_states_2=prompt_embeds["prompt_embeds_2"].to(noisy.dtype),
+            encoder_attention_mask_2=prompt_embeds["prompt_embeds_mask_2"],
+            image_embeds=noisy.new_zeros(batch, image_tokens, config.image_embed_dim),
+        ).sample
+
+    def sample_shape(self, config, latent_grid):
+        """The latents alone (the VAE's channels, the transformer's output); `velocity` appends the condition."""
+        return (config["out_channels"], *latent_grid)
+
+
+@contextmanager
+def _guided(pipe: Any, guidance: float) -> Iterator[None]:
+    """The pipeline's guider at CFG scale `guidance` inside the block."""
+    guider = pipe.guider
+    pipe.guider = guider.new(guidance_scale=guidance)
+    try:
+        yield
+    finally:
+        pipe.guider = guider
+
+
+@contextmanager
+def _step_callback(pipe: Any, on_step_end: Any) -> Iterator[None]:
+    """Inside the block, each scheduler step reports (pipe, step, timestep, {"latents": new latents})."""
+    scheduler = pipe.scheduler
+    step, steps = scheduler.step, itertools.count()
+
+    def reporting_step(model_output, timestep, sample, *args, **kwargs):
+        output = step(model_output, timestep, sample, *args, **kwargs)
+        on_step_end(pipe, next(steps), timestep, {"latents": output[0]})
+        return output
+
+    scheduler.step = reporting_step
+    try:
+        yield
+    finally:
+        del scheduler.step
 
 
 HUNYUAN_VIDEO = register(HunyuanVideoFamily())

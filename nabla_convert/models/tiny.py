@@ -80,6 +80,13 @@ def tiny_hunyuan_vae():
     )
 
 
+def tiny_hunyuan_video15_vae():
+    """A HunyuanVideo 1.5 VAE with 4 latent channels, 16x spatial and 4x temporal compression."""
+    from diffusers import AutoencoderKLHunyuanVideo15
+
+    return AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8,) * 5, layers_per_block=1)
+
+
 def tiny_transformer(
     num_layers: int = 2,
     heads: int = 2,
@@ -260,6 +267,55 @@ def tiny_hunyuan_video_pipeline(seed: int = 0):
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
         text_encoder_2=tiny_clip_text_encoder(len(tokenizer)),
         tokenizer_2=tokenizer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_hunyuan_video15_pipeline(seed: int = 0):
+    """A HunyuanVideo15Pipeline with random weights: a tiny Qwen2.5-VL text model on the WordLevel tokenizer, a tiny
+    T5 encoder on the stock ByT5 tokenizer (bytes: no vocabulary file), a tiny HunyuanVideo 1.5 VAE (16x spatial,
+    4x temporal, 4 latent channels), `tiny_hunyuan_video15_transformer` and CFG at 6.0.
+
+    The pipeline crops the first `prompt_template_encode_start_idx` (108) tokens of the chat template, which are
+    the system message in Qwen's tokenizer; the tiny tokenizer's chat template puts as many placeholder tokens there,
+    then the prompt, then the end token."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline
+    from diffusers.guiders import ClassifierFreeGuidance
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    qwen = Qwen2_5_VLTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,  # the pipeline reads the hidden states of the third layer from the end
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    byt5 = ByT5Tokenizer()
+    t5 = T5Config(
+        vocab_size=len(byt5), d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, relative_attention_num_buckets=8
+    )
+    pipe = HunyuanVideo15Pipeline(
+        text_encoder=Qwen2_5_VLTextModel(qwen).eval(),
+        tokenizer=tokenizer,
+        transformer=tiny_hunyuan_video15_transformer(seed=seed),
+        vae=tiny_hunyuan_video15_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=T5EncoderModel(t5).eval(),
+        tokenizer_2=byt5,
+        guider=ClassifierFreeGuidance(guidance_scale=6.0),
+    )
+    tokenizer.chat_template = (
+        "{%- for message in messages -%}{%- if message['role'] == 'system' -%}"
+        f"{{{{ '<pad> ' * {pipe.prompt_template_encode_start_idx} }}}}"
+        "{%- else -%}{{ message['content'] }}{%- endif -%}{%- endfor -%}{%- if add_generation_prompt %} </s>{%- endif -%}"
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -6,7 +6,8 @@ sorted order; every shard holds the same tensors with the same shapes except the
                  latent already normalised as the pipeline does ((z - latents_mean) / latents_std);
   prompt_embeds  (N, L, text_dim) float: text embeddings as the family's encode_prompts returns them
                  (padded with zeros to L tokens, L = max_sequence_length);
-  any further conditioning tensor of the family (N, ...), e.g. pooled_prompt_embeds (a pooled text embedding).
+  any further conditioning tensor of the family (N, ...), by the name its encode_prompts gives it: e.g.
+                 pooled_prompt_embeds (a pooled text embedding), text masks, HunyuanVideo 1.5's ByT5 prompt_embeds_2.
 Latents are in the layout the family's pipeline denoises (channels-first or channels-last: ModelFamily.sample_shape).
 Shard metadata {"format": "nabla-convert-latents", "version": "1"} marks them. `write_latent_shard`
 writes one; adapt.rollouts.teacher_rollouts makes one from the dense teacher alone (no videos needed).

@@ -1,7 +1,8 @@
-"""Tiny Wan pipelines built fully offline, for tests, demos and `bench --arch` shapes.
+"""Tiny pipelines of every family (Wan, Kandinsky 5, HunyuanVideo, HunyuanVideo 1.5) built fully offline, for tests
+and demos.
 
 Every component is a stock diffusers/transformers class, so what works here works on real
-checkpoints: a WordLevel tokenizer, a small UMT5 text encoder, a small AutoencoderKLWan and a
+checkpoints: e.g. for Wan a WordLevel tokenizer, a small UMT5 text encoder, a small AutoencoderKLWan and a
 WanTransformer3DModel of about a million parameters.
 """
 

@@ -167,6 +167,23 @@ def tiny_kandinsky5_transformer(
     return model.eval()
 
 
+def tiny_qwen_text_config(vocab_size: int, layers: int = 1) -> dict:
+    """Qwen2.5-VL text model settings of width 16 (2 query heads of 8, multimodal RoPE sections 2/1/1), for the
+    tiny Kandinsky 5 and HunyuanVideo 1.5 text encoders."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+
+
 def tiny_kandinsky5_pipeline(seed: int = 0):
     """A Kandinsky5T2VPipeline with random weights: tiny Qwen2.5-VL and CLIP text encoders on the WordLevel
     tokenizer, a tiny HunyuanVideo VAE (8x spatial, 4x temporal) and `tiny_kandinsky5_transformer` (visual_cond)."""
@@ -175,17 +192,8 @@ def tiny_kandinsky5_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
-    text = dict(vocab_size=len(tokenizer), intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     qwen = Qwen2_5_VLConfig(
-        text_config=dict(
-            **text,
-            hidden_size=16,
-            num_key_value_heads=1,
-            rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
-            bos_token_id=None,
-            eos_token_id=1,
-            pad_token_id=0,
-        ),
+        text_config=tiny_qwen_text_config(len(tokenizer)),
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16),
     )
     pipe = Kandinsky5T2VPipeline(
@@ -287,18 +295,8 @@ def tiny_hunyuan_video15_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
-    qwen = Qwen2_5_VLTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=3,  # the pipeline reads the hidden states of the third layer from the end
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
-        bos_token_id=None,
-        eos_token_id=1,
-        pad_token_id=0,
-    )
+    # the pipeline reads the hidden states of the third layer from the end
+    qwen = Qwen2_5_VLTextConfig(**tiny_qwen_text_config(len(tokenizer), layers=3))
     byt5 = ByT5Tokenizer()
     t5 = T5Config(
         vocab_size=len(byt5), d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, relative_attention_num_buckets=8

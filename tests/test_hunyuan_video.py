@@ -408,3 +408,26 @@ def test_hunyuan_video_15_pipeline_calibrate_convert_adapt_push_and_eval(tmp_pat
     assert video.shape == (1, 5, 3, 128, 176) and torch.isfinite(video).all()
     densities = layer_densities(nabla_transformers(pipe)["transformer"])
     assert set(densities) == {0, 1} and max(densities.values()) < 0.9
+
+
+@pytest.mark.parametrize("make", [tiny_hunyuan_video_pipeline, tiny_hunyuan_video15_pipeline])
+def test_calibrate_from_prompt_embeddings_is_refused_in_one_line(tmp_path, make):
+    """The HunyuanVideo pipelines take text masks (and pooled or ByT5 text) besides prompt_embeds: calibrate
+    --prompt-embeds refuses them before loading, in one line, writing nothing."""
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from nabla_convert.cli import main
+
+    pipe = make()
+    pipe.save_pretrained(tmp_path / "dense")
+    embeds = {"prompt_embeds": torch.randn(2, 7, 16), "negative_prompt_embeds": torch.randn(1, 7, 16)}
+    save_file(embeds, tmp_path / "embeds.safetensors")
+    args = ["calibrate", str(tmp_path / "dense"), "--prompt-embeds", str(tmp_path / "embeds.safetensors")]
+    result = CliRunner().invoke(main, [*args, "--target-density", "0.5", "--out", str(tmp_path / "cal")])
+    name = family_of_pipeline(pipe).name
+    assert (result.exit_code, result.output) == (
+        1,
+        f"Error: {name} pipelines take more than prompt embeddings: give --prompts\n",
+    )
+    assert not (tmp_path / "cal").exists()

@@ -202,6 +202,11 @@ class ModelFamily(ABC):
         """A pipeline around a bare transformer (no text encoder, no VAE) for calibration from embeddings."""
         raise FamilyError(f"{self.name}: bare_pipeline is not supported for this family yet")
 
+    def calibrates_from_embeddings(self) -> bool:
+        """Whether calibrate can run the family's pipeline on a prompt-embeddings file (prompt_embeds alone): the
+        families that give `bare_pipeline`; the others' pipelines take more conditioning (masks, pooled text)."""
+        return type(self).bare_pipeline is not ModelFamily.bare_pipeline
+
     def load_text_encoder(self, root: Path, device: torch.device) -> Any:
         """A pipeline of `root` that can only encode prompts."""
         raise FamilyError(f"{self.name}: load_text_encoder is not supported for this family yet")

@@ -14,12 +14,17 @@ cos/sin), `x_embedder` (emit tile order) and `proj_out` (back to raster order). 
 frame-major, so HunyuanVideo I2V's token-replace conditioning (the first frame's tokens come
 first) holds in tile order too. Text padding rows compute nothing (their output is never read:
 padding keys are masked in every layer and the output is the video tokens').
+
+Pipelines: HunyuanVideo is guidance-distilled (embedded guidance, no CFG batch); its prompts are Llama hidden states
+with their mask and a pooled CLIP embedding. HunyuanVideo15Pipeline runs real CFG through its guider, has no step
+callback, and encodes prompts as Qwen2.5-VL hidden states and ByT5 embeddings of the quoted glyph text, each with its
+mask; its transformer also takes the I2V condition channels and SigLIP image tokens, zeros for text-to-video.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -347,7 +352,7 @@ def _guided(pipe: Any, guidance: float) -> Iterator[None]:
 
 
 @contextmanager
-def _step_callback(pipe: Any, on_step_end: Any) -> Iterator[None]:
+def _step_callback(pipe: Any, on_step_end: Callable[..., dict]) -> Iterator[None]:
     """Inside the block, each scheduler step reports (pipe, step, timestep, {"latents": new latents})."""
     scheduler = pipe.scheduler
     step, steps = scheduler.step, itertools.count()

@@ -428,6 +428,6 @@ def test_calibrate_from_prompt_embeddings_is_refused_in_one_line(tmp_path, make)
     name = family_of_pipeline(pipe).name
     assert (result.exit_code, result.output) == (
         1,
-        f"Error: {name} pipelines take more than prompt embeddings: give --prompts\n",
+        f"Error: {name} pipelines take more than prompt embeddings: give --prompts with a pipeline folder\n",
     )
     assert not (tmp_path / "cal").exists()

@@ -158,7 +158,9 @@ def calibrate(
         bare = "" in components
         for _, family in components.values():
             if prompt_embeds is not None and not family.calibrates_from_embeddings():
-                raise CalibrationError(f"{family.name} pipelines take more than prompt embeddings: give --prompts")
+                raise CalibrationError(
+                    f"{family.name} pipelines take more than prompt embeddings: give --prompts with a pipeline folder"
+                )
         if bare and prompts is not None:
             raise CalibrationError(f"{local} is a transformer folder without a text encoder: give --prompt-embeds")
         required = {name for _, family in components.values() for name in family.required_components}

@@ -16,7 +16,7 @@ What runs per batch, while the loop waits for the next one:
 
     python scripts/bench_adapt_data.py --mode rows --out bench_data_rows.json
     python scripts/bench_adapt_data.py --mode loader --workers 2 --step-ms 500 --out bench_data_loader.json
-    python scripts/bench_adapt_data.py --mode loader --workers 2 --gpu-step 5 --batches 12 --out gpu_loader.json
+    python scripts/bench_adapt_data.py --mode loader --workers 2 --gpu-step 4 --batches 10 --out gpu_loader.json
 """
 
 from __future__ import annotations

@@ -176,7 +176,7 @@ def main() -> None:
         step = TrainingStep(dataset, args) if args.gpu_step else None
         if step:
             step.warm_up(dataset, args.batch_size)
-        started, count, waits = time.perf_counter(), 0, []
+        started, count, waits, ends = time.perf_counter(), 0, [], []
         batches = batches_in_training_order(dataset, args)
         while True:
             asked = time.perf_counter()
@@ -189,7 +189,9 @@ def main() -> None:
             else:
                 time.sleep(args.step_ms / 1000)
             count += len(batch["latents"])
+            ends.append(time.perf_counter())
         seconds = time.perf_counter() - started
+    steady = len(ends) > 1  # the rate once the first batch is in and stepped (workers started)
     result = {
         "mode": args.mode,
         "workers": args.workers if args.mode == "loader" else 0,
@@ -198,6 +200,7 @@ def main() -> None:
         "step_ms": args.step_ms,
         "first_batch_s": round(waits[0], 3),
         "samples_per_s": round(count / seconds, 3),
+        "samples_per_s_after_first": round((count - args.batch_size) / (ends[-1] - ends[0]), 3) if steady else None,
         "data_wait_ms_per_batch_after_first": round(1000 * sum(waits[1:]) / max(len(waits) - 1, 1), 1),
         "mb_per_sample": round(sample_bytes / 2**20, 1),
         "latent": args.latent,

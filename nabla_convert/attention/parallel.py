@@ -19,6 +19,11 @@ everything indexed by its tokens, e.g. RoPE); a gather (`gather_sequence`) in th
 tokens to raster order, or a `ContextParallelOutput` in the plan before it; and, if the default is
 wrong, `local_attention`, the attention modules that run on each rank's own tokens (text, cross-attention).
 
+Joint text-video attention (MM-DiT families such as HunyuanVideo) needs nothing more from a family: the
+text is whole on every rank and is not split; after the all-to-all each rank appends the text of its own
+heads (`local_heads`) to the whole video stream of those heads, runs the same joint attention as one
+process, and the text output of every head comes back by an all-gather over heads (`gather_heads`).
+
 Ring attention is not supported. It splits the key axis: each rank attends its queries to one key
 chunk at a time and merges partial results by their log-sum-exp. A NABLA row keeps the smallest set
 of key blocks holding a share of the softmax mass over *all* key blocks of the row, which no rank can

@@ -155,10 +155,13 @@ def test_dense_suffix_selection_equals_the_recomputed_one_and_its_token_mask():
     keep &= video_valid.view(-1, 64).any(-1)
     suffix = text_mask((70, 3), L).bool()  # one suffix block of padding alone in the second item
     selection = BlockSelection.from_keep(keep, valid=video_valid).with_dense_suffix(suffix)
-    valid = joint_validity(video_valid, n, suffix)
+    valid = torch.cat([video_valid.expand(B, -1), suffix], dim=-1)
     recomputed = BlockSelection.from_keep(dense_suffix_keep(keep, valid, 64, 64), valid=valid)
+    # the text as the model gives it (70 tokens), padded to whole blocks by the selection: the same selection
+    unpadded = BlockSelection.from_keep(keep, valid=video_valid).with_dense_suffix(suffix[:, :70], L)
     for name in ("keep", "full_count", "full_indices", "partial_count", "partial_indices", "valid"):
         torch.testing.assert_close(getattr(selection, name), getattr(recomputed, name), rtol=0, atol=0)
+        torch.testing.assert_close(getattr(unpadded, name), getattr(recomputed, name), rtol=0, atol=0)
     q, k, v = (torch.randn(B, H, n + L, D) for _ in range(3))
     token_keep = keep.repeat_interleave(64, -2).repeat_interleave(64, -1) & video_valid
     rows_real = suffix.view(B, -1, 64).any(-1).repeat_interleave(64, -1)  # suffix rows of padding alone: nothing
@@ -173,6 +176,23 @@ def test_dense_suffix_selection_equals_the_recomputed_one_and_its_token_mask():
     for backend in ("reference", "flex_eager"):
         out = block_sparse_attention(q, k, v, selection, backend=backend)
         torch.testing.assert_close(out.nan_to_num(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_joint_validity_is_gathered_not_concatenated():
+    """The joint key validity is the compiled mask_mod's captured buffer: inductor inlines it into the Triton flex
+    template, which cannot inline the masked loads that cat and pad lower to (measured on H200, torch 2.11: the
+    compiled HunyuanVideo block failed to lower). It must equal the concatenation, built without cat or pad."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    video_valid = torch.arange(256) % 96 < 80
+    text = text_mask((70, 3), 100).bool()
+    expected = torch.cat([video_valid.expand(2, -1), F.pad(text, (0, 28))], dim=-1)
+    torch.testing.assert_close(joint_validity(video_valid, 256, text, 128), expected, rtol=0, atol=0)
+    unpadded_video = torch.cat([torch.ones(2, 256, dtype=torch.bool), F.pad(text, (0, 28))], dim=-1)
+    torch.testing.assert_close(joint_validity(None, 256, text, 128), unpadded_video, rtol=0, atol=0)
+    graph = make_fx(lambda prefix, text: joint_validity(prefix, 256, text, 128))(video_valid, text).graph
+    ops = {str(node.target) for node in graph.nodes if node.op == "call_function"}
+    assert "aten.index.Tensor" in ops and not {op for op in ops if "cat" in op or "pad" in op}, ops
 
 
 def test_hunyuan_video_15_threshold_one_and_brute_force():

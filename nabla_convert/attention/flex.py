@@ -86,15 +86,32 @@ def kv_whole_blocks(valid: torch.Tensor | None, kv_block: int, n_kv: int, device
 
 
 def joint_validity(
-    prefix_valid: torch.Tensor | None, prefix_len: int, suffix_valid: torch.Tensor | None
+    prefix_valid: torch.Tensor | None,
+    prefix_len: int,
+    suffix_valid: torch.Tensor | None,
+    suffix_len: int | None = None,
 ) -> torch.Tensor | None:
     """Token validity of a tile-order sequence (padding tokens: prefix_valid (S,), None without padding) followed by
-    a dense suffix (text tokens, suffix_valid (B, L), None without one): None, (S,) or (B, S + L)."""
+    a dense suffix (text tokens, suffix_valid (B, L), None without one) of `suffix_len` tokens (default L; tokens
+    past L are padding): None, (S,) or (B, S + suffix_len).
+
+    Built by gathering, not by cat or pad: inside a compiled graph this tensor is the mask_mod's captured buffer,
+    which inductor inlines into the flex template, and cat and pad lower to masked loads that the Triton
+    template cannot inline (torch 2.11: "'function' object has no attribute 'graph'").
+    """
     if suffix_valid is None:
         return prefix_valid
+    length = suffix_valid.shape[-1]
+    suffix_len = length if suffix_len is None else suffix_len
+    if suffix_len < length:
+        raise ValueError(f"a dense suffix of {suffix_len} tokens cannot hold {length} text tokens")
+    position = torch.arange(prefix_len + suffix_len, device=suffix_valid.device)
+    text = position - prefix_len
+    in_text = (text >= 0) & (text < length)
+    valid = suffix_valid.bool()[:, text.clamp(0, length - 1)] & in_text
     if prefix_valid is None:
-        prefix_valid = suffix_valid.new_ones(prefix_len)
-    return torch.cat([prefix_valid.expand(suffix_valid.shape[0], -1), suffix_valid], dim=-1)
+        return valid | (text < 0)
+    return torch.where(text < 0, prefix_valid[position.clamp(max=prefix_len - 1)], valid)
 
 
 def dense_suffix_keep(keep: torch.Tensor, valid: torch.Tensor, q_block: int, kv_block: int) -> torch.Tensor:
@@ -155,24 +172,25 @@ class BlockSelection:
         partial_count, partial_indices = compact_indices(keep & ~whole)
         return cls(keep, full_count, full_indices, partial_count, partial_indices, q_block, kv_block, valid)
 
-    def with_dense_suffix(self, suffix_valid: torch.Tensor) -> BlockSelection:
+    def with_dense_suffix(self, suffix_valid: torch.Tensor, length: int | None = None) -> BlockSelection:
         """This selection of a tile-order sequence followed by a dense suffix of text tokens (joint attention).
 
-        suffix_valid (B, L) marks real text tokens (False: text padding, never attended to); L must divide
-        by the query and key blocks. Video rows keep their blocks plus every text key block, text rows keep
-        every key block (rows of text padding alone keep none: their output is never read). The BlockMask
-        index tensors are extended without recomputing the prefix's (its fused-kernel output is kept).
+        suffix_valid (B, L) marks real text tokens (False: text padding, never attended to); the suffix has
+        `length` tokens (default L; tokens past L are padding), which must divide by the query and key
+        blocks. Video rows keep their blocks plus every text key block, text rows keep every key block (rows
+        of text padding alone keep none: their output is never read). The BlockMask index tensors are
+        extended without recomputing the prefix's (its fused-kernel output is kept).
         """
         q_block, kv_block = self.q_block, self.kv_block
         B, nk = self.keep.shape[0], self.keep.shape[-1]
-        length = suffix_valid.shape[-1]
+        length = suffix_valid.shape[-1] if length is None else length
         if length % q_block or length % kv_block:
             raise ValueError(f"a dense suffix of {length} tokens does not divide into {q_block}/{kv_block} blocks")
         suffix_valid = suffix_valid.to(device=self.keep.device, dtype=torch.bool)
-        valid = joint_validity(self.valid, nk * kv_block, suffix_valid)
+        valid = joint_validity(self.valid, nk * kv_block, suffix_valid, length)
         blocks = valid.view(B, -1, kv_block)
         real, whole = blocks.any(-1), blocks.all(-1)
-        rows = suffix_valid.view(B, -1, q_block).any(-1)
+        rows = valid[:, nk * kv_block :].reshape(B, -1, q_block).any(-1)
         full = _append_suffix(self.full_count, self.full_indices, real & whole, rows)
         partial = _append_suffix(self.partial_count, self.partial_indices, real & ~whole, rows)
         keep = dense_suffix_keep(self.keep, valid, q_block, kv_block)

@@ -82,8 +82,9 @@ class Probe:
     ) -> None:
         """Density and sampled-row output error of every candidate for one attention call.
 
-        With `text_valid` (B, L) the last L tokens are text (joint attention, as NablaAttnProcessor.attend): the
-        candidates select among the video blocks, text keys always count, and the error is over video rows.
+        With `text_valid` (B, L) the tokens past the video are text padded to whole blocks (joint attention, as
+        NablaAttnProcessor.attend): the candidates select among the video blocks, text keys always count, and
+        the error is over video rows.
         """
         q_block, kv_block = self.config.q_block, self.config.kv_block
         B, H, S, D = q.shape
@@ -99,7 +100,7 @@ class Probe:
             [torch.stack([block_density(keep[:, h], layout, q_block, kv_block) for h in range(H)]) for keep in keeps]
         )
 
-        key_valid = joint_validity(valid, n, text_valid)
+        key_valid = joint_validity(valid, n, text_valid, S - n)
         if text_valid is not None:
             keeps = [dense_suffix_keep(keep, key_valid, q_block, kv_block) for keep in keeps]
             kv_real = key_valid.view(B, -1, kv_block).any(-1)[:, None, None, :]
@@ -163,4 +164,5 @@ class MeasuringProcessor(NablaAttnProcessor):
         if self.probe.active:
             self.probe.measure(self.layer, self.state.step, q, k, v, layout, text_valid)
         valid = layout.indices(q.device).valid if layout.is_padded else None
-        return padded_dense_attention(q, k, v, joint_validity(valid, layout.padded_len, text_valid))
+        key_valid = joint_validity(valid, layout.padded_len, text_valid, q.shape[2] - layout.padded_len)
+        return padded_dense_attention(q, k, v, key_valid)

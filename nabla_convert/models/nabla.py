@@ -185,7 +185,6 @@ class NablaAttnProcessor:
         layout, config, parallel = self.layout(), self.state.config, self.state.parallel
         length = text_valid.shape[1]
         pad = -length % math.lcm(config.q_block, config.kv_block)
-        text_valid = F.pad(text_valid.bool(), (0, pad))
         text_out = []
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -223,19 +222,21 @@ class NablaAttnProcessor:
     ) -> torch.Tensor:
         """q, k, v (B, H, S, D) in padded tile order -> attention output in padded tile order.
 
-        With `text_valid` (B, L) the last L tokens are text (joint attention): they attend and are attended to
-        densely, text padding keys never; NABLA selects among the video blocks only.
+        With `text_valid` (B, L) the tokens past the video are text (joint attention), padded to whole blocks
+        (those past L are padding): they attend and are attended to densely, text padding keys never; NABLA
+        selects among the video blocks only.
         """
         layout, config = self.layout(), self.state.config
         if self.is_dense_now():
             self.record_density(q.new_ones((), dtype=torch.float32))
             video_valid = layout.indices(q.device).valid if layout.is_padded else None
-            return padded_dense_attention(q, k, v, joint_validity(video_valid, layout.padded_len, text_valid))
+            valid = joint_validity(video_valid, layout.padded_len, text_valid, q.shape[2] - layout.padded_len)
+            return padded_dense_attention(q, k, v, valid)
         n = layout.padded_len
         selection = self.select(q[:, :, :n], k[:, :, :n], layout)
         self.record_density(selection.density(layout.real_blocks(config.q_block), layout.real_blocks(config.kv_block)))
         if text_valid is not None:
-            selection = selection.with_dense_suffix(text_valid)
+            selection = selection.with_dense_suffix(text_valid, q.shape[2] - n)
         return block_sparse_attention(q, k, v, selection, backend=config.backend)
 
     def head_thresholds(self, heads: int) -> torch.Tensor:

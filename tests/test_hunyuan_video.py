@@ -133,6 +133,22 @@ def test_sparse_equals_brute_force(config, grid):
     assert not torch.allclose(run(dense, kwargs), expected, atol=1e-3)  # the sparsity shows
 
 
+def test_image_to_video_token_replace_blocks():
+    """HunyuanVideo I2V (image_condition_type "token_replace": the first frame's tokens get their own modulation,
+    sliced as hidden_states[:, :first_frame_num_tokens]) keeps working in tile order, which is frame-major: threshold
+    1.0 equals the stock dense model and a sparse config equals the brute force, on a padded grid."""
+    dense = tiny_hunyuan_video_transformer(image_condition_type="token_replace")
+    assert type(dense.transformer_blocks[0]).__name__ == "HunyuanVideoTokenReplaceTransformerBlock"
+    grid, config = (3, 12, 10), CONFIGS[1]
+    kwargs = inputs(grid)
+    torch.testing.assert_close(
+        run(apply_nabla(copy.deepcopy(dense), DENSE_CONFIGS[1]), kwargs), run(dense, kwargs), rtol=1e-5, atol=1e-5
+    )
+    expected = run(raster_reference(dense, grid, config), kwargs)
+    torch.testing.assert_close(run(apply_nabla(copy.deepcopy(dense), config), kwargs), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(run(dense, kwargs), expected, atol=1e-3)  # the sparsity shows
+
+
 def test_text_padding_is_never_attended():
     """What stands in the padded text positions changes nothing; what stands in the real ones does."""
     model = apply_nabla(tiny_hunyuan_video_transformer(), NablaConfig(threshold=0.4, sta=(1, 3, 3)))

@@ -6,11 +6,13 @@ rank enables `ContextParallelConfig(ulysses_degree=N)` on the same model and run
     torchrun --nproc-per-node 2 scripts/bench_context_parallel.py --arch wan2.1-t2v-14b \\
         --resolution 1280x720 --frames 81 --threshold 0.1 --q-block 128 --out cp.json
 
-Any family's preset (`--arch`, looked up in the registry: Wan, Kandinsky 5, ...), random bf16
-weights and the family's random inputs (the same on every rank), batch 1. Reported: the median step
+Any family's preset (`--arch`, looked up in the registry: Wan, Kandinsky 5, HunyuanVideo, HunyuanVideo
+1.5), random bf16 weights and the family's random inputs (the same on every rank), batch 1; `--layers`
+keeps fewer blocks (HunyuanVideo: dual- and single-stream in the model's proportion). Reported: the median step
 of each, the speedup, and how far the N-GPU output is from the one-GPU output, for NABLA and, as
 the yardstick of bf16 rounding alone, for the same model with dense attention
-(`nabla_disabled`). Without CUDA it runs on CPU with gloo (`--arch tiny-wan` or `tiny-kandinsky5`).
+(`nabla_disabled`). Without CUDA it runs on CPU with gloo (`--arch tiny-wan`, `tiny-kandinsky5`,
+`tiny-hunyuan-video` or `tiny-hunyuan-video-1.5`).
 """
 
 from __future__ import annotations
@@ -32,11 +34,18 @@ from nabla_convert.attention.parallel import cpu_counts_as_device
 from nabla_convert.bench.measure import cuda_ms, environment, parse_resolution
 from nabla_convert.io import atomic_write_text
 from nabla_convert.models import families, family_for_arch, family_of
-from nabla_convert.models.tiny import tiny_kandinsky5_transformer, tiny_transformer
+from nabla_convert.models.tiny import (
+    tiny_hunyuan_video15_transformer,
+    tiny_hunyuan_video_transformer,
+    tiny_kandinsky5_transformer,
+    tiny_transformer,
+)
 
 TINY = {  # CPU (gloo) checks of the script: tiny transformer of a family, built in code
     "tiny-wan": lambda layers: tiny_transformer(num_layers=layers or 2, heads=4, head_dim=16),
     "tiny-kandinsky5": lambda layers: tiny_kandinsky5_transformer(num_visual_blocks=layers or 2, heads=4),
+    "tiny-hunyuan-video": lambda layers: tiny_hunyuan_video_transformer(num_single_layers=(layers or 3) - 1, heads=4),
+    "tiny-hunyuan-video-1.5": lambda layers: tiny_hunyuan_video15_transformer(num_layers=layers or 2, heads=4),
 }
 
 
@@ -67,7 +76,7 @@ def build_model(arch: str, layers: int | None, device: torch.device) -> torch.nn
             model = TINY[arch](layers)
         else:
             family = family_for_arch(arch)
-            config = {**family.archs[arch], **({family.layers_key: layers} if layers else {})}
+            config = family.with_layers(family.archs[arch], layers) if layers else family.archs[arch]
             model = family.transformer_classes[0](**config)
     model = model.to(compute_dtype(device)).eval()
     for name, module in model.named_modules():  # as from_pretrained loads them (Kandinsky 5 needs it)

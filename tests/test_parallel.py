@@ -69,6 +69,15 @@ def _k5(heads: int, config: NablaConfig, layers: int = 2):
     return apply_nabla(tiny_kandinsky5_transformer(num_visual_blocks=layers, heads=heads), config)
 
 
+def _hv(heads: int, config: NablaConfig, **overrides):
+    """HunyuanVideo: one dual-stream and two single-stream blocks."""
+    return apply_nabla(tiny_hunyuan_video_transformer(heads=heads, **overrides), config)
+
+
+def _hv15(heads: int, config: NablaConfig):
+    return apply_nabla(tiny_hunyuan_video15_transformer(heads=heads), config)
+
+
 def _parallel(model, cp_plan: dict | None = None, **cp) -> None:
     from diffusers import ContextParallelConfig
 
@@ -109,6 +118,8 @@ def _check_against_one_process(model, kwargs, **cp) -> torch.Tensor:
     # NABLA attends over the whole sequence (one all-to-all exchange per layer; local attention would
     # see 1/N of it and fail the comparison above), every other attention (text, cross) runs locally
     assert len(exchanged) == 4 * len(family_of(model).self_attention(model))
+    with nabla_disabled(model):  # dense calls (dense steps, nabla_disabled) run under it too
+        torch.testing.assert_close(_forward(model, kwargs), dense, rtol=1e-4, atol=1e-5)
     return parallel
 
 
@@ -117,7 +128,7 @@ def _worker(rank: int, world: int, port: int, job: str, checkpoints: dict[str, P
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        jobs = {"two": _two_ranks, "three": _three_ranks, "compiled": _compiled, "joint": _joint_attention_refused}
+        jobs = {"two": _two_ranks, "three": _three_ranks, "compiled": _compiled, "hunyuan": _hunyuan_two_ranks}
         jobs[job](checkpoints)
     finally:
         dist.destroy_process_group()
@@ -182,6 +193,7 @@ def _three_ranks(checkpoints: dict[str, Path]) -> None:
     for build, kwargs in (
         (_wan, _wan_inputs(2, 20, 22, torch.tensor([300]))),
         (_k5, k5_inputs((2, 10, 11))),
+        (_hv, hunyuan_inputs((2, 10, 11))),
     ):
         model = build(6, config)
         _check_against_one_process(model, kwargs, ulysses_degree=3)
@@ -223,19 +235,31 @@ def _compiled(checkpoints: dict[str, Path]) -> None:
         assert not counters["graph_break"]
 
 
-def _joint_attention_refused(checkpoints: dict[str, Path]) -> None:
-    # HunyuanVideo and HunyuanVideo 1.5 have no context-parallel plan (diffusers' nor ours): under one given by hand
-    # (none: every rank holds all tokens) the forward reaches NABLA's joint text-video attention, which refuses
-    config = NablaConfig(threshold=0.5)
-    for model, kwargs in (
-        (tiny_hunyuan_video_transformer(), hunyuan_inputs((2, 4, 4))),
-        (tiny_hunyuan_video15_transformer(), hunyuan15_inputs((2, 4, 4))),
-    ):
-        model = apply_nabla(model, config)
-        _forward(model, kwargs)  # one process: runs
-        _parallel(model, ulysses_degree=2, cp_plan={})
-        with pytest.raises(ConfigError, match="joint text-video attention does not run under context parallelism"):
-            _forward(model, kwargs)
+def _hunyuan_two_ranks(checkpoints: dict[str, Path]) -> None:
+    # joint text-video attention: the video split across ranks, the text whole on every rank with its padding
+    # differing per batch item. Per-head thresholds (each rank selects with its own heads' values, and its text
+    # output heads are gathered) and an always-dense layer
+    config = NablaConfig(
+        threshold=0.4,
+        sta=(1, 3, 3),
+        layers={0: LayerSettings(threshold=(0.2, 0.9, 0.4, 0.3))},
+        dense_layers=(2,),
+    )
+    # 3x5x11 grid: 165 tokens do not split over 2 ranks (the stream carries its padding); 2x5x11 splits compact
+    for grid in ((3, 5, 11), (2, 5, 11)):
+        model = _hv(4, config)
+        _check_against_one_process(model, hunyuan_inputs(grid), ulysses_degree=2)
+        assert model._nabla_state.padded_stream == (grid[0] == 3)
+    model = _hv15(4, replace(config, dense_layers=()))
+    _check_against_one_process(model, hunyuan15_inputs((3, 5, 11)), ulysses_degree=2)
+
+    # I2V token replace: its blocks slice the first frame off the stream, which a rank's share is not
+    model = _hv(4, config, image_condition_type="token_replace")
+    kwargs = hunyuan_inputs((2, 5, 11))
+    _forward(model, kwargs)  # one process: runs
+    _parallel(model, ulysses_degree=2)
+    with pytest.raises(ConfigError, match="token replace does not run under context parallelism"):
+        _forward(model, kwargs)
 
 
 def _spawn(job: str, world: int, checkpoints: dict[str, Path] | None = None) -> None:
@@ -261,5 +285,6 @@ def test_compiled_blocks_under_context_parallelism():
     _spawn("compiled", 2)
 
 
-def test_joint_text_video_attention_is_refused_under_context_parallelism():
-    _spawn("joint", 2)
+@pytest.mark.slow
+def test_hunyuan_video_joint_attention_matches_one_process_on_two_ranks():
+    _spawn("hunyuan", 2)

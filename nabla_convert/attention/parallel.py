@@ -19,6 +19,11 @@ everything indexed by its tokens, e.g. RoPE); a gather (`gather_sequence`) in th
 tokens to raster order, or a `ContextParallelOutput` in the plan before it; and, if the default is
 wrong, `local_attention`, the attention modules that run on each rank's own tokens (text, cross-attention).
 
+Joint text-video attention (MM-DiT families such as HunyuanVideo) needs nothing more from a family: the
+text is whole on every rank and is not split; after the all-to-all each rank appends the text of its own
+heads (`local_heads`) to the whole video stream of those heads, runs the same joint attention as one
+process, and the text output of every head comes back by an all-gather over heads (`gather_heads`).
+
 Ring attention is not supported. It splits the key axis: each rank attends its queries to one key
 chunk at a time and merges partial results by their log-sum-exp. A NABLA row keeps the smallest set
 of key blocks holding a share of the softmax mass over *all* key blocks of the row, which no rank can
@@ -34,6 +39,7 @@ from contextlib import contextmanager
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from diffusers.hooks.context_parallel import EquipartitionSharder, PartitionAnythingSharder
 from diffusers.models._modeling_parallel import ParallelConfig
 from diffusers.models.attention_dispatch import TemplatedUlyssesAnythingAttention, TemplatedUlyssesAttention
@@ -82,6 +88,31 @@ def gather_sequence(x: torch.Tensor, config: ParallelConfig, dim: int = 1) -> to
     if cp.ulysses_anything:
         return PartitionAnythingSharder.unshard_anything(x, dim, cp._flattened_mesh)
     return EquipartitionSharder.unshard(x, dim, cp._flattened_mesh)
+
+
+def local_heads(x: torch.Tensor, config: ParallelConfig | None, heads: int, dim: int = 1) -> torch.Tensor:
+    """This rank's `heads` of x, which holds every head along `dim`, as diffusers' Ulysses all-to-all deals them.
+
+    Rank r holds the heads [r * ceil(H / degree), ...), the last rank fewer when the degree does not
+    divide H (`ulysses_anything` pads heads at the end). Without context parallelism: x.
+    """
+    if config is None:
+        return x
+    cp = config.context_parallel_config
+    return x.narrow(dim, cp._ulysses_local_rank * -(-x.shape[dim] // cp.ulysses_degree), heads)
+
+
+def gather_heads(x: torch.Tensor, config: ParallelConfig | None, num_heads: int, dim: int = 1) -> torch.Tensor:
+    """Every head along `dim` from each rank's `local_heads` chunk (the inverse; without context parallelism: x).
+
+    Each chunk is padded to ceil(H / degree) heads first, so that the all-gather is even (gloo cannot
+    gather uneven tensors) and the padding lands after the last real head, where it is cut off.
+    """
+    if config is None:
+        return x
+    chunk = -(-num_heads // config.context_parallel_config.ulysses_degree)
+    x = F.pad(x, (0, 0) * (x.dim() - 1 - dim) + (0, chunk - x.shape[dim]))
+    return gather_sequence(x, config, dim).narrow(dim, 0, num_heads)
 
 
 def ulysses_attention(

@@ -15,6 +15,13 @@ frame-major, so HunyuanVideo I2V's token-replace conditioning (the first frame's
 first) holds in tile order too. Text padding rows compute nothing (their output is never read:
 padding keys are masked in every layer and the output is the video tokens').
 
+Context parallelism (diffusers `enable_parallelism`, Ulysses): apply_nabla gives the transformer its
+own `_cp_plan`, which splits the video stream where the hooks emit it (rope and x_embedder outputs;
+padded to a multiple of the degree when needed, as Wan's); the text stays whole on every rank. Joint
+attention runs the video through diffusers' all-to-all and the text heads of each rank alongside
+(`NablaAttnProcessor.attend_joint`); proj_out's hook gathers. I2V with token replace is refused
+under it (its blocks slice the first frame off the stream). See attention/parallel.py.
+
 Pipelines: HunyuanVideo is guidance-distilled (embedded guidance, no CFG batch); its prompts are Llama hidden states
 with their mask and a pooled CLIP embedding. HunyuanVideo15Pipeline runs real CFG through its guider, has no step
 callback, and encodes prompts as Qwen2.5-VL hidden states and ByT5 embeddings of the quoted glyph text, each with its
@@ -35,10 +42,12 @@ from diffusers import (
     HunyuanVideoPipeline,
     HunyuanVideoTransformer3DModel,
 )
+from diffusers.models._modeling_parallel import ContextParallelInput
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
 
+from nabla_convert.config import ConfigError
 from nabla_convert.models import register
 from nabla_convert.models.family import ModelFamily
 from nabla_convert.models.nabla import NablaModelMixin, RasterOutputHook, StateHook, StepHook
@@ -65,14 +74,28 @@ class _RopeHook(StateHook):
         return (hidden_states, *args), kwargs
 
     def post_forward(self, module, output):
-        return tuple(self.state.layout.to_tiles(freqs, dim=0, padded=False) for freqs in output)
+        return tuple(self.state.layout.to_tiles(freqs, dim=0, padded=self.state.padded_stream) for freqs in output)
 
 
 class _PatchHook(StateHook):
-    """x_embedder's (B, S, C) raster-order tokens -> compact tile order."""
+    """x_embedder's (B, S, C) raster-order tokens -> tile order (compact, unless the stream carries the padding)."""
 
     def post_forward(self, module, output):
-        return self.state.layout.to_tiles(output, dim=1, padded=False)
+        return self.state.layout.to_tiles(output, dim=1, padded=self.state.padded_stream)
+
+
+class _StepHook(StepHook):
+    """Begins each forward; refuses HunyuanVideo I2V's token replace under context parallelism.
+
+    Token-replace blocks treat the first `first_frame_num_tokens` tokens of their hidden states as the
+    first frame's, which holds for the whole stream but not for a rank's share of it.
+    """
+
+    def pre_forward(self, module, *args, **kwargs):
+        args, kwargs = super().pre_forward(module, *args, **kwargs)
+        if self.state.parallel is not None and module.config.get("image_condition_type") == "token_replace":
+            raise ConfigError("HunyuanVideo I2V with token replace does not run under context parallelism")
+        return args, kwargs
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -104,10 +127,25 @@ class HunyuanJointFamily(ModelFamily):
 
     def hook_points(self, transformer):
         return {
-            "nabla_step": (transformer, StepHook),
+            "nabla_step": (transformer, _StepHook),
             "nabla_rope": (transformer.rope, _RopeHook),
             "nabla_patch": (transformer.x_embedder, _PatchHook),
             "nabla_unpatch": (transformer.proj_out, RasterOutputHook),
+        }
+
+    def context_parallel_plan(self, transformer):
+        """Split the video stream where the tile-order hooks emit it: x_embedder's tokens (B, S, C), rope's cos and
+        sin (S, D). diffusers 0.42.1 gives neither class a plan.
+
+        The text stays whole on every rank (its token refiner and embedders run on every rank, its attention
+        locally); joint attention appends it to the video after the all-to-all. proj_out's hook gathers. The model's
+        attention mask is built from the local video length and the text mask, and only its text part is read
+        (`text_validity`). No hook sits on a block: compile_repeated_blocks keeps one graph.
+        """
+        rope_split = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
+        return {
+            "rope": {0: rope_split, 1: rope_split},
+            "x_embedder": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},
         }
 
     def attention_qkv(self, attn, hidden_states, rotary_emb):

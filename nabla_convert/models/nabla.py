@@ -30,7 +30,9 @@ from nabla_convert.attention import (
 from nabla_convert.attention.flex import joint_validity
 from nabla_convert.attention.parallel import (
     context_parallel_config,
+    gather_heads,
     gather_sequence,
+    local_heads,
     sequence_multiple,
     ulysses_attention,
 )
@@ -167,29 +169,45 @@ class NablaAttnProcessor:
 
     def attend_stream(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """`attend` on the whole token stream (B, H, S, D), compact or padded tile order, in the same order."""
-        layout = self.layout()
-        if q.shape[2] == layout.padded_len:
-            return self.attend(q, k, v)
-        q, k, v = (layout.pad(t, dim=2) for t in (q, k, v))
-        return layout.unpad(self.attend(q, k, v), dim=2)
+        return self.like_stream(self.attend(*(self.padded(t) for t in (q, k, v))), q)
 
     def attend_joint(
         self, video: tuple[torch.Tensor, ...], text: tuple[torch.Tensor, ...], text_valid: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Joint attention of video q, k, v (B, H, S, D) in compact tile order and text q, k, v (B, H, L, D) with
-        the text padding mask text_valid (B, L): one sequence [padded video; text padded to whole blocks] where
-        NABLA selects the video->video blocks and the rest stays dense. Returns the video and the text outputs."""
-        if self.state.parallel is not None:
-            raise ConfigError("joint text-video attention does not run under context parallelism yet")
-        layout, config = self.layout(), self.state.config
+        """Joint attention of video q, k, v (B, H, S, D) in tile order and text q, k, v (B, H, L, D) with the text
+        padding mask text_valid (B, L): one sequence [padded video; text padded to whole blocks] where NABLA selects
+        the video->video blocks and the rest stays dense. Returns the video and the text outputs.
+
+        Under context parallelism (Ulysses) the video is this rank's share of the stream and the text is whole on
+        every rank: diffusers' all-to-all gives the joint attention the whole stream of this rank's heads, the text of
+        the same heads is appended, and the text output of every head comes back by an all-gather over heads.
+        """
+        layout, config, parallel = self.layout(), self.state.config, self.state.parallel
         length = text_valid.shape[1]
         pad = -length % math.lcm(config.q_block, config.kv_block)
-        q, k, v = (
-            torch.cat([layout.pad(v_part, dim=2), F.pad(t_part, (0, 0, 0, pad))], dim=2)
-            for v_part, t_part in zip(video, text, strict=True)
-        )
-        out = self.attend(q, k, v, text_valid=text_valid)
-        return layout.unpad(out[:, :, : layout.padded_len], dim=2), out[:, :, layout.padded_len :][:, :, :length]
+        text_out = []
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            heads, n = q.shape[1], layout.padded_len
+            q_joint, k_joint, v_joint = (
+                torch.cat([self.padded(x), F.pad(local_heads(t, parallel, heads), (0, 0, 0, pad))], dim=2)
+                for x, t in zip((q, k, v), text, strict=True)
+            )
+            out = self.attend(q_joint, k_joint, v_joint, text_valid=text_valid)
+            text_out.append(out[:, :, n : n + length])
+            return self.like_stream(out[:, :, :n], q)
+
+        video_out = ulysses_attention(attend, *video, parallel)
+        return video_out, gather_heads(text_out[0], parallel, self.state.num_heads)
+
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """The token stream x (B, H, S, D) in padded tile order (as it is when the stream carries the padding)."""
+        layout = self.layout()
+        return x if x.shape[2] == layout.padded_len else layout.pad(x, dim=2)
+
+    def like_stream(self, out: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
+        """The attention output in padded tile order -> the order of the token stream it came from."""
+        return out if stream.shape[2] == out.shape[2] else self.layout().unpad(out, dim=2)
 
     def layout(self) -> TileLayout:
         if self.state.layout is None:
@@ -222,16 +240,8 @@ class NablaAttnProcessor:
         return block_sparse_attention(q, k, v, selection, backend=config.backend)
 
     def head_thresholds(self, heads: int) -> torch.Tensor:
-        """The thresholds of the heads this call sees: all, or under Ulysses this rank's chunk of them.
-
-        diffusers' all-to-all gives rank r the heads [r * ceil(H / degree), ...) (the last chunk shorter when the
-        head count does not divide).
-        """
-        if heads == self.state.num_heads:
-            return self.threshold
-        cp = self.state.parallel.context_parallel_config
-        start = cp._ulysses_local_rank * -(-self.state.num_heads // cp.ulysses_degree)
-        return self.threshold.narrow(0, start, heads)
+        """The thresholds of the heads this call sees: all, or under Ulysses this rank's chunk (`local_heads`)."""
+        return local_heads(self.threshold, self.state.parallel, heads, dim=0)
 
     def select(self, q: torch.Tensor, k: torch.Tensor, layout: TileLayout) -> BlockSelection:
         """This layer's block selection for q, k in padded tile order (sort-free; fused kernels on CUDA)."""

@@ -23,7 +23,7 @@ import signal
 import socket
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,15 @@ def read_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("tool") == "nabla-convert" else None
 
 
+def tool_version() -> str:
+    """The installed nabla-convert version, recorded in every folder, config and commit it writes ("unknown" when
+    the package runs from a source tree that was never installed, e.g. on PYTHONPATH)."""
+    try:
+        return version("nabla-convert")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def write_marker(
     folder: str | os.PathLike,
     command: str,
@@ -77,7 +86,7 @@ def write_marker(
     `identities` (relative path -> file_identity) records the weight files placed without reading them (linked)."""
     from nabla_convert.io import atomic_write_text
 
-    data: dict[str, Any] = {"tool": "nabla-convert", "version": version("nabla-convert"), "command": command}
+    data: dict[str, Any] = {"tool": "nabla-convert", "version": tool_version(), "command": command}
     if weights is not None:
         data["weights"] = dict(sorted(weights.items()))
     if identities:

@@ -119,6 +119,22 @@ def test_overwrite_replaces_only_a_folder_nabla_convert_wrote(model, tmp_path, m
     assert json.loads((out / "transformer" / "config.json").read_text())["_nabla"]["threshold"] == 0.7
 
 
+def test_convert_from_an_uninstalled_source_tree_records_an_unknown_version(model, tmp_path, monkeypatch):
+    """Run from a source tree on PYTHONPATH (no installed metadata, as on a GPU machine without pip install), convert
+    still writes its folder and says the version is unknown, in the marker and in the converted config."""
+    from importlib.metadata import PackageNotFoundError
+
+    def not_installed(name):
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.import_module("nabla_convert.folders"), "version", not_installed)
+    out = tmp_path / "out"
+    assert run_convert(model, out).exit_code == 0
+    assert read_marker(out)["version"] == "unknown"
+    config = json.loads((out / "transformer" / "config.json").read_text())
+    assert config["_nabla"]["provenance"]["tool_version"] == "unknown"
+
+
 def test_links_leaving_the_model_are_refused_and_listed(model, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("password")

@@ -29,7 +29,6 @@ import shutil
 import warnings
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +44,7 @@ from nabla_convert.folders import (
     public_name,
     replace_folder,
     staging,
+    tool_version,
     weight_digests,
     weight_files,
     write_marker,
@@ -404,7 +404,7 @@ def convert(
         check_model_files(tree, {})
     provenance = {
         "tool": "nabla-convert",
-        "tool_version": version("nabla-convert"),
+        "tool_version": tool_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **source,
     }

@@ -16,7 +16,6 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import TypeVar
 
@@ -43,7 +42,7 @@ from nabla_convert.errors import (
     PushError,
     VerificationError,
 )
-from nabla_convert.folders import MARKER, is_weight_file, read_marker, write_marker
+from nabla_convert.folders import MARKER, is_weight_file, read_marker, tool_version, write_marker
 from nabla_convert.hub.card import generate_card
 from nabla_convert.hub.checks import Checkpoint, ManifestEntry, build_manifest, check_checkpoint, weights_changed
 from nabla_convert.io import atomic_write_text, read_text
@@ -268,7 +267,7 @@ def push_to_hub(
         folder, repo_id, revision=revision, create_pr=create_pr, regenerate_card=regenerate_card, restamp=restamp
     )
     branch = revision or DEFAULT_BRANCH
-    message = commit_message or f"Upload NABLA sparse-attention checkpoint (nabla-convert {version('nabla-convert')})"
+    message = commit_message or f"Upload NABLA sparse-attention checkpoint (nabla-convert {tool_version()})"
     with hub_errors(api.endpoint, repo_id, branch, token):
         repo_id = retrying(lambda: ensure_repo(api, repo_id, private), retries)
         if branch != DEFAULT_BRANCH and not branch.startswith("refs/"):

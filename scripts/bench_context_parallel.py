@@ -11,7 +11,8 @@ Any family's preset (`--arch`, looked up in the registry: Wan, Kandinsky 5, Huny
 keeps fewer blocks (HunyuanVideo: dual- and single-stream in the model's proportion). Reported: the median step
 of each, the speedup, and how far the N-GPU output is from the one-GPU output, for NABLA and, as
 the yardstick of bf16 rounding alone, for the same model with dense attention
-(`nabla_disabled`). Without CUDA it runs on CPU with gloo (`--arch tiny-wan`, `tiny-kandinsky5`,
+(`nabla_disabled`). `--compile` compiles the blocks (diffusers' compile_repeated_blocks) for both runs; the
+first call of each run compiles and is not timed. Without CUDA it runs on CPU with gloo (`--arch tiny-wan`, `tiny-kandinsky5`,
 `tiny-hunyuan-video` or `tiny-hunyuan-video-1.5`).
 """
 
@@ -60,6 +61,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--q-block", type=int, default=128)
     parser.add_argument("--kv-block", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--compile", action="store_true", help="compile_repeated_blocks(fullgraph=True) before both runs (inductor)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     return parser.parse_args()
 
@@ -117,6 +121,8 @@ def main() -> None:
             dist.broadcast(t, src=0)
     nabla = NablaConfig(threshold=args.threshold, q_block=args.q_block, kv_block=args.kv_block)
     apply_nabla(model, nabla)
+    if args.compile:  # one graph per block class; enabling parallelism later recompiles it with the all-to-all inside
+        model.compile_repeated_blocks(fullgraph=True)
 
     def forward() -> torch.Tensor:
         with torch.no_grad():

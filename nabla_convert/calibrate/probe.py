@@ -14,7 +14,6 @@ import torch
 from nabla_convert.attention import (
     TileLayout,
     block_density,
-    padded_dense_attention,
     select_by_mass,
     sta_block_mask,
 )
@@ -158,11 +157,6 @@ class MeasuringProcessor(NablaAttnProcessor):
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_valid: torch.Tensor | None = None
     ) -> torch.Tensor:
-        layout = self.state.layout
-        if layout is None:
-            raise RuntimeError("measuring processor called outside a NABLA transformer forward (no token layout)")
         if self.probe.active:
-            self.probe.measure(self.layer, self.state.step, q, k, v, layout, text_valid)
-        valid = layout.indices(q.device).valid if layout.is_padded else None
-        key_valid = joint_validity(valid, layout.padded_len, text_valid, q.shape[2] - layout.padded_len)
-        return padded_dense_attention(q, k, v, key_valid)
+            self.probe.measure(self.layer, self.state.step, q, k, v, self.layout(), text_valid)
+        return self.attend_dense(q, k, v, text_valid)

@@ -229,15 +229,23 @@ class NablaAttnProcessor:
         layout, config = self.layout(), self.state.config
         if self.is_dense_now():
             self.record_density(q.new_ones((), dtype=torch.float32))
-            video_valid = layout.indices(q.device).valid if layout.is_padded else None
-            valid = joint_validity(video_valid, layout.padded_len, text_valid, q.shape[2] - layout.padded_len)
-            return padded_dense_attention(q, k, v, valid)
+            return self.attend_dense(q, k, v, text_valid)
         n = layout.padded_len
         selection = self.select(q[:, :, :n], k[:, :, :n], layout)
         self.record_density(selection.density(layout.real_blocks(config.q_block), layout.real_blocks(config.kv_block)))
         if text_valid is not None:
             selection = selection.with_dense_suffix(text_valid, q.shape[2] - n)
         return block_sparse_attention(q, k, v, selection, backend=config.backend)
+
+    def attend_dense(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Dense attention over the same padded tile-order sequence as `attend`: padding keys (video and text) never
+        attended to."""
+        layout = self.layout()
+        video_valid = layout.indices(q.device).valid if layout.is_padded else None
+        valid = joint_validity(video_valid, layout.padded_len, text_valid, q.shape[2] - layout.padded_len)
+        return padded_dense_attention(q, k, v, valid)
 
     def head_thresholds(self, heads: int) -> torch.Tensor:
         """The thresholds of the heads this call sees: all, or under Ulysses this rank's chunk (`local_heads`)."""

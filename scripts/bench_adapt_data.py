@@ -10,9 +10,10 @@ What runs per batch, while the loop waits for the next one:
 - `--gpu-step BLOCKS`: adapt's loop on the batch: noise drawn (adapt.data.sample_noise), the tensors moved to the
   device as adapt moves them (`.to(device)`, from pinned memory in loader mode on CUDA as adapt's DataLoader pins),
   then forward + backward of BLOCKS Wan blocks (diffusers' WanTransformer3DModel, random weights, bf16, gradient
-  checkpointing as adapt's default) with the flow-matching loss, and float(loss) waiting for the GPU as adapt's
-  step does. The model is diffusers' alone, so the same step runs against any version of nabla_convert (the one
-  on PYTHONPATH: the report names its path). One warm-up step on zeros runs before the clock starts.
+  checkpointing as adapt's default) with the flow-matching loss (nabla_convert.flow), and float(loss) waiting for
+  the GPU as adapt's step does. The model is diffusers' alone and the loss is the same in every version since the
+  data path's change (7d30c24), so the same step runs against the package before and after it (the one on
+  PYTHONPATH: the report names its path). One warm-up step on zeros runs before the clock starts.
 
     python scripts/bench_adapt_data.py --mode rows --out bench_data_rows.json
     python scripts/bench_adapt_data.py --mode loader --workers 2 --step-ms 500 --out bench_data_loader.json
@@ -35,6 +36,7 @@ import torch
 import nabla_convert
 from nabla_convert.adapt import LatentDataset, TimestepSampler, write_latent_shard
 from nabla_convert.adapt.data import sample_noise, sample_positions
+from nabla_convert.flow import add_noise, per_sample_mse, velocity_target
 
 
 def parse_args() -> argparse.Namespace:
@@ -138,10 +140,9 @@ class TrainingStep:
             t.to(self.device) for t in (batch["latents"], noise, batch["prompt_embeds"], sigmas, timesteps)
         )
         copied = time.perf_counter()
-        sigmas = sigmas.view(-1, *[1] * (latents.ndim - 1))
-        noisy = (1 - sigmas) * latents + sigmas * noise
+        noisy = add_noise(latents, noise, sigmas)
         prediction = self.model(noisy.to(torch.bfloat16), timesteps, embeds.to(torch.bfloat16), return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(prediction.float(), noise - latents)
+        loss = per_sample_mse(prediction, velocity_target(latents, noise)).mean()
         loss.backward()
         self.model.zero_grad(set_to_none=True)
         value = float(loss.detach())  # waits for the device, as adapt's float(loss) of every step does

@@ -120,7 +120,9 @@ class TrainingStep:
                 ffn_dim=ffn,
                 num_layers=args.gpu_step,
             )
-        keep = model._keep_in_fp32_modules or []  # as from_pretrained(torch_dtype=bf16) loads adapt's student
+        # as from_pretrained(torch_dtype=bf16) loads adapt's student; bench.measure.bf16_model does the same, but the
+        # "before" package (7d30c24^) this script also runs against does not have it
+        keep = model._keep_in_fp32_modules or []
         for name, parameter in model.named_parameters():
             fp32 = any(module in name.split(".") for module in keep)
             parameter.data = parameter.data.to(torch.float32 if fp32 else torch.bfloat16)

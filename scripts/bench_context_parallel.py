@@ -32,7 +32,7 @@ from diffusers import ContextParallelConfig
 
 from nabla_convert import NablaConfig, apply_nabla, layer_densities, nabla_disabled, reset_densities
 from nabla_convert.attention.parallel import cpu_counts_as_device
-from nabla_convert.bench.measure import cuda_ms, environment, parse_resolution
+from nabla_convert.bench.measure import bf16_model, cuda_ms, environment, parse_resolution
 from nabla_convert.io import atomic_write_text
 from nabla_convert.models import families, family_for_arch, family_of
 from nabla_convert.models.tiny import (
@@ -82,10 +82,8 @@ def build_model(arch: str, layers: int | None, device: torch.device) -> torch.nn
             family = family_for_arch(arch)
             config = family.with_layers(family.archs[arch], layers) if layers else family.archs[arch]
             model = family.transformer_classes[0](**config)
-    model = model.to(compute_dtype(device)).eval()
-    for name, module in model.named_modules():  # as from_pretrained loads them (Kandinsky 5 needs it)
-        if set(name.split(".")) & set(model._keep_in_fp32_modules or ()):
-            module.float()
+    # bf16 as from_pretrained loads it, its fp32 modules kept (Kandinsky 5 needs them); float32 on CPU
+    model = (bf16_model(model) if compute_dtype(device) == torch.bfloat16 else model.float()).eval()
     for tensor in [*model.parameters(), *model.buffers()]:
         dist.broadcast(tensor.data, src=0)
     return model
